@@ -1,0 +1,174 @@
+/* moek.h - the kernel ABI: the one contract between the runtime and every
+ * kernel library (kernels/cpu, kernels/cuda, a user's own libmyops.so).
+ *
+ * Every kernel is   void moek_<name>(const moek_ctx *ctx, ...);
+ * and its remaining arguments are only pointers, int64_t, float or double, so
+ * the runtime can call any of them through libffi from a plan without knowing
+ * what they compute.  The CPU and CUDA libraries export the same symbols; a
+ * plan names kernels by string and runs on either.
+ *
+ * Conventions shared by every kernel:
+ *  - tensors are dense, row-major; "N" is a row count (tokens), dims follow
+ *    the order of the shape; element types are stated per argument.
+ *  - kernels OVERWRITE their outputs (gradients too); nothing accumulates
+ *    unless the name says so (moek_accumulate, moek_sumsq_accum).  The
+ *    compiler sums fan-out gradients with explicit ops.
+ *  - kernels never allocate, never print and never exit; bad data (a token id
+ *    out of range, say) sets *ctx->status to a MOEK_E_* code and the runtime
+ *    reports it with the op's .moe source line.
+ *  - fp32 storage, fp32 accumulation (the CPU reference); ties in top-k break
+ *    towards the lower expert index.
+ */
+#ifndef MOEK_H
+#define MOEK_H
+
+#include <stdint.h>
+
+#define MOEK_ABI_VERSION 1
+
+enum moek_status {
+    MOEK_OK = 0,
+    MOEK_E_INDEX = 1,    /* an index read from data is out of range */
+    MOEK_E_SHAPE = 2,    /* a size argument is inconsistent */
+    MOEK_E_DEVICE = 3,   /* a CUDA / cuBLAS call failed */
+};
+
+typedef struct moek_ctx {
+    void *stream;              /* cudaStream_t on CUDA; NULL on CPU */
+    void *blas;                /* cublasLtHandle_t / cublasHandle_t; NULL on CPU */
+    void *workspace;           /* scratch owned by the runtime, device memory on CUDA */
+    int64_t workspace_bytes;
+    int *status;               /* first error wins: kernels set it only if it is 0 */
+    int num_threads;           /* CPU: OpenMP threads to use (0 = default) */
+} moek_ctx;
+
+/* Optimizer hyper-parameters, written by the runtime once per step into a
+ * plan tensor of MOEK_HYPER_COUNT floats (device memory on CUDA), so the
+ * prepared calls never change between steps. */
+enum moek_hyper {
+    MOEK_HYPER_LR = 0,
+    MOEK_HYPER_BETA1,
+    MOEK_HYPER_BETA2,
+    MOEK_HYPER_EPS,
+    MOEK_HYPER_BC1,        /* 1 - beta1^t */
+    MOEK_HYPER_BC2,        /* 1 - beta2^t */
+    MOEK_HYPER_MAX_NORM,   /* global-norm clip threshold; <= 0 disables clipping */
+    MOEK_HYPER_MOMENTUM,   /* SGD momentum */
+    MOEK_HYPER_COUNT
+};
+
+/* ---- elementwise ------------------------------------------------------ */
+void moek_fill(const moek_ctx *ctx, float *x, int64_t n, float value);
+void moek_copy(const moek_ctx *ctx, const float *x, float *y, int64_t n);
+void moek_add_fwd(const moek_ctx *ctx, const float *a, const float *b, float *y, int64_t n);
+void moek_accumulate(const moek_ctx *ctx, float *dst, const float *src, int64_t n); /* dst += src */
+void moek_scale_fwd(const moek_ctx *ctx, const float *x, float *y, int64_t n, float s);
+void moek_scale_bwd(const moek_ctx *ctx, const float *dy, float *dx, int64_t n, float s);
+void moek_gelu_fwd(const moek_ctx *ctx, const float *x, float *y, int64_t n);          /* tanh approximation */
+void moek_gelu_bwd(const moek_ctx *ctx, const float *dy, const float *x, float *dx, int64_t n);
+void moek_swiglu_fwd(const moek_ctx *ctx, const float *gate, const float *up, float *y, int64_t n);
+void moek_swiglu_bwd(const moek_ctx *ctx, const float *dy, const float *gate, const float *up,
+                     float *dgate, float *dup, int64_t n);
+
+/* ---- embedding: out[N,D] = table[ids[N], :] --------------------------- */
+void moek_embedding_fwd(const moek_ctx *ctx, const int32_t *ids, const float *table, float *out,
+                        int64_t N, int64_t V, int64_t D);
+void moek_embedding_bwd(const moek_ctx *ctx, const float *dout, const int32_t *ids, float *dtable,
+                        int64_t N, int64_t V, int64_t D);
+
+/* ---- matmul: y[N,M] = x[N,K] . w[M,K]^T   (w stored [out, in]) --------- */
+void moek_matmul_fwd(const moek_ctx *ctx, const float *x, const float *w, float *y,
+                     int64_t N, int64_t K, int64_t M);
+void moek_matmul_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w,
+                     float *dx, float *dw, int64_t N, int64_t K, int64_t M);
+
+/* ---- rmsnorm: y = x * rstd * w,  rstd[N] = 1/sqrt(mean(x^2) + eps) ------- */
+void moek_rmsnorm_fwd(const moek_ctx *ctx, const float *x, const float *w, float *y, float *rstd,
+                      int64_t N, int64_t D, float eps);
+void moek_rmsnorm_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w,
+                      const float *rstd, float *dx, float *dw, int64_t N, int64_t D);
+
+/* ---- rotary embedding on x[B*T, H*Dh] (pairs (2i, 2i+1) rotated) -------- */
+void moek_rope_fwd(const moek_ctx *ctx, const float *x, float *y,
+                   int64_t B, int64_t T, int64_t H, int64_t Dh, float theta);
+void moek_rope_bwd(const moek_ctx *ctx, const float *dy, float *dx,
+                   int64_t B, int64_t T, int64_t H, int64_t Dh, float theta);
+
+/* ---- causal self-attention, q/k/v/o [B*T, H*Dh], lse[B,H,T] ------------
+ * scale 1/sqrt(Dh); lse keeps the row log-sum-exp so backward recomputes the
+ * probabilities instead of storing a T x T matrix. */
+void moek_attention_fwd(const moek_ctx *ctx, const float *q, const float *k, const float *v,
+                        float *o, float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh);
+void moek_attention_bwd(const moek_ctx *ctx, const float *dout, const float *q, const float *k,
+                        const float *v, const float *o, const float *lse,
+                        float *dq, float *dk, float *dv, int64_t B, int64_t T, int64_t H, int64_t Dh);
+
+/* ---- cross entropy, mean over N rows; lse[N] saved for backward ---------
+ * targets outside [0, V) set MOEK_E_INDEX.  dloss is a 1-element tensor (the
+ * seed of backprop, 1/grad_accum or a loss coefficient). */
+void moek_cross_entropy_fwd(const moek_ctx *ctx, const float *logits, const int32_t *targets,
+                            float *loss, float *lse, int64_t N, int64_t V);
+void moek_cross_entropy_bwd(const moek_ctx *ctx, const float *dloss, const float *logits,
+                            const int32_t *targets, const float *lse, float *dlogits,
+                            int64_t N, int64_t V);
+
+/* ---- routing (fp32 always) -------------------------------------------- */
+/* probs[N,E] = softmax(logits) over E */
+void moek_softmax_fwd(const moek_ctx *ctx, const float *logits, float *probs, int64_t N, int64_t E);
+void moek_softmax_bwd(const moek_ctx *ctx, const float *dprobs, const float *probs, float *dlogits,
+                      int64_t N, int64_t E);
+/* idx[N,k] = top-k experts of scores (ties -> lower index, descending score);
+ * gates[N,k] = their scores, divided by their sum when renorm != 0. */
+void moek_topk_fwd(const moek_ctx *ctx, const float *scores, int32_t *idx, float *gates,
+                   int64_t N, int64_t E, int64_t k, int64_t renorm);
+void moek_topk_bwd(const moek_ctx *ctx, const float *dgates, const float *scores, const int32_t *idx,
+                   float *dscores, int64_t N, int64_t E, int64_t k, int64_t renorm);
+/* Switch/GShard balance loss: E * sum_i f_i P_i, f_i = share of the N*k
+ * routed slots sent to i (a constant for the gradient), P_i = mean prob. */
+void moek_balance_loss_fwd(const moek_ctx *ctx, const float *probs, const int32_t *idx, float *loss,
+                           int64_t N, int64_t E, int64_t k);
+void moek_balance_loss_bwd(const moek_ctx *ctx, const float *dloss, const float *probs,
+                           const int32_t *idx, float *dprobs, int64_t N, int64_t E, int64_t k);
+/* router z-loss: mean over rows of logsumexp(logits)^2 */
+void moek_zloss_fwd(const moek_ctx *ctx, const float *logits, float *loss, int64_t N, int64_t E);
+void moek_zloss_bwd(const moek_ctx *ctx, const float *dloss, const float *logits, float *dlogits,
+                    int64_t N, int64_t E);
+
+/* ---- dispatch / experts / combine ----------------------------------------
+ * R rows of expert input xs[R,D].  capacity C > 0: expert e owns rows
+ * [e*C, e*C + C), R = E*C, and slots beyond C are dropped in token order
+ * (lower token index first).  C == 0: dropless, R = N*k, expert blocks are
+ * packed back to back.  Tokens are stably sorted by expert.
+ * slot_row[N,k] = row of xs holding (token, choice), -1 when dropped.
+ * expert_rows[E,2] = (first row, row count) of each expert's block.
+ * Rows of xs no slot uses are zero. */
+void moek_dispatch_fwd(const moek_ctx *ctx, const float *x, const int32_t *idx, float *xs,
+                       int32_t *slot_row, int32_t *expert_rows,
+                       int64_t N, int64_t D, int64_t E, int64_t k, int64_t C);
+void moek_dispatch_bwd(const moek_ctx *ctx, const float *dxs, const int32_t *slot_row, float *dx,
+                       int64_t N, int64_t D, int64_t k, int64_t R);
+/* ys[rows of e] = xs[rows of e] . w[e]^T,  w[E,M,K]; rows outside every block -> 0 */
+void moek_grouped_matmul_fwd(const moek_ctx *ctx, const float *xs, const float *w,
+                             const int32_t *expert_rows, float *ys,
+                             int64_t R, int64_t K, int64_t M, int64_t E);
+void moek_grouped_matmul_bwd(const moek_ctx *ctx, const float *dys, const float *xs, const float *w,
+                             const int32_t *expert_rows, float *dxs, float *dw,
+                             int64_t R, int64_t K, int64_t M, int64_t E);
+/* out[t] = sum_j gates[t,j] * ys[slot_row[t,j]]  (dropped slots contribute 0) */
+void moek_combine_fwd(const moek_ctx *ctx, const float *ys, const int32_t *slot_row,
+                      const float *gates, float *out, int64_t N, int64_t D, int64_t k, int64_t R);
+void moek_combine_bwd(const moek_ctx *ctx, const float *dout, const float *ys,
+                      const int32_t *slot_row, const float *gates, float *dys, float *dgates,
+                      int64_t N, int64_t D, int64_t k, int64_t R);
+
+/* ---- optimizer ---------------------------------------------------------- */
+/* *acc += sum(x^2) (fp32 value, accumulated in double on the CPU) */
+void moek_sumsq_accum(const moek_ctx *ctx, const float *x, float *acc, int64_t n);
+/* AdamW with decoupled decay; the gradient is multiplied by
+ * min(1, max_norm / sqrt(*norm_sq)) when max_norm > 0. */
+void moek_adamw(const moek_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
+                const float *hyper, const float *norm_sq, float weight_decay);
+void moek_sgd(const moek_ctx *ctx, float *p, const float *g, float *buf, int64_t n,
+              const float *hyper, const float *norm_sq, float weight_decay);
+
+#endif
