@@ -1,0 +1,36 @@
+/* passes.h - the compiler passes after elaboration, in the order moec runs
+ * them (compiler/main.c):
+ *
+ *   elaborate   AST -> forward graph            (compiler/elaborate.c)
+ *   autodiff    + backward nodes, param grads   (compiler/autodiff.c)
+ *   optimizer   + grad norm, AdamW/SGD, zeroing (compiler/optimizer.c)
+ *   memplan     liveness -> pool offsets        (compiler/memplan.c)
+ *   emit        graph -> plan.bin               (compiler/emit.c)
+ *
+ * Each pass returns 0 on success, or -1 after filling *err; the caller
+ * prints err through the one diagnostic helper (lang/diag.h).
+ */
+#ifndef MOEC_PASSES_H
+#define MOEC_PASSES_H
+
+#include <stdio.h>
+
+#include "ir.h"
+
+typedef struct moec_error {
+    ir_srcloc loc;        /* file NULL when the error has no source location */
+    char msg[512];        /* what is wrong */
+    char hint[256];       /* how to fix it ("" if none) */
+} moec_error;
+
+int pass_autodiff(ir_graph *g, moec_error *err);
+int pass_optimizer(ir_graph *g, moec_error *err);
+int pass_memplan(ir_graph *g, moec_error *err);
+int pass_emit(const ir_graph *g, const char *path, moec_error *err);
+
+/* --dump=ir: one line per value and per node, stable (golden-tested) */
+void ir_dump(const ir_graph *g, FILE *out);
+/* --explain: parameters, FLOPs per token, memory per pool, peak activations */
+void explain_print(const ir_graph *g, FILE *out);
+
+#endif
