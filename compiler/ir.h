@@ -118,6 +118,7 @@ typedef struct ir_param {
     bool frozen;
     int expert_axis;           /* -1, or the dim that indexes experts (for expert sharding) */
     int tied_to;               /* -1, or the param this one shares storage with */
+    float active_fraction;     /* share used per token: 1 dense, top_k/E routed experts */
     ir_srcloc loc;
 } ir_param;
 

@@ -171,4 +171,28 @@ void moek_adamw(const moek_ctx *ctx, float *p, const float *g, float *m, float *
 void moek_sgd(const moek_ctx *ctx, float *p, const float *g, float *buf, int64_t n,
               const float *hyper, const float *norm_sq, float weight_decay);
 
+
+/* ---- device services ------------------------------------------------------
+ * Every kernel library for a device (libmoek_cpu.so, libmoek_cuda.so) also
+ * exports these, so the runtime allocates, copies and synchronises without
+ * linking any device library itself.  Return 0 on success; on failure, -1
+ * with a message in err (errlen bytes). */
+enum moek_copy_kind { MOEK_COPY_H2D = 0, MOEK_COPY_D2H = 1, MOEK_COPY_D2D = 2 };
+int moek_device_count(void);   /* usable devices (the CPU library: 1); never fails */
+int moek_device_init(moek_ctx *ctx, int64_t device_index, int64_t workspace_bytes,
+                     char *err, int64_t errlen);   /* fills stream, blas, workspace */
+void moek_device_fini(moek_ctx *ctx);
+void *moek_device_alloc(const moek_ctx *ctx, int64_t bytes, char *err, int64_t errlen); /* zeroed */
+void moek_device_free(const moek_ctx *ctx, void *p);
+int moek_device_copy(const moek_ctx *ctx, void *dst, const void *src, int64_t bytes, int64_t kind,
+                     char *err, int64_t errlen);
+/* waits for all queued work; reports the first asynchronous error */
+int moek_device_sync(const moek_ctx *ctx, char *err, int64_t errlen);
+/* Whole-step capture (CUDA graphs); the CPU library returns -1 ("not supported")
+ * and the runtime then simply calls the ops. */
+int moek_graph_begin(const moek_ctx *ctx, char *err, int64_t errlen);
+int moek_graph_end(const moek_ctx *ctx, void **graph, char *err, int64_t errlen);
+int moek_graph_launch(const moek_ctx *ctx, void *graph, char *err, int64_t errlen);
+void moek_graph_free(void *graph);
+
 #endif
