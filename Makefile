@@ -28,7 +28,15 @@ TEST_BIN     := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 HOST_LIBS := -lffi -ldl -lm -lpthread
 
 .PHONY: all deps test test-asan install clean cuda
-all: moec run $(BUILD)/libmoek_cpu.so cuda $(TEST_BIN)
+all: moec run $(BUILD)/libmoek_cpu.so cuda $(TEST_BIN) $(BUILD)/data/default.txt
+
+# The embedded default corpus: real English text every Debian system ships
+# (base-files' licence texts), so `./run plan.bin` works with no download.
+LICENSE_TEXTS := $(wildcard $(addprefix /usr/share/common-licenses/,Apache-2.0 Artistic BSD CC0-1.0 GFDL-1.3 GPL-1 GPL-2 GPL-3 LGPL-2.1 LGPL-3 MPL-2.0))
+$(BUILD)/data/default.txt: $(LICENSE_TEXTS)
+	@mkdir -p $(dir $@)
+	@test -n "$(LICENSE_TEXTS)" || { echo "no /usr/share/common-licenses: install Debian's base-files" >&2; exit 1; }
+	cat $^ > $@
 
 deps:
 	bash scripts/setup
@@ -107,6 +115,7 @@ install: all
 	install -m 755 moec run $(PREFIX)/bin/
 	install -m 644 $(BUILD)/libmoek_*.so $(PREFIX)/lib/moec/
 	install -m 644 stdlib/*.moe $(PREFIX)/share/moec/stdlib/
+	install -m 644 $(BUILD)/data/default.txt $(PREFIX)/share/moec/default.txt
 
 clean:
 	rm -rf build build-asan moec run plan.bin
