@@ -139,6 +139,11 @@ const ir_opdef *ir_def_add(ir_graph *g, const ir_opdef *def)
 int ir_value_add(ir_graph *g, const char *name, int dtype, int storage, int ndim,
                  const int64_t *shape)
 {
+    /* shape may point into g->values (a copy of another value's shape):
+     * read it before growing the array moves it */
+    int64_t dims[PLAN_MAX_DIMS] = {0};
+    for (int i = 0; i < ndim && i < PLAN_MAX_DIMS; i++)
+        dims[i] = shape[i];
     g->values = ir_grow(g->values, g->nvalues, &g->cap_values, sizeof *g->values);
     ir_value *v = &g->values[g->nvalues];
     memset(v, 0, sizeof *v);
@@ -146,8 +151,7 @@ int ir_value_add(ir_graph *g, const char *name, int dtype, int storage, int ndim
     v->dtype = (uint8_t)dtype;
     v->storage = (uint8_t)storage;
     v->ndim = (uint8_t)ndim;
-    for (int i = 0; i < ndim && i < PLAN_MAX_DIMS; i++)
-        v->shape[i] = shape[i];
+    memcpy(v->shape, dims, sizeof dims);
     v->producer = -1;
     v->param = -1;
     v->pool = -1;
@@ -156,9 +160,10 @@ int ir_value_add(ir_graph *g, const char *name, int dtype, int storage, int ndim
 
 int ir_param_add(ir_graph *g, int value, const ir_param *p)
 {
+    const ir_param copy = *p;  /* p may point into g->params, which may move */
     g->params = ir_grow(g->params, g->nparams, &g->cap_params, sizeof *g->params);
     ir_param *q = &g->params[g->nparams];
-    *q = *p;
+    *q = copy;
     q->value = value;
     g->values[value].param = g->nparams;
     return g->nparams++;
@@ -166,10 +171,11 @@ int ir_param_add(ir_graph *g, int value, const ir_param *p)
 
 int ir_node_add(ir_graph *g, const ir_node *n)
 {
+    const ir_node copy = *n;   /* n may point into g->nodes, which may move */
     g->nodes = ir_grow(g->nodes, g->nnodes, &g->cap_nodes, sizeof *g->nodes);
-    g->nodes[g->nnodes] = *n;
-    const int *outs = n->is_backward ? n->grads_out : n->outputs;
-    int nouts = n->is_backward ? n->def->ninputs : n->def->noutputs;
+    g->nodes[g->nnodes] = copy;
+    const int *outs = copy.is_backward ? copy.grads_out : copy.outputs;
+    int nouts = copy.is_backward ? copy.def->ninputs : copy.def->noutputs;
     for (int i = 0; i < nouts; i++)
         if (outs[i] >= 0)
             g->values[outs[i]].producer = g->nnodes;

@@ -165,7 +165,8 @@ void moek_combine_bwd(const moek_ctx *ctx, const float *dout, const float *ys,
 /* *acc += sum(x^2) (fp32 value, accumulated in double on the CPU) */
 void moek_sumsq_accum(const moek_ctx *ctx, const float *x, float *acc, int64_t n);
 /* AdamW with decoupled decay; the gradient is multiplied by
- * min(1, max_norm / sqrt(*norm_sq)) when max_norm > 0. */
+ * min(1, max_norm / (sqrt(*norm_sq) + 1e-6)) when max_norm > 0 (as torch's
+ * clip_grad_norm_). */
 void moek_adamw(const moek_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
                 const float *hyper, const float *norm_sq, float weight_decay);
 void moek_sgd(const moek_ctx *ctx, float *p, const float *g, float *buf, int64_t n,
