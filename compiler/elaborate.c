@@ -1,0 +1,2329 @@
+/* elaborate.c - AST -> forward ir_graph.
+ *
+ * Pipeline: load (main file + imports, each file once) -> collect
+ * declarations -> lower every `extern op` to an ir_opdef -> run the model
+ * body as a compile-time interpreter: scalars fold, tensors become IR values,
+ * op calls become nodes, block calls open a naming scope, loops unroll ->
+ * read train { } and parallel { }.
+ *
+ * Parameter names: <scope>.<param>, where the model body is the empty scope,
+ * `for i in a..n` adds "<n>.<i>" (n = the bound's name, else the loop
+ * variable), and a block call adds its `name = "..."` argument or else the
+ * block's name (then "<block>_1", "<block>_2" for later calls in the same
+ * scope); `name = ""` adds nothing.
+ */
+#include "elaborate.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ast.h"
+
+#define EL_MAX_DEPTH 64
+#define EL_MAX_UNROLL 100000
+#define EL_MAX_NUMEL (INT64_C(1) << 48)
+
+typedef enum { EV_NONE, EV_INT, EV_FLOAT, EV_BOOL, EV_STRING, EV_TENSOR, EV_TUPLE } ev_kind;
+
+typedef struct ev {
+    ev_kind k;
+    int64_t i;
+    double f;
+    const char *s;
+    int t;              /* tensor: value index */
+    int n;              /* tuple */
+    struct ev *items;
+} ev;
+
+typedef struct el_var {
+    const char *name;
+    ev v;
+} el_var;
+
+typedef struct el_env {
+    el_var *vars;
+    int n, cap;
+} el_env;
+
+/* One declared port of an extern op or a typed block parameter. */
+typedef struct el_port {
+    const ast_node *sig;
+} el_port;
+
+typedef struct el_op {
+    const ast_node *ast;
+    ir_opdef def;
+    const ir_opdef *reg;
+    int nin, nout, nattr;
+    const ast_node *in[IR_MAX_PORTS], *out[IR_MAX_PORTS], *attr[IR_MAX_SYMS];
+    const ast_node *derived[IR_MAX_SYMS];   /* per dim symbol: expression, or NULL */
+    bool saved[IR_MAX_PORTS];
+    bool ok;
+} el_op;
+
+typedef struct el_decl {
+    const char *name;
+    const ast_node *ast;
+} el_decl;
+
+typedef struct el_loss {
+    int value;
+    const char *name;
+} el_loss;
+
+typedef struct el_count {
+    const char *key;
+    int n;
+} el_count;
+
+typedef struct el {
+    diag_ctx *d;
+    ast_arena *arena;
+    ir_graph *g;
+    const elab_options *opt;
+    uint64_t hash;
+    const char **loaded; int nloaded;         /* realpaths */
+    const ast_file **files; int nfiles;
+    el_op *ops; int nops;
+    el_decl *blocks; int nblocks;
+    el_decl *models; int nmodels;
+    el_decl *cfg; int ncfg;                   /* config entries */
+    const ast_node *train, *parallel;
+    el_env globals;
+    ast_span *origin; int norigin;            /* where each IR value came from */
+    el_loss *losses; int nlosses;
+    el_count *counts; int ncounts;            /* default-name counters per scope */
+    const ast_node *stack[EL_MAX_DEPTH]; const ast_node *calls[EL_MAX_DEPTH]; int depth;
+    const ast_file *main;
+} el;
+
+typedef struct el_frame {
+    el_env env;
+    const char *prefix;
+    bool returned;
+    ev ret;
+} el_frame;
+
+static void *el_grow(void *p, int n, int *cap, size_t sz)
+{
+    if (n < *cap)
+        return p;
+    *cap = *cap ? *cap * 2 : 8;
+    void *q = realloc(p, (size_t)*cap * sz);
+    if (!q)
+        abort();
+    return q;
+}
+#define EL_PUSH(arr, n, cap, item)                                   \
+    do {                                                             \
+        (arr) = el_grow((arr), (n), &(cap), sizeof *(arr));           \
+        (arr)[(n)++] = (item);                                       \
+    } while (0)
+
+static const char *el_fmt(el *E, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static const char *el_fmt(el *E, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return ast_strndup(E->arena, buf, strlen(buf));
+}
+
+#define ERR(at, hint, ...) diag_error(E->d, (at), (hint), __VA_ARGS__)
+
+/* ---------------------------------------------------------------- values */
+
+static ev ev_int(int64_t i) { ev v = {.k = EV_INT, .i = i}; return v; }
+static ev ev_float(double f) { ev v = {.k = EV_FLOAT, .f = f}; return v; }
+static ev ev_bool(bool b) { ev v = {.k = EV_BOOL, .i = b}; return v; }
+static ev ev_tensor(int t) { ev v = {.k = EV_TENSOR, .t = t}; return v; }
+static const ev ev_none = {.k = EV_NONE};
+
+static const char *ev_kind_name(ev_kind k)
+{
+    static const char *const n[] = {"nothing", "int", "float", "bool", "string", "tensor", "tuple"};
+    return n[k];
+}
+
+static bool ev_is_num(const ev *v) { return v->k == EV_INT || v->k == EV_FLOAT || v->k == EV_BOOL; }
+static double ev_num(const ev *v) { return v->k == EV_FLOAT ? v->f : (double)v->i; }
+
+static const char *el_shape_str(el *E, int t)
+{
+    const ir_value *v = &E->g->values[t];
+    char buf[256];
+    int off = snprintf(buf, sizeof buf, "%s[", ir_dtype_name(v->dtype));
+    for (int i = 0; i < v->ndim; i++)
+        off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%" PRId64, i ? ", " : "", v->shape[i]);
+    snprintf(buf + off, sizeof buf - (size_t)off, "]");
+    return el_fmt(E, "%s", buf);
+}
+
+static void env_set(el_env *env, const char *name, ev v)
+{
+    for (int i = 0; i < env->n; i++)
+        if (strcmp(env->vars[i].name, name) == 0) {
+            env->vars[i].v = v;
+            return;
+        }
+    el_var var = {name, v};
+    EL_PUSH(env->vars, env->n, env->cap, var);
+}
+
+static const ev *env_get(const el_env *env, const char *name)
+{
+    for (int i = 0; i < env->n; i++)
+        if (strcmp(env->vars[i].name, name) == 0)
+            return &env->vars[i].v;
+    return NULL;
+}
+
+static int el_value(el *E, const char *name, int dtype, int storage, int ndim, const int64_t *shape,
+                    ast_span at)
+{
+    int t = ir_value_add(E->g, name, dtype, storage, ndim, shape);
+    E->origin = el_grow(E->origin, t, &E->norigin, sizeof *E->origin);
+    E->origin[t] = at;
+    return t;
+}
+
+static ast_span el_origin(el *E, int t)
+{
+    ast_span none = {0};
+    return t >= 0 && t < E->g->nvalues ? E->origin[t] : none;
+}
+
+static ir_srcloc el_loc(el *E, ast_span s)
+{
+    ir_srcloc l = {ir_strdup(E->g, s.file ? s.file : ""), s.line, s.col};
+    return l;
+}
+
+/* ----------------------------------------------------------- loading */
+
+static char *el_read(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    if (!buf)
+        abort();
+    size_t r;
+    while ((r = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += r;
+        if (n == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            if (!buf)
+                abort();
+        }
+    }
+    fclose(f);
+    *len = n;
+    return buf;
+}
+
+static bool el_is_file(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static void el_load(el *E, const char *path, const char *text, size_t len);
+
+static void el_import(el *E, const ast_node *imp, const char *from_file)
+{
+    const char *name = imp->name;
+    size_t nl = strlen(name);
+    const char *file = nl > 4 && strcmp(name + nl - 4, ".moe") == 0 ? name : el_fmt(E, "%s.moe", name);
+    const char *dirs[64];
+    int nd = 0;
+    const char *slash = strrchr(from_file, '/');
+    dirs[nd++] = slash ? el_fmt(E, "%.*s", (int)(slash - from_file), from_file) : ".";
+    for (int i = 0; i < E->opt->ninclude && nd < 60; i++)
+        dirs[nd++] = E->opt->include_dirs[i];
+    if (E->opt->moec_path) {
+        const char *p = E->opt->moec_path;
+        while (*p && nd < 62) {
+            const char *c = strchr(p, ':');
+            size_t n = c ? (size_t)(c - p) : strlen(p);
+            if (n)
+                dirs[nd++] = ast_strndup(E->arena, p, n);
+            p += n + (c ? 1 : 0);
+        }
+    }
+    if (E->opt->stdlib_dir)
+        dirs[nd++] = E->opt->stdlib_dir;
+    char searched[2048];
+    size_t off = 0;
+    searched[0] = 0;
+    for (int i = 0; i < nd; i++) {
+        const char *cand = file[0] == '/' ? file : el_fmt(E, "%s/%s", dirs[i], file);
+        if (strncmp(cand, "./", 2) == 0)
+            cand += 2;
+        if (el_is_file(cand)) {
+            el_load(E, cand, NULL, 0);
+            return;
+        }
+        if (off < sizeof searched)
+            off += (size_t)snprintf(searched + off, sizeof searched - off, "%s%s", i ? ", " : "", cand);
+        if (file[0] == '/')
+            break;
+    }
+    ERR(imp->span, "add a directory with -I, set MOEC_PATH, or point --stdlib at the standard library",
+        "import \"%s\" not found (searched %s)", name, searched);
+}
+
+static void el_add_decl(el *E, el_decl **arr, int *n, const ast_node *d)
+{
+    /* one namespace for ops and blocks: a second definition is an error */
+    const ast_node *prev = NULL;
+    for (int i = 0; i < E->nblocks && !prev; i++)
+        if (strcmp(E->blocks[i].name, d->name) == 0)
+            prev = E->blocks[i].ast;
+    for (int i = 0; i < E->nops && !prev; i++)
+        if (strcmp(E->ops[i].ast->name, d->name) == 0)
+            prev = E->ops[i].ast;
+    for (int i = 0; i < E->nmodels && !prev; i++)
+        if (strcmp(E->models[i].name, d->name) == 0)
+            prev = E->models[i].ast;
+    if (prev) {
+        ERR(d->span, "rename one of them", "duplicate definition of `%s`", d->name);
+        diag_note(E->d, prev->span, "`%s` was first defined here", d->name);
+        return;
+    }
+    if (arr) {
+        int cap = *n;   /* arrays grow by exact size: few declarations */
+        el_decl x = {d->name, d};
+        *arr = realloc(*arr, (size_t)(cap + 1) * sizeof **arr);
+        if (!*arr)
+            abort();
+        (*arr)[(*n)++] = x;
+    }
+}
+
+static void el_collect(el *E, const ast_file *f)
+{
+    for (int i = 0; i < f->decls.n; i++) {
+        const ast_node *d = f->decls.items[i];
+        switch (d->kind) {
+        case AST_IMPORT: el_import(E, d, f->path); break;
+        case AST_BLOCK: el_add_decl(E, &E->blocks, &E->nblocks, d); break;
+        case AST_MODEL: el_add_decl(E, &E->models, &E->nmodels, d); break;
+        case AST_EXTERN_OP: {
+            int before = diag_count(E->d);
+            el_add_decl(E, NULL, NULL, d);
+            if (diag_count(E->d) == before) {
+                E->ops = realloc(E->ops, (size_t)(E->nops + 1) * sizeof *E->ops);
+                if (!E->ops)
+                    abort();
+                memset(&E->ops[E->nops], 0, sizeof *E->ops);
+                E->ops[E->nops++].ast = d;
+            }
+            break;
+        }
+        case AST_CONFIG:
+            for (int j = 0; j < d->list.n; j++) {
+                const ast_node *e = d->list.items[j];
+                bool dup = false;
+                for (int k = 0; k < E->ncfg && !dup; k++)
+                    if (strcmp(E->cfg[k].name, e->name) == 0) {
+                        ERR(e->span, "each config name is defined once", "duplicate definition of `%s`", e->name);
+                        diag_note(E->d, E->cfg[k].ast->span, "`%s` was first defined here", e->name);
+                        dup = true;
+                    }
+                if (!dup) {
+                    E->cfg = realloc(E->cfg, (size_t)(E->ncfg + 1) * sizeof *E->cfg);
+                    if (!E->cfg)
+                        abort();
+                    E->cfg[E->ncfg].name = e->name;
+                    E->cfg[E->ncfg++].ast = e;
+                }
+            }
+            break;
+        case AST_TRAIN:
+        case AST_PARALLEL: {
+            const ast_node **slot = d->kind == AST_TRAIN ? &E->train : &E->parallel;
+            if (*slot) {
+                ERR(d->span, "merge them into one", "duplicate `%s { }` section", d->kind == AST_TRAIN ? "train" : "parallel");
+                diag_note(E->d, (*slot)->span, "the first one is here");
+            } else {
+                *slot = d;
+            }
+            break;
+        }
+        default: break;
+        }
+    }
+}
+
+static void el_load(el *E, const char *path, const char *text, size_t len)
+{
+    char *owned = NULL;
+    char *real = realpath(path, NULL);
+    const char *key = real ? real : path;
+    for (int i = 0; i < E->nloaded; i++)
+        if (strcmp(E->loaded[i], key) == 0) {   /* each file once: cycles are harmless */
+            free(real);
+            return;
+        }
+    E->loaded = realloc(E->loaded, (size_t)(E->nloaded + 1) * sizeof *E->loaded);
+    if (!E->loaded)
+        abort();
+    E->loaded[E->nloaded++] = ast_strndup(E->arena, key, strlen(key));
+    free(real);
+    if (!text) {
+        owned = el_read(path, &len);
+        if (!owned) {
+            diag_plain(E->d, "cannot read %s: %s", path, strerror(errno));
+            return;
+        }
+        text = owned;
+    }
+    E->hash = plan_fnv1a(text, len, E->hash);
+    const ast_file *f = ast_parse(E->arena, E->d, path, text, len);
+    free(owned);
+    if (!E->main)
+        E->main = f;
+    E->files = realloc(E->files, (size_t)(E->nfiles + 1) * sizeof *E->files);
+    if (!E->files)
+        abort();
+    E->files[E->nfiles++] = f;
+    el_collect(E, f);
+}
+
+/* ----------------------------------------------------- name suggestions */
+
+static const char *el_suggest(el *E, const char *name, const el_env *env, bool callables)
+{
+    const char *c[512];
+    int n = 0;
+    if (env)
+        for (int i = 0; i < env->n && n < 500; i++)
+            c[n++] = env->vars[i].name;
+    if (!callables)
+        for (int i = 0; i < E->globals.n && n < 500; i++)
+            c[n++] = E->globals.vars[i].name;
+    if (callables) {
+        static const char *const builtins[] = {"ceil", "floor", "min", "max", "int", "float",
+                                               "add_loss", "shared", "error"};
+        for (size_t i = 0; i < sizeof builtins / sizeof *builtins; i++)
+            c[n++] = builtins[i];
+        for (int i = 0; i < E->nops && n < 500; i++)
+            c[n++] = E->ops[i].ast->name;
+        for (int i = 0; i < E->nblocks && n < 500; i++)
+            c[n++] = E->blocks[i].name;
+    }
+    const char *best = diag_closest(name, c, n);
+    return best ? el_fmt(E, "did you mean `%s`?", best) : NULL;
+}
+
+static const char *el_suggest_list(el *E, const char *name, const char *const *c, int n)
+{
+    const char *best = diag_closest(name, c, n);
+    return best ? el_fmt(E, "did you mean `%s`?", best) : NULL;
+}
+
+/* --------------------------------------------------------- expressions */
+
+static ev el_eval(el *E, el_frame *fr, const ast_node *x);
+static void el_exec(el *E, el_frame *fr, const ast_list *body);
+
+static bool el_want_num(el *E, const ev *v, const ast_node *at, const char *what)
+{
+    if (ev_is_num(v))
+        return true;
+    if (v->k != EV_NONE)
+        ERR(at->span, NULL, "%s must be a number, got a %s", what, ev_kind_name(v->k));
+    return false;
+}
+
+/* Integer division that stays an int when exact: 64 / 4 is 4, 2 / 8 is 0.25. */
+static ev el_arith(el *E, int op, ev a, ev b, const ast_node *x)
+{
+    bool ints = a.k != EV_FLOAT && b.k != EV_FLOAT;
+    double fa = ev_num(&a), fb = ev_num(&b);
+    int64_t ia = a.i, ib = b.i, r;
+    switch (op) {
+    case '+':
+        if (ints) {
+            if (__builtin_add_overflow(ia, ib, &r))
+                goto overflow;
+            return ev_int(r);
+        }
+        return ev_float(fa + fb);
+    case '-':
+        if (ints) {
+            if (__builtin_sub_overflow(ia, ib, &r))
+                goto overflow;
+            return ev_int(r);
+        }
+        return ev_float(fa - fb);
+    case '*':
+        if (ints) {
+            if (__builtin_mul_overflow(ia, ib, &r))
+                goto overflow;
+            return ev_int(r);
+        }
+        return ev_float(fa * fb);
+    case '/':
+    case AST_OP_IDIV:
+    case '%':
+        if (fb == 0) {
+            ERR(x->span, NULL, "division by zero");
+            return ev_none;
+        }
+        if (op == '%') {
+            if (ints)
+                return ev_int(ia % ib);
+            return ev_float(fmod(fa, fb));
+        }
+        if (op == AST_OP_IDIV)
+            return ints ? ev_int(ia / ib) : ev_float(floor(fa / fb));
+        if (ints && ia % ib == 0)
+            return ev_int(ia / ib);
+        return ev_float(fa / fb);
+    case '<': return ev_bool(fa < fb);
+    case '>': return ev_bool(fa > fb);
+    case AST_OP_LE: return ev_bool(fa <= fb);
+    case AST_OP_GE: return ev_bool(fa >= fb);
+    case AST_OP_EQ: return ev_bool(fa == fb);
+    case AST_OP_NE: return ev_bool(fa != fb);
+    case AST_OP_AND: return ev_bool(fa != 0 && fb != 0);
+    case AST_OP_OR: return ev_bool(fa != 0 || fb != 0);
+    default: break;
+    }
+    return ev_none;
+overflow:
+    ERR(x->span, "dimensions and constants are 64-bit signed integers", "integer overflow in `%s`",
+        ast_op_name(op));
+    return ev_none;
+}
+
+static const el_op *el_find_op(el *E, const char *name)
+{
+    for (int i = 0; i < E->nops; i++)
+        if (strcmp(E->ops[i].ast->name, name) == 0)
+            return E->ops[i].ok ? &E->ops[i] : NULL;
+    return NULL;
+}
+
+static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call, ev *pos, int npos,
+                     const ast_node **kwn, ev *kwv, int nkw);
+
+/* tensor (op) tensor or scalar: + -> add, - -> add(a, scale(b, -1)), * and / by a scalar -> scale */
+static ev el_tensor_arith(el *E, el_frame *fr, int op, ev a, ev b, const ast_node *x)
+{
+    const char *need = (op == '+' || op == '-') && a.k == EV_TENSOR && b.k == EV_TENSOR ? "add" : "scale";
+    if (a.k == EV_TENSOR && b.k == EV_TENSOR && op != '+' && op != '-') {
+        ERR(x->span, "elementwise products of tensors need their own extern op",
+            "operator `%s` is not defined for two tensors", ast_op_name(op));
+        return ev_none;
+    }
+    if ((op == '+' || op == '-') && (a.k != EV_TENSOR || b.k != EV_TENSOR)) {
+        ERR(x->span, "add a tensor to a tensor; scale a tensor by a number with `*`",
+            "operator `%s` between a tensor and a %s", ast_op_name(op), ev_kind_name(a.k == EV_TENSOR ? b.k : a.k));
+        return ev_none;
+    }
+    if (op == '/' && a.k != EV_TENSOR) {
+        ERR(x->span, NULL, "cannot divide a number by a tensor");
+        return ev_none;
+    }
+    if (op != '+' && op != '-' && op != '*' && op != '/') {
+        ERR(x->span, NULL, "operator `%s` is not defined for tensors", ast_op_name(op));
+        return ev_none;
+    }
+    const el_op *add = el_find_op(E, "add"), *scale = el_find_op(E, "scale");
+    if ((strcmp(need, "add") == 0 && !add) || !scale) {
+        ERR(x->span, "import \"core\" (or \"nn\") declares it",
+            "tensor arithmetic needs the extern op `%s`, which is not declared", !scale ? "scale" : need);
+        return ev_none;
+    }
+    if (op == '+')
+        return el_call_op(E, fr, add, x, (ev[]){a, b}, 2, NULL, NULL, 0);
+    if (op == '-') {
+        ev nb = el_call_op(E, fr, scale, x, (ev[]){b, ev_float(-1.0)}, 2, NULL, NULL, 0);
+        if (nb.k != EV_TENSOR)
+            return ev_none;
+        return el_call_op(E, fr, add, x, (ev[]){a, nb}, 2, NULL, NULL, 0);
+    }
+    ev t = a.k == EV_TENSOR ? a : b, s = a.k == EV_TENSOR ? b : a;
+    if (!el_want_num(E, &s, x, "a tensor's scale"))
+        return ev_none;
+    double f = ev_num(&s);
+    if (op == '/') {
+        if (f == 0) {
+            ERR(x->span, NULL, "division by zero");
+            return ev_none;
+        }
+        f = 1.0 / f;
+    }
+    return el_call_op(E, fr, scale, x, (ev[]){t, ev_float(f)}, 2, NULL, NULL, 0);
+}
+
+static ev el_call(el *E, el_frame *fr, const ast_node *x);
+
+static ev el_eval(el *E, el_frame *fr, const ast_node *x)
+{
+    switch (x->kind) {
+    case AST_INT: return ev_int(x->i);
+    case AST_FLOAT: return ev_float(x->f);
+    case AST_BOOL: return ev_bool(x->i != 0);
+    case AST_STRING: { ev v = {.k = EV_STRING, .s = x->name}; return v; }
+    case AST_NAME: {
+        const ev *v = fr ? env_get(&fr->env, x->name) : NULL;
+        if (!v)
+            v = env_get(&E->globals, x->name);
+        if (v)
+            return *v;
+        ERR(x->span, el_suggest(E, x->name, fr ? &fr->env : NULL, false), "unknown identifier `%s`", x->name);
+        return ev_none;
+    }
+    case AST_TUPLE: {
+        ev t = {.k = EV_TUPLE, .n = x->list.n};
+        t.items = ast_alloc(E->arena, (size_t)t.n * sizeof *t.items);
+        for (int i = 0; i < t.n; i++)
+            t.items[i] = el_eval(E, fr, x->list.items[i]);
+        return t;
+    }
+    case AST_UNOP: {
+        ev a = el_eval(E, fr, x->a);
+        if (a.k == EV_NONE)
+            return a;
+        if (x->op == AST_OP_NOT) {
+            if (!el_want_num(E, &a, x->a, "the operand of `not`"))
+                return ev_none;
+            return ev_bool(ev_num(&a) == 0);
+        }
+        if (a.k == EV_TENSOR)
+            return el_tensor_arith(E, fr, '*', a, ev_float(-1.0), x);
+        if (!el_want_num(E, &a, x->a, "the operand of `-`"))
+            return ev_none;
+        return a.k == EV_FLOAT ? ev_float(-a.f) : ev_int(-a.i);
+    }
+    case AST_BINOP: {
+        ev a = el_eval(E, fr, x->a), b = el_eval(E, fr, x->b);
+        if (a.k == EV_NONE || b.k == EV_NONE)
+            return ev_none;
+        if (a.k == EV_TENSOR || b.k == EV_TENSOR)
+            return el_tensor_arith(E, fr, x->op, a, b, x);
+        if (a.k == EV_STRING && b.k == EV_STRING && (x->op == AST_OP_EQ || x->op == AST_OP_NE))
+            return ev_bool((strcmp(a.s, b.s) == 0) == (x->op == AST_OP_EQ));
+        if (!el_want_num(E, &a, x->a, "an operand") || !el_want_num(E, &b, x->b, "an operand"))
+            return ev_none;
+        return el_arith(E, x->op, a, b, x);
+    }
+    case AST_CALL: return el_call(E, fr, x);
+    default: break;
+    }
+    ERR(x->span, NULL, "this is not an expression");
+    return ev_none;
+}
+
+/* ------------------------------------------------- shapes and dimensions */
+
+/* A dimension value: an int > 0 (or >= 0 when zero_ok). */
+static bool el_dim(el *E, ev v, const ast_node *at, int64_t *out, bool zero_ok)
+{
+    if (v.k == EV_NONE)
+        return false;
+    if (v.k == EV_FLOAT) {
+        if (v.f == floor(v.f) && fabs(v.f) < 9e15) {
+            v = ev_int((int64_t)v.f);
+        } else {
+            ERR(at->span, "dimensions are whole numbers; use `//` or ceil() to round",
+                "dimension must be an integer, got %g", v.f);
+            return false;
+        }
+    }
+    if (v.k != EV_INT) {
+        ERR(at->span, NULL, "dimension must be an integer, got a %s", ev_kind_name(v.k));
+        return false;
+    }
+    if (v.i < 0 || (v.i == 0 && !zero_ok)) {
+        ERR(at->span, NULL, "dimension must be positive, got %" PRId64, v.i);
+        return false;
+    }
+    *out = v.i;
+    return true;
+}
+
+static bool el_numel_ok(el *E, const int64_t *shape, int n, ast_span at)
+{
+    int64_t p = 1;
+    for (int i = 0; i < n; i++)
+        if (__builtin_mul_overflow(p, shape[i], &p) || p > EL_MAX_NUMEL) {
+            ERR(at, "a tensor may hold at most 2^48 elements", "tensor size overflows");
+            return false;
+        }
+    return true;
+}
+
+static int el_dtype(el *E, const ast_node *type, bool *tensor)
+{
+    const char *n = type->name;
+    *tensor = type->flags & AST_F_HAS_TYPE;
+    if (*tensor) {
+        if (strcmp(n, "f32") == 0) return PLAN_F32;
+        if (strcmp(n, "i32") == 0) return PLAN_I32;
+        if (strcmp(n, "bf16") == 0 || strcmp(n, "f16") == 0) {
+            ERR(type->span, "use precision = ... in train { }; tensors are declared f32",
+                "dtype `%s` is not supported in declarations", n);
+            return -1;
+        }
+        static const char *const t[] = {"f32", "i32"};
+        ERR(type->span, el_suggest_list(E, n, t, 2), "unknown dtype `%s`", n);
+        return -1;
+    }
+    static const char *const s[] = {"int", "float", "bool", "string"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(n, s[i]) == 0)
+            return i;
+    ERR(type->span, el_suggest_list(E, n, s, 4), "unknown type `%s`", n);
+    return -1;
+}
+
+/* Binds/checks one tensor against a typed signature entry.  `syms` holds
+ * dimension symbols bound so far (and, for star symbols, their leading
+ * dims in `lead`).  Returns false after reporting. */
+typedef struct el_syms {
+    const char *name[IR_MAX_SYMS * 2];
+    int64_t val[IR_MAX_SYMS * 2];
+    int from[IR_MAX_SYMS * 2];           /* value it was bound from */
+    int nlead[IR_MAX_SYMS * 2];          /* star symbols: number of leading dims, else -1 */
+    int64_t lead[IR_MAX_SYMS * 2][PLAN_MAX_DIMS];
+    int n;
+} el_syms;
+
+static int syms_find(const el_syms *s, const char *name)
+{
+    for (int i = 0; i < s->n; i++)
+        if (strcmp(s->name[i], name) == 0)
+            return i;
+    return -1;
+}
+
+static void el_mismatch(el *E, const ast_node *call, const char *callee, const char *sym, int64_t had,
+                        int from, int64_t got, int t, const char *port)
+{
+    ERR(call->span, NULL,
+        "shape mismatch in `%s`: %s is %" PRId64 " from %s but %" PRId64 " from `%s` %s",
+        callee, sym, had, from >= 0 ? el_fmt(E, "%s", el_shape_str(E, from)) : "an argument", got, port,
+        el_shape_str(E, t));
+    if (from >= 0 && el_origin(E, from).file)
+        diag_note(E->d, el_origin(E, from), "%s comes from this %s", el_shape_str(E, from),
+                  E->g->values[from].name);
+    if (el_origin(E, t).file)
+        diag_note(E->d, el_origin(E, t), "%s comes from this %s", el_shape_str(E, t), E->g->values[t].name);
+}
+
+static bool el_bind_tensor(el *E, el_frame *scope, el_syms *s, const ast_node *sig, int t, const ast_node *call,
+                           const char *callee)
+{
+    const ast_node *type = sig->a;
+    bool tensor;
+    int dt = el_dtype(E, type, &tensor);
+    if (dt < 0)
+        return false;
+    const ir_value *v = &E->g->values[t];
+    if (v->dtype != dt) {
+        ERR(call->span, dt == PLAN_I32 ? "token ids and expert indices are i32" : NULL,
+            "dtype mismatch in `%s`: `%s` must be %s, got %s", callee, sig->name, ir_dtype_name(dt),
+            el_shape_str(E, t));
+        if (el_origin(E, t).file)
+            diag_note(E->d, el_origin(E, t), "%s comes from here", el_shape_str(E, t));
+        return false;
+    }
+    const ast_list *dims = &type->list;
+    bool star = dims->n > 0 && (dims->items[0]->flags & AST_F_STAR);
+    int fixed = dims->n - (star ? 1 : 0);
+    if ((!star && v->ndim != dims->n) || (star && v->ndim < fixed)) {
+        ERR(call->span, NULL, "shape mismatch in `%s`: `%s` must have %s%d dims, got %s", callee, sig->name,
+            star ? "at least " : "", fixed, el_shape_str(E, t));
+        if (el_origin(E, t).file)
+            diag_note(E->d, el_origin(E, t), "%s comes from here", el_shape_str(E, t));
+        return false;
+    }
+    int nlead = v->ndim - fixed;
+    if (star) {
+        const char *sym = dims->items[0]->name;
+        int64_t p = 1;
+        for (int i = 0; i < nlead; i++)
+            p *= v->shape[i];
+        int k = syms_find(s, sym);
+        if (k >= 0) {
+            bool same = s->nlead[k] < 0 ? s->val[k] == p : s->nlead[k] == nlead;
+            for (int i = 0; same && s->nlead[k] >= 0 && i < nlead; i++)
+                same = s->lead[k][i] == v->shape[i];
+            if (!same) {
+                ERR(call->span, NULL, "shape mismatch in `%s`: leading dims *%s differ between %s and `%s` %s",
+                    callee, sym, s->from[k] >= 0 ? el_shape_str(E, s->from[k]) : "an argument", sig->name,
+                    el_shape_str(E, t));
+                if (s->from[k] >= 0 && el_origin(E, s->from[k]).file)
+                    diag_note(E->d, el_origin(E, s->from[k]), "%s comes from here", el_shape_str(E, s->from[k]));
+                if (el_origin(E, t).file)
+                    diag_note(E->d, el_origin(E, t), "%s comes from here", el_shape_str(E, t));
+                return false;
+            }
+        } else if (s->n < IR_MAX_SYMS * 2) {
+            k = s->n++;
+            s->name[k] = sym;
+            s->val[k] = p;
+            s->from[k] = t;
+            s->nlead[k] = nlead;
+            for (int i = 0; i < nlead; i++)
+                s->lead[k][i] = v->shape[i];
+        }
+    }
+    for (int i = 0; i < fixed; i++) {
+        const ast_node *dn = dims->items[i + (star ? 1 : 0)];
+        int64_t got = v->shape[nlead + i];
+        const ast_node *e = dn->a;
+        if (e->kind == AST_NAME) {
+            int k = syms_find(s, e->name);
+            bool defined = k >= 0 || (scope && env_get(&scope->env, e->name)) || env_get(&E->globals, e->name);
+            if (!defined) {
+                if (s->n < IR_MAX_SYMS * 2) {
+                    k = s->n++;
+                    s->name[k] = e->name;
+                    s->val[k] = got;
+                    s->from[k] = t;
+                    s->nlead[k] = -1;
+                }
+                continue;
+            }
+            if (k >= 0) {
+                if (s->val[k] != got) {
+                    el_mismatch(E, call, callee, e->name, s->val[k], s->from[k], got, t, sig->name);
+                    return false;
+                }
+                continue;
+            }
+        }
+        /* an expression of bound symbols and constants */
+        el_frame tmp = {0};
+        if (scope)
+            for (int j = 0; j < scope->env.n; j++)
+                env_set(&tmp.env, scope->env.vars[j].name, scope->env.vars[j].v);
+        for (int j = 0; j < s->n; j++)
+            env_set(&tmp.env, s->name[j], ev_int(s->val[j]));
+        ev want = el_eval(E, &tmp, e);
+        free(tmp.env.vars);
+        int64_t w;
+        if (!el_dim(E, want, e, &w, true))
+            return false;
+        if (w != got) {
+            ERR(call->span, NULL, "shape mismatch in `%s`: dim %d of `%s` must be %" PRId64 ", got %s", callee,
+                nlead + i, sig->name, w, el_shape_str(E, t));
+            if (el_origin(E, t).file)
+                diag_note(E->d, el_origin(E, t), "%s comes from here", el_shape_str(E, t));
+            return false;
+        }
+    }
+    return true;
+}
+
+/* ----------------------------------------------------- argument binding */
+
+/* Matches positional and keyword arguments to a signature.  out[i] is the
+ * value for sig param i (EV_NONE + has[i] false when missing). */
+static bool el_bind_args(el *E, const ast_node *call, const char *callee, const ast_list *sig, ev *pos, int npos,
+                         const ast_node **kwn, ev *kwv, int nkw, ev *out, bool *has, const char *extra_kw)
+{
+    bool ok = true;
+    for (int i = 0; i < sig->n; i++)
+        has[i] = false;
+    if (npos > sig->n) {
+        ERR(call->span, NULL, "`%s` takes at most %d argument%s, got %d", callee, sig->n, sig->n == 1 ? "" : "s",
+            npos);
+        return false;
+    }
+    for (int i = 0; i < npos; i++) {
+        out[i] = pos[i];
+        has[i] = true;
+    }
+    for (int j = 0; j < nkw; j++) {
+        if (extra_kw && strcmp(kwn[j]->name, extra_kw) == 0)
+            continue;
+        int k = -1;
+        for (int i = 0; i < sig->n; i++)
+            if (strcmp(sig->items[i]->name, kwn[j]->name) == 0)
+                k = i;
+        if (k < 0) {
+            const char *c[IR_MAX_SYMS * 3];
+            int n = 0;
+            for (int i = 0; i < sig->n && n < IR_MAX_SYMS * 3; i++)
+                c[n++] = sig->items[i]->name;
+            ERR(kwn[j]->span, el_suggest_list(E, kwn[j]->name, c, n), "`%s` has no argument `%s`", callee,
+                kwn[j]->name);
+            ok = false;
+            continue;
+        }
+        if (has[k]) {
+            ERR(kwn[j]->span, NULL, "argument `%s` of `%s` given twice", kwn[j]->name, callee);
+            ok = false;
+            continue;
+        }
+        out[k] = kwv[j];
+        has[k] = true;
+    }
+    return ok;
+}
+
+/* ------------------------------------------------------------ op calls */
+
+static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call, ev *pos, int npos,
+                     const ast_node **kwn, ev *kwv, int nkw)
+{
+    const ast_node *a = op->ast;
+    const char *name = a->name;
+    ev args[IR_MAX_PORTS + IR_MAX_SYMS];
+    bool has[IR_MAX_PORTS + IR_MAX_SYMS];
+    if (!el_bind_args(E, call, name, &a->list, pos, npos, kwn, kwv, nkw, args, has, NULL))
+        return ev_none;
+    el_syms s = {0};
+    ir_node node;
+    memset(&node, 0, sizeof node);
+    node.def = op->reg;
+    node.grad_of = -1;
+    for (int i = 0; i < IR_MAX_PORTS; i++)
+        node.inputs[i] = node.outputs[i] = node.grads_in[i] = node.grads_out[i] = -1;
+    /* attributes first: input dims may refer to them */
+    el_frame attrs = {0};
+    bool ok = true;
+    int ai = 0;
+    for (int i = 0; i < a->list.n; i++) {
+        const ast_node *sp = a->list.items[i];
+        bool tensor = sp->a && (sp->a->flags & AST_F_HAS_TYPE);
+        if (tensor)
+            continue;
+        ev v = has[i] ? args[i] : ev_none;
+        if (!has[i]) {
+            if (!sp->b) {
+                ERR(call->span, NULL, "missing argument `%s` of `%s`", sp->name, name);
+                ok = false;
+                ai++;
+                continue;
+            }
+            v = el_eval(E, NULL, sp->b);
+        }
+        if (v.k == EV_NONE) {
+            ok = false;
+            ai++;
+            continue;
+        }
+        if (!ev_is_num(&v)) {
+            ERR(call->span, NULL, "argument `%s` of `%s` must be a number, got a %s", sp->name, name,
+                ev_kind_name(v.k));
+            ok = false;
+        } else if (op->def.attr_kinds[ai] == PLAN_ARG_I64) {
+            if (v.k == EV_FLOAT && v.f != floor(v.f)) {
+                ERR(call->span, NULL, "argument `%s` of `%s` must be an integer, got %g", sp->name, name, v.f);
+                ok = false;
+            }
+            node.attrs[ai].i = (int64_t)ev_num(&v);
+            env_set(&attrs.env, sp->name, ev_int(node.attrs[ai].i));
+        } else {
+            node.attrs[ai].f = ev_num(&v);
+            env_set(&attrs.env, sp->name, ev_float(node.attrs[ai].f));
+        }
+        ai++;
+    }
+    int ii = 0;
+    for (int i = 0; i < a->list.n && ok; i++) {
+        const ast_node *sp = a->list.items[i];
+        if (!(sp->a && (sp->a->flags & AST_F_HAS_TYPE)))
+            continue;
+        if (!has[i]) {
+            ERR(call->span, NULL, "missing argument `%s` of `%s`", sp->name, name);
+            ok = false;
+            break;
+        }
+        if (args[i].k != EV_TENSOR) {
+            if (args[i].k != EV_NONE)
+                ERR(call->span, NULL, "argument `%s` of `%s` must be a tensor, got a %s", sp->name, name,
+                    ev_kind_name(args[i].k));
+            ok = false;
+            break;
+        }
+        if (!el_bind_tensor(E, &attrs, &s, sp, args[i].t, call, name)) {
+            ok = false;
+            break;
+        }
+        node.inputs[ii++] = args[i].t;
+    }
+    if (!ok) {
+        free(attrs.env.vars);
+        return ev_none;
+    }
+    /* every dimension symbol of the def, derived ones evaluated now */
+    for (int j = 0; j < s.n; j++)
+        env_set(&attrs.env, s.name[j], ev_int(s.val[j]));
+    for (int d = 0; d < op->def.ndims && ok; d++) {
+        if (op->derived[d]) {
+            ev v = el_eval(E, &attrs, op->derived[d]);
+            if (v.k == EV_FLOAT && v.f == floor(v.f))
+                v = ev_int((int64_t)v.f);
+            if (v.k != EV_INT) {
+                ERR(call->span, NULL, "`%s` of `%s` is not an integer here (%g)", op->def.dim_names[d], name,
+                    ev_num(&v));
+                ok = false;
+                break;
+            }
+            node.dims[d] = v.i;
+        } else {
+            int k = syms_find(&s, op->def.dim_names[d]);
+            node.dims[d] = k >= 0 ? s.val[k] : 0;
+        }
+    }
+    /* outputs */
+    const char *what = fr && fr->prefix[0] ? el_fmt(E, "%s.%s", fr->prefix, name) : name;
+    ev res[IR_MAX_PORTS];
+    int nres = 0;
+    for (int o = 0; o < op->nout && ok; o++) {
+        const ast_node *sp = op->out[o];
+        bool tensor;
+        int dt = el_dtype(E, sp->a, &tensor);
+        int64_t shape[PLAN_MAX_DIMS];
+        int nd = 0;
+        const ast_list *dims = &sp->a->list;
+        for (int i = 0; i < dims->n && ok; i++) {
+            const ast_node *dn = dims->items[i];
+            if (dn->flags & AST_F_STAR) {
+                int k = syms_find(&s, dn->name);
+                for (int j = 0; k >= 0 && j < s.nlead[k] && nd < PLAN_MAX_DIMS; j++)
+                    shape[nd++] = s.lead[k][j];
+                continue;
+            }
+            ev v = el_eval(E, &attrs, dn->a);
+            if (nd >= PLAN_MAX_DIMS) {
+                ERR(call->span, NULL, "`%s` of `%s` would have more than %d dims", sp->name, name, PLAN_MAX_DIMS);
+                ok = false;
+                break;
+            }
+            if (!el_dim(E, v, call, &shape[nd++], false))
+                ok = false;
+        }
+        if (!ok || !el_numel_ok(E, shape, nd, call->span)) {
+            ok = false;
+            break;
+        }
+        int t = el_value(E, el_fmt(E, "%s.%s", what, sp->name), dt, PLAN_ST_ACT, nd, shape, call->span);
+        node.outputs[o] = t;
+        if (!op->saved[o])
+            res[nres++] = ev_tensor(t);
+    }
+    free(attrs.env.vars);
+    if (!ok)
+        return ev_none;
+    node.loc = el_loc(E, call->span);
+    node.what = ir_strdup(E->g, what);
+    node.phase = PLAN_PHASE_FORWARD;
+    ir_node_add(E->g, &node);
+    if (nres == 1)
+        return res[0];
+    ev t = {.k = EV_TUPLE, .n = nres};
+    t.items = ast_alloc(E->arena, (size_t)nres * sizeof *t.items);
+    memcpy(t.items, res, (size_t)nres * sizeof *res);
+    return t;
+}
+
+/* ----------------------------------------------------------- block calls */
+
+static const char *el_child_prefix(el *E, const char *prefix, const char *seg)
+{
+    if (!seg[0])
+        return prefix;
+    return prefix[0] ? el_fmt(E, "%s.%s", prefix, seg) : seg;
+}
+
+static const char *el_default_seg(el *E, const char *prefix, const char *block)
+{
+    const char *key = el_fmt(E, "%s|%s", prefix, block);
+    for (int i = 0; i < E->ncounts; i++)
+        if (strcmp(E->counts[i].key, key) == 0)
+            return el_fmt(E, "%s_%d", block, E->counts[i].n++);
+    E->counts = realloc(E->counts, (size_t)(E->ncounts + 1) * sizeof *E->counts);
+    if (!E->counts)
+        abort();
+    E->counts[E->ncounts].key = key;
+    E->counts[E->ncounts++].n = 1;
+    return block;
+}
+
+static ev el_call_block(el *E, el_frame *fr, const ast_node *blk, const ast_node *call, ev *pos, int npos,
+                        const ast_node **kwn, ev *kwv, int nkw)
+{
+    const char *name = blk->name;
+    for (int i = 0; i < E->depth; i++)
+        if (E->stack[i] == blk) {
+            ERR(call->span, "blocks are expanded at compile time, so they cannot call themselves",
+                "recursive block `%s`", name);
+            for (int j = i; j < E->depth; j++)
+                diag_note(E->d, E->stack[j]->span, "`%s` is on the call chain", E->stack[j]->name);
+            return ev_none;
+        }
+    if (E->depth >= EL_MAX_DEPTH) {
+        ERR(call->span, NULL, "blocks nested more than %d deep", EL_MAX_DEPTH);
+        return ev_none;
+    }
+    ev args[64];
+    bool has[64];
+    if (blk->list.n > 64) {
+        ERR(blk->span, NULL, "block `%s` has more than 64 parameters", name);
+        return ev_none;
+    }
+    if (!el_bind_args(E, call, name, &blk->list, pos, npos, kwn, kwv, nkw, args, has, "name"))
+        return ev_none;
+    const char *seg = NULL;
+    for (int j = 0; j < nkw; j++)
+        if (strcmp(kwn[j]->name, "name") == 0) {
+            if (kwv[j].k != EV_STRING) {
+                ERR(kwn[j]->span, NULL, "`name` must be a string");
+                return ev_none;
+            }
+            seg = kwv[j].s;
+        }
+    const char *prefix = fr ? fr->prefix : "";
+    if (!seg)
+        seg = el_default_seg(E, prefix, name);
+    el_frame inner = {0};
+    inner.prefix = el_child_prefix(E, prefix, seg);
+    el_syms s = {0};
+    bool ok = true;
+    for (int i = 0; i < blk->list.n; i++) {
+        const ast_node *sp = blk->list.items[i];
+        ev v = args[i];
+        if (!has[i]) {
+            if (!sp->b) {
+                ERR(call->span, NULL, "missing argument `%s` of `%s`", sp->name, name);
+                ok = false;
+                continue;
+            }
+            v = el_eval(E, &inner, sp->b);
+        }
+        if (v.k == EV_NONE) {
+            ok = false;
+            continue;
+        }
+        if (sp->a) {
+            bool tensor;
+            int dt = el_dtype(E, sp->a, &tensor);
+            if (dt < 0) {
+                ok = false;
+                continue;
+            }
+            if (tensor) {
+                if (v.k != EV_TENSOR) {
+                    ERR(call->span, NULL, "argument `%s` of `%s` must be a tensor, got a %s", sp->name, name,
+                        ev_kind_name(v.k));
+                    ok = false;
+                    continue;
+                }
+                if (!el_bind_tensor(E, &inner, &s, sp, v.t, call, name)) {
+                    ok = false;
+                    continue;
+                }
+                for (int j = 0; j < s.n; j++)
+                    env_set(&inner.env, s.name[j], ev_int(s.val[j]));
+            } else {
+                bool good = (dt == 0 && (v.k == EV_INT || (v.k == EV_FLOAT && v.f == floor(v.f)))) ||
+                            (dt == 1 && ev_is_num(&v)) || (dt == 2 && v.k == EV_BOOL) || (dt == 3 && v.k == EV_STRING);
+                if (!good) {
+                    ERR(call->span, NULL, "argument `%s` of `%s` must be %s %s, got a %s", sp->name, name,
+                        dt == 0 ? "an" : "a", sp->a->name, ev_kind_name(v.k));
+                    ok = false;
+                    continue;
+                }
+                if (dt == 0 && v.k == EV_FLOAT)
+                    v = ev_int((int64_t)v.f);
+            }
+        }
+        env_set(&inner.env, sp->name, v);
+    }
+    ev ret = ev_none;
+    if (ok) {
+        E->calls[E->depth] = call;
+        E->stack[E->depth++] = blk;
+        el_exec(E, &inner, &blk->list2);
+        E->depth--;
+        ret = inner.ret;
+    }
+    free(inner.env.vars);
+    return ret;
+}
+
+/* ------------------------------------------------------------- builtins */
+
+static ev el_builtin(el *E, el_frame *fr, const ast_node *x, ev *pos, int npos, int nkw, bool *handled)
+{
+    const char *n = x->name;
+    *handled = true;
+    static const char *const one_num[] = {"ceil", "floor", "int", "float"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(n, one_num[i]) == 0) {
+            if (npos != 1 || nkw) {
+                ERR(x->span, NULL, "`%s` takes 1 argument, got %d", n, npos + nkw);
+                return ev_none;
+            }
+            if (!el_want_num(E, &pos[0], x, el_fmt(E, "the argument of `%s`", n)))
+                return ev_none;
+            double v = ev_num(&pos[0]);
+            if (i == 3)
+                return ev_float(v);
+            double r = i == 0 ? ceil(v) : i == 1 ? floor(v) : trunc(v);
+            if (fabs(r) > 9e15) {
+                ERR(x->span, NULL, "`%s` result %g does not fit an integer", n, r);
+                return ev_none;
+            }
+            return ev_int((int64_t)r);
+        }
+    if (strcmp(n, "min") == 0 || strcmp(n, "max") == 0) {
+        if (npos != 2 || nkw) {
+            ERR(x->span, NULL, "`%s` takes 2 arguments, got %d", n, npos + nkw);
+            return ev_none;
+        }
+        if (!el_want_num(E, &pos[0], x, "an argument") || !el_want_num(E, &pos[1], x, "an argument"))
+            return ev_none;
+        bool first = (ev_num(&pos[0]) < ev_num(&pos[1])) == (n[1] == 'i');
+        return first ? pos[0] : pos[1];
+    }
+    if (strcmp(n, "error") == 0) {
+        if (npos != 1 || pos[0].k != EV_STRING) {
+            ERR(x->span, NULL, "`error` takes one string");
+            return ev_none;
+        }
+        /* report at the call into the block, then where the check is */
+        ERR(E->depth ? E->calls[E->depth - 1]->span : x->span, NULL, "%s", pos[0].s);
+        if (E->depth)
+            diag_note(E->d, x->span, "reported by this check in `%s`", E->stack[E->depth - 1]->name);
+        if (fr)
+            fr->returned = true;   /* stop the block: later errors would only repeat this one */
+        return ev_none;
+    }
+    if (strcmp(n, "shared") == 0) {
+        if (npos != 1 || pos[0].k != EV_STRING) {
+            ERR(x->span, NULL, "`shared` takes one string, the full name of a parameter");
+            return ev_none;
+        }
+        const char *c[1024];
+        int nc = 0;
+        for (int i = 0; i < E->g->nparams; i++) {
+            const ir_value *v = &E->g->values[E->g->params[i].value];
+            if (strcmp(v->name, pos[0].s) == 0)
+                return ev_tensor(E->g->params[i].value);
+            if (nc < 1024)
+                c[nc++] = v->name;
+        }
+        ERR(x->span, el_suggest_list(E, pos[0].s, c, nc), "no parameter named \"%s\" (yet)", pos[0].s);
+        return ev_none;
+    }
+    if (strcmp(n, "add_loss") == 0) {
+        if (npos != 2 || pos[0].k != EV_STRING || pos[1].k != EV_TENSOR) {
+            ERR(x->span, "add_loss(\"name\", scalar_tensor)", "`add_loss` takes a name and a loss tensor");
+            return ev_none;
+        }
+        const ir_value *v = &E->g->values[pos[1].t];
+        if (ir_value_numel(v) != 1 || v->dtype != PLAN_F32) {
+            ERR(x->span, NULL, "`add_loss` needs a 1-element f32 tensor, got %s", el_shape_str(E, pos[1].t));
+            return ev_none;
+        }
+        el_loss l = {pos[1].t, fr && fr->prefix[0] ? el_fmt(E, "%s.%s", fr->prefix, pos[0].s) : pos[0].s};
+        E->losses = realloc(E->losses, (size_t)(E->nlosses + 1) * sizeof *E->losses);
+        if (!E->losses)
+            abort();
+        E->losses[E->nlosses++] = l;
+        return ev_none;
+    }
+    *handled = false;
+    return ev_none;
+}
+
+static ev el_call(el *E, el_frame *fr, const ast_node *x)
+{
+    ev pos[64], kwv[64];
+    const ast_node *kwn[64];
+    int npos = 0, nkw = 0;
+    bool bad = false;
+    if (x->list.n > 64) {
+        ERR(x->span, NULL, "more than 64 arguments");
+        return ev_none;
+    }
+    for (int i = 0; i < x->list.n; i++) {
+        const ast_node *a = x->list.items[i];
+        ev v = el_eval(E, fr, a->a);
+        bad |= v.k == EV_NONE && a->a->kind != AST_CALL;
+        if (a->name) {
+            kwn[nkw] = a;
+            kwv[nkw++] = v;
+        } else {
+            if (nkw) {
+                ERR(a->span, NULL, "positional argument after a keyword argument");
+                bad = true;
+            }
+            pos[npos++] = v;
+        }
+    }
+    bool handled;
+    ev r = el_builtin(E, fr, x, pos, npos, nkw, &handled);
+    if (handled)
+        return r;
+    if (bad)
+        return ev_none;
+    for (int i = 0; i < E->nops; i++)
+        if (strcmp(E->ops[i].ast->name, x->name) == 0)
+            return E->ops[i].ok ? el_call_op(E, fr, &E->ops[i], x, pos, npos, kwn, kwv, nkw) : ev_none;
+    for (int i = 0; i < E->nblocks; i++)
+        if (strcmp(E->blocks[i].name, x->name) == 0)
+            return el_call_block(E, fr, E->blocks[i].ast, x, pos, npos, kwn, kwv, nkw);
+    ERR(x->span, el_suggest(E, x->name, NULL, true), "unknown op or block `%s`", x->name);
+    return ev_none;
+}
+
+/* ------------------------------------------------------------ statements */
+
+static void el_param(el *E, el_frame *fr, const ast_node *st)
+{
+    bool tensor;
+    int dt = el_dtype(E, st->a, &tensor);
+    if (dt < 0)
+        return;
+    if (!tensor || dt != PLAN_F32) {
+        ERR(st->a->span, NULL, "parameters are f32 tensors, got `%s`", st->a->name);
+        return;
+    }
+    int64_t shape[PLAN_MAX_DIMS];
+    int nd = 0;
+    if (st->a->list.n > PLAN_MAX_DIMS) {
+        ERR(st->a->span, NULL, "a tensor has at most %d dims", PLAN_MAX_DIMS);
+        return;
+    }
+    for (int i = 0; i < st->a->list.n; i++) {
+        const ast_node *dn = st->a->list.items[i];
+        if (dn->flags & AST_F_STAR) {
+            ERR(dn->span, NULL, "a parameter's shape is fixed: `*%s` is only for signatures", dn->name);
+            return;
+        }
+        if (!el_dim(E, el_eval(E, fr, dn->a), dn, &shape[nd++], false))
+            return;
+    }
+    if (!el_numel_ok(E, shape, nd, st->a->span))
+        return;
+    ir_param p = {.grad = -1, .state0 = -1, .state1 = -1, .expert_axis = -1, .tied_to = -1,
+                  .active_fraction = 1.0f, .decay = nd >= 2};
+    const ast_node *init = st->b;
+    if (init->kind == AST_NAME && strcmp(init->name, "zeros") == 0) {
+        p.init = PLAN_INIT_ZEROS;
+    } else if (init->kind == AST_NAME && strcmp(init->name, "ones") == 0) {
+        p.init = PLAN_INIT_ONES;
+    } else if (init->kind == AST_CALL && strcmp(init->name, "normal") == 0 && init->list.n == 1) {
+        ev s = el_eval(E, fr, init->list.items[0]->a);
+        if (!el_want_num(E, &s, init, "the std of normal()"))
+            return;
+        if (ev_num(&s) < 0) {
+            ERR(init->span, NULL, "normal() needs a std >= 0, got %g", ev_num(&s));
+            return;
+        }
+        p.init = PLAN_INIT_NORMAL;
+        p.init_std = (float)ev_num(&s);
+    } else {
+        const char *inits[] = {"zeros", "ones", "normal"};
+        ERR(init->span, init->name ? el_suggest_list(E, init->name, inits, 3) : "use normal(std), zeros or ones",
+            "unknown initializer%s%s%s", init->name ? " `" : "", init->name ? init->name : "", init->name ? "`" : "");
+        return;
+    }
+    for (int i = 0; i < st->list.n; i++) {
+        const ast_node *at = st->list.items[i];
+        if (strcmp(at->name, "expert") == 0) {
+            p.expert_axis = 0;
+        } else if (strcmp(at->name, "nodecay") == 0) {
+            p.decay = false;
+        } else if (strcmp(at->name, "frozen") == 0) {
+            p.frozen = true;
+        } else if (strcmp(at->name, "active") == 0) {
+            ev f = el_eval(E, fr, at->a);
+            if (!el_want_num(E, &f, at, "active()"))
+                return;
+            if (ev_num(&f) <= 0 || ev_num(&f) > 1) {
+                ERR(at->span, "the share of the parameter one token uses, e.g. top_k / experts",
+                    "active() must be in (0, 1], got %g", ev_num(&f));
+                return;
+            }
+            p.active_fraction = (float)ev_num(&f);
+        }
+    }
+    const char *full = fr->prefix[0] ? el_fmt(E, "%s.%s", fr->prefix, st->name) : st->name;
+    for (int i = 0; i < E->g->nparams; i++) {
+        const ir_param *q = &E->g->params[i];
+        if (strcmp(E->g->values[q->value].name, full) == 0) {
+            ERR(st->span, "give one of the block calls a distinct name = \"...\"",
+                "duplicate definition of parameter `%s`", full);
+            ast_span prev = {q->loc.file, q->loc.line, q->loc.col, q->loc.line, q->loc.col};
+            diag_note(E->d, prev, "`%s` was first defined here", full);
+            return;
+        }
+    }
+    int t = el_value(E, full, PLAN_F32, PLAN_ST_PARAM, nd, shape, st->span);
+    p.loc = el_loc(E, st->span);
+    ir_param_add(E->g, t, &p);
+    env_set(&fr->env, st->name, ev_tensor(t));
+}
+
+static bool el_cond(el *E, el_frame *fr, const ast_node *c, bool *out)
+{
+    ev v = el_eval(E, fr, c);
+    if (v.k == EV_NONE)
+        return false;
+    if (!ev_is_num(&v)) {
+        ERR(c->span, "`if` chooses at compile time: compare config values, loop indices or arguments",
+            "`if` needs a compile-time value, got a %s", ev_kind_name(v.k));
+        return false;
+    }
+    *out = ev_num(&v) != 0;
+    return true;
+}
+
+static void el_exec(el *E, el_frame *fr, const ast_list *body)
+{
+    for (int i = 0; i < body->n && !fr->returned; i++) {
+        const ast_node *st = body->items[i];
+        if (!st)
+            continue;
+        if (diag_full(E->d))
+            return;
+        switch (st->kind) {
+        case AST_ASSIGN: {
+            ev v = el_eval(E, fr, st->a);
+            int nt = st->list.n;
+            if (nt == 1) {
+                env_set(&fr->env, st->list.items[0]->name, v);
+                break;
+            }
+            if (v.k == EV_NONE) {
+                for (int j = 0; j < nt; j++)
+                    env_set(&fr->env, st->list.items[j]->name, ev_none);
+                break;
+            }
+            if (v.k != EV_TUPLE || v.n != nt) {
+                ERR(st->span, NULL, "cannot unpack %d value%s into %d names", v.k == EV_TUPLE ? v.n : 1,
+                    v.k == EV_TUPLE && v.n == 1 ? "" : (v.k == EV_TUPLE ? "s" : ""), nt);
+                break;
+            }
+            for (int j = 0; j < nt; j++)
+                env_set(&fr->env, st->list.items[j]->name, v.items[j]);
+            break;
+        }
+        case AST_EXPR_STMT: el_eval(E, fr, st->a); break;
+        case AST_PARAM: el_param(E, fr, st); break;
+        case AST_RETURN: {
+            if (st->list.n == 1) {
+                fr->ret = el_eval(E, fr, st->list.items[0]);
+            } else {
+                ev t = {.k = EV_TUPLE, .n = st->list.n};
+                t.items = ast_alloc(E->arena, (size_t)t.n * sizeof *t.items);
+                for (int j = 0; j < t.n; j++)
+                    t.items[j] = el_eval(E, fr, st->list.items[j]);
+                fr->ret = t;
+            }
+            fr->returned = true;
+            break;
+        }
+        case AST_IF: {
+            bool c;
+            if (!el_cond(E, fr, st->a, &c))
+                break;
+            el_exec(E, fr, c ? &st->list : &st->list2);
+            break;
+        }
+        case AST_FOR: {
+            ev lo = el_eval(E, fr, st->a), hi = el_eval(E, fr, st->b);
+            if (lo.k == EV_NONE || hi.k == EV_NONE)
+                break;
+            if (lo.k != EV_INT || hi.k != EV_INT) {
+                ERR(ast_join(st->a->span, st->b->span), NULL, "loop bounds must be integers, got %s..%s",
+                    ev_kind_name(lo.k), ev_kind_name(hi.k));
+                break;
+            }
+            if (hi.i - lo.i > EL_MAX_UNROLL) {
+                ERR(ast_join(st->a->span, st->b->span), NULL, "loop of %" PRId64 " iterations is too long to unroll",
+                    hi.i - lo.i);
+                break;
+            }
+            const char *seg = st->b->kind == AST_NAME ? st->b->name : st->name;
+            const char *saved = fr->prefix;
+            for (int64_t k = lo.i; k < hi.i && !fr->returned; k++) {
+                fr->prefix = el_child_prefix(E, saved, el_fmt(E, "%s.%" PRId64, seg, k));
+                env_set(&fr->env, st->name, ev_int(k));
+                el_exec(E, fr, &st->list);
+                if (diag_full(E->d))
+                    break;
+            }
+            fr->prefix = saved;
+            break;
+        }
+        default:
+            ERR(st->span, NULL, "unexpected statement");
+            break;
+        }
+    }
+}
+
+/* ------------------------------------------------------ extern op lowering */
+
+typedef struct el_ksig {
+    const char *sym;
+    const char *kinds;   /* T tensor, i int64, f float */
+} el_ksig;
+
+/* Arity and kinds of every kernel in kernels/moek.h, after ctx. */
+static const el_ksig el_kernels[] = {
+    {"moek_add_fwd", "TTTi"}, {"moek_scale_fwd", "TTif"}, {"moek_scale_bwd", "TTif"},
+    {"moek_gelu_fwd", "TTi"}, {"moek_gelu_bwd", "TTTi"}, {"moek_swiglu_fwd", "TTTi"},
+    {"moek_swiglu_bwd", "TTTTTi"}, {"moek_embedding_fwd", "TTTiii"}, {"moek_embedding_bwd", "TTTiii"},
+    {"moek_matmul_fwd", "TTTiii"}, {"moek_matmul_bwd", "TTTTTiii"}, {"moek_rmsnorm_fwd", "TTTTiif"},
+    {"moek_rmsnorm_bwd", "TTTTTTii"}, {"moek_rope_fwd", "TTiiiif"}, {"moek_rope_bwd", "TTiiiif"},
+    {"moek_attention_fwd", "TTTTTiiii"}, {"moek_attention_bwd", "TTTTTTTTTiiii"},
+    {"moek_cross_entropy_fwd", "TTTTii"}, {"moek_cross_entropy_bwd", "TTTTTii"},
+    {"moek_softmax_fwd", "TTii"}, {"moek_softmax_bwd", "TTTii"}, {"moek_topk_fwd", "TTTiiii"},
+    {"moek_topk_bwd", "TTTTiiii"}, {"moek_balance_loss_fwd", "TTTiii"}, {"moek_balance_loss_bwd", "TTTTiii"},
+    {"moek_zloss_fwd", "TTii"}, {"moek_zloss_bwd", "TTTii"}, {"moek_dispatch_fwd", "TTTTTiiiii"},
+    {"moek_dispatch_bwd", "TTTiiii"}, {"moek_grouped_matmul_fwd", "TTTTiiii"},
+    {"moek_grouped_matmul_bwd", "TTTTTTiiii"}, {"moek_combine_fwd", "TTTTiiii"},
+    {"moek_combine_bwd", "TTTTTTiiii"},
+};
+
+static void expr_str(const ast_node *x, char *buf, size_t n)
+{
+    switch (x->kind) {
+    case AST_NAME: snprintf(buf, n, "%s", x->name); return;
+    case AST_INT: snprintf(buf, n, "%" PRId64, x->i); return;
+    case AST_FLOAT: snprintf(buf, n, "%g", x->f); return;
+    case AST_BINOP: {
+        char a[128], b[128];
+        expr_str(x->a, a, sizeof a);
+        expr_str(x->b, b, sizeof b);
+        snprintf(buf, n, "%s%s%s", a, ast_op_name(x->op), b);
+        return;
+    }
+    case AST_UNOP: {
+        char a[128];
+        expr_str(x->a, a, sizeof a);
+        snprintf(buf, n, "%s%s", ast_op_name(x->op), a);
+        return;
+    }
+    default: snprintf(buf, n, "?"); return;
+    }
+}
+
+static int op_dim(el *E, el_op *op, const char *name)
+{
+    for (int i = 0; i < op->def.ndims; i++)
+        if (strcmp(op->def.dim_names[i], name) == 0)
+            return i;
+    if (op->def.ndims >= IR_MAX_SYMS)
+        return -1;
+    op->def.dim_names[op->def.ndims] = ir_strdup(E->g, name);
+    return op->def.ndims++;
+}
+
+static bool el_names_only(el *E, el_op *op, const ast_node *x, const ast_node **bad)
+{
+    (void)E;
+    if (x->kind == AST_INT)
+        return true;
+    if (x->kind == AST_NAME) {
+        for (int i = 0; i < op->def.ndims; i++)
+            if (strcmp(op->def.dim_names[i], x->name) == 0)
+                return true;
+        for (int i = 0; i < op->nattr; i++)
+            if (strcmp(op->attr[i]->name, x->name) == 0)
+                return true;
+        *bad = x;
+        return false;
+    }
+    if (x->kind == AST_BINOP)
+        return el_names_only(E, op, x->a, bad) && el_names_only(E, op, x->b, bad);
+    *bad = x;
+    return false;
+}
+
+/* Lowers one kernel call (forward = f(args) / backward = g(args)). */
+static bool el_lower_call(el *E, el_op *op, const ast_node *call, bool bwd, const char **sym, ir_ref *refs, int *nrefs)
+{
+    *sym = ir_strdup(E->g, call->name);
+    int n = 0;
+    const char *opname = op->ast->name;
+    if (call->list.n > PLAN_MAX_KERNEL_ARGS) {
+        ERR(call->span, NULL, "a kernel takes at most %d arguments", PLAN_MAX_KERNEL_ARGS);
+        return false;
+    }
+    char kinds[PLAN_MAX_KERNEL_ARGS + 1];
+    for (int i = 0; i < call->list.n; i++) {
+        const ast_node *a = call->list.items[i];
+        const ast_node *x = a->a;
+        ir_ref r = {0};
+        bool found = false;
+        if (a->name) {
+            ERR(a->span, NULL, "kernel arguments are positional");
+            return false;
+        }
+        if (x->kind == AST_NAME) {
+            const char *nm = x->name;
+            for (int j = 0; j < op->nin && !found; j++) {
+                if (strcmp(op->in[j]->name, nm) == 0)
+                    r.kind = IR_REF_IN, r.index = j, found = true;
+                else if (bwd && nm[0] == 'd' && strcmp(op->in[j]->name, nm + 1) == 0)
+                    r.kind = IR_REF_DIN, r.index = j, found = true;
+            }
+            for (int j = 0; j < op->nout && !found; j++) {
+                if (strcmp(op->out[j]->name, nm) == 0)
+                    r.kind = IR_REF_OUT, r.index = j, found = true;
+                else if (bwd && nm[0] == 'd' && strcmp(op->out[j]->name, nm + 1) == 0)
+                    r.kind = IR_REF_DOUT, r.index = j, found = true;
+            }
+            for (int j = 0; j < op->nattr && !found; j++)
+                if (strcmp(op->attr[j]->name, nm) == 0)
+                    r.kind = IR_REF_ATTR, r.index = j, found = true;
+            for (int j = 0; j < op->def.ndims && !found; j++)
+                if (strcmp(op->def.dim_names[j], nm) == 0)
+                    r.kind = IR_REF_DIM, r.index = j, found = true;
+            if (!found) {
+                const char *c[64];
+                int nc = 0;
+                for (int j = 0; j < op->nin; j++) {
+                    c[nc++] = op->in[j]->name;
+                    if (bwd)
+                        c[nc++] = el_fmt(E, "d%s", op->in[j]->name);
+                }
+                for (int j = 0; j < op->nout; j++) {
+                    c[nc++] = op->out[j]->name;
+                    if (bwd)
+                        c[nc++] = el_fmt(E, "d%s", op->out[j]->name);
+                }
+                for (int j = 0; j < op->def.ndims && nc < 60; j++)
+                    c[nc++] = op->def.dim_names[j];
+                const char *hint = el_suggest_list(E, nm, c, nc);
+                if (!hint && !bwd && nm[0] == 'd')
+                    hint = "gradients (dX) exist only in the backward call";
+                ERR(x->span, hint, "unknown name `%s` in the kernel arguments of `%s`", nm, opname);
+                return false;
+            }
+        } else if (x->kind == AST_INT || (x->kind == AST_UNOP && x->op == AST_OP_NEG && x->a->kind == AST_INT)) {
+            r.kind = IR_REF_INT;
+            r.i = x->kind == AST_INT ? x->i : -x->a->i;
+        } else if (x->kind == AST_FLOAT || (x->kind == AST_UNOP && x->op == AST_OP_NEG && x->a->kind == AST_FLOAT)) {
+            r.kind = IR_REF_FLOAT;
+            r.f = x->kind == AST_FLOAT ? x->f : -x->a->f;
+        } else {
+            const ast_node *bad = NULL;
+            if (!el_names_only(E, op, x, &bad)) {
+                ERR(bad->span, "an argument expression may use only dimensions, integer attributes and integers",
+                    "`%s` cannot appear in a kernel argument expression of `%s`",
+                    bad->kind == AST_NAME ? bad->name : "this", opname);
+                return false;
+            }
+            char s[256];
+            expr_str(x, s, sizeof s);
+            int d = op_dim(E, op, s);
+            if (d < 0) {
+                ERR(x->span, NULL, "too many dimension symbols in `%s` (at most %d)", opname, IR_MAX_SYMS);
+                return false;
+            }
+            op->derived[d] = x;
+            r.kind = IR_REF_DIM;
+            r.index = d;
+        }
+        switch (r.kind) {
+        case IR_REF_IN: case IR_REF_OUT: case IR_REF_DIN: case IR_REF_DOUT: kinds[n] = 'T'; break;
+        case IR_REF_DIM: case IR_REF_INT: kinds[n] = 'i'; break;
+        case IR_REF_FLOAT: kinds[n] = 'f'; break;
+        case IR_REF_ATTR: kinds[n] = op->def.attr_kinds[r.index] == PLAN_ARG_F32 ? 'f' : 'i'; break;
+        }
+        refs[n++] = r;
+    }
+    kinds[n] = 0;
+    *nrefs = n;
+    if (op->def.lib)
+        return true;   /* a user library: its signature is the user's promise */
+    for (size_t k = 0; k < sizeof el_kernels / sizeof *el_kernels; k++) {
+        if (strcmp(el_kernels[k].sym, call->name) != 0)
+            continue;
+        const char *want = el_kernels[k].kinds;
+        if (strlen(want) != (size_t)n) {
+            ERR(call->span, "see kernels/moek.h for its argument list",
+                "kernel `%s` takes %zu arguments after ctx, `%s` passes %d", call->name, strlen(want), opname, n);
+            return false;
+        }
+        static const char *const kn[] = {"a tensor", "an int", "a float"};
+        for (int i = 0; i < n; i++)
+            if (want[i] != kinds[i]) {
+                int w = want[i] == 'T' ? 0 : want[i] == 'i' ? 1 : 2, g = kinds[i] == 'T' ? 0 : kinds[i] == 'i' ? 1 : 2;
+                ERR(call->list.items[i]->span, "see kernels/moek.h for its argument list",
+                    "argument %d of kernel `%s` is %s, got %s", i + 1, call->name, kn[w], kn[g]);
+                return false;
+            }
+        return true;
+    }
+    ERR(call->span, "kernels/moek.h lists the kernels; a user kernel needs `from \"lib.so\"`",
+        "unknown kernel `%s`", call->name);
+    return false;
+}
+
+static void el_lower_op(el *E, el_op *op)
+{
+    const ast_node *a = op->ast;
+    int before = diag_count(E->d);
+    op->def.name = ir_strdup(E->g, a->name);
+    op->def.lib = a->str ? ir_strdup(E->g, a->str) : NULL;
+    op->def.loc = el_loc(E, a->span);
+    for (int i = 0; i < a->list.n; i++) {
+        const ast_node *sp = a->list.items[i];
+        if (!sp->a) {
+            ERR(sp->span, "write `name: f32[dims]` or `name: int`", "op argument `%s` needs a type", sp->name);
+            continue;
+        }
+        bool tensor;
+        int dt = el_dtype(E, sp->a, &tensor);
+        if (dt < 0)
+            continue;
+        if (tensor) {
+            if (op->nin >= IR_MAX_PORTS) {
+                ERR(sp->span, NULL, "an op has at most %d tensor inputs", IR_MAX_PORTS);
+                continue;
+            }
+            op->def.input_names[op->nin] = ir_strdup(E->g, sp->name);
+            op->def.input_diff[op->nin] = dt == PLAN_F32 && !(sp->flags & AST_F_NOGRAD);
+            op->in[op->nin++] = sp;
+            const ast_list *dims = &sp->a->list;
+            for (int j = 0; j < dims->n; j++) {
+                const ast_node *dn = dims->items[j];
+                if (dn->flags & AST_F_STAR) {
+                    if (j != 0)
+                        ERR(dn->span, NULL, "`*%s` must be the first dim", dn->name);
+                    op_dim(E, op, dn->name);
+                } else if (dn->a->kind == AST_NAME) {
+                    bool attr = false;
+                    for (int k = 0; k < a->list.n; k++)
+                        attr |= strcmp(a->list.items[k]->name, dn->a->name) == 0;
+                    if (!attr)
+                        op_dim(E, op, dn->a->name);
+                }
+            }
+        } else {
+            if (dt > 1) {
+                ERR(sp->a->span, NULL, "op attributes are int or float, got `%s`", sp->a->name);
+                continue;
+            }
+            if (op->nattr >= IR_MAX_SYMS) {
+                ERR(sp->span, NULL, "an op has at most %d attributes", IR_MAX_SYMS);
+                continue;
+            }
+            op->def.attr_names[op->nattr] = ir_strdup(E->g, sp->name);
+            op->def.attr_kinds[op->nattr] = dt == 0 ? PLAN_ARG_I64 : PLAN_ARG_F32;
+            op->attr[op->nattr++] = sp;
+        }
+    }
+    for (int i = 0; i < a->list2.n; i++) {
+        const ast_node *sp = a->list2.items[i];
+        bool tensor;
+        if (!sp->a) {
+            ERR(sp->span, NULL, "op output `%s` needs a tensor type", sp->name);
+            continue;
+        }
+        int dt = el_dtype(E, sp->a, &tensor);
+        if (dt < 0)
+            continue;
+        if (!tensor) {
+            ERR(sp->a->span, NULL, "op outputs are tensors, got `%s`", sp->a->name);
+            continue;
+        }
+        if (op->nout >= IR_MAX_PORTS) {
+            ERR(sp->span, NULL, "an op has at most %d outputs", IR_MAX_PORTS);
+            continue;
+        }
+        op->def.output_names[op->nout] = ir_strdup(E->g, sp->name);
+        op->def.output_diff[op->nout] = dt == PLAN_F32 && !(sp->flags & AST_F_NOGRAD);
+        op->saved[op->nout] = sp->flags & AST_F_SAVED;
+        op->out[op->nout++] = sp;
+    }
+    if (a->list2.n == 0)
+        ERR(a->span, NULL, "op `%s` has no outputs", a->name);
+    op->def.ninputs = op->nin;
+    op->def.noutputs = op->nout;
+    op->def.nattrs = op->nattr;
+    const ast_node *fwd = NULL, *bwd = NULL;
+    for (int i = 0; i < a->list3.n; i++) {
+        const ast_node *e = a->list3.items[i];
+        const ast_node **slot = strcmp(e->name, "forward") == 0 ? &fwd : strcmp(e->name, "backward") == 0 ? &bwd : NULL;
+        if (!slot) {
+            const char *keys[] = {"forward", "backward"};
+            ERR(e->span, el_suggest_list(E, e->name, keys, 2), "unknown key `%s` in extern op `%s`", e->name, a->name);
+            continue;
+        }
+        if (*slot) {
+            ERR(e->span, NULL, "duplicate `%s` in extern op `%s`", e->name, a->name);
+            continue;
+        }
+        *slot = e;
+    }
+    if (diag_count(E->d) != before)
+        return;
+    if (!fwd || fwd->a->kind != AST_CALL) {
+        ERR(fwd ? fwd->a->span : a->span, "forward = kernel_symbol(args...)", "extern op `%s` needs a forward kernel call",
+            a->name);
+        return;
+    }
+    if (!el_lower_call(E, op, fwd->a, false, &op->def.fwd_symbol, op->def.fwd, &op->def.nfwd))
+        return;
+    if (!bwd || (bwd->a->kind == AST_NAME && strcmp(bwd->a->name, "none") == 0)) {
+        op->def.bwd_kind = IR_BWD_NONE;
+        for (int i = 0; i < op->nin; i++)
+            op->def.input_diff[i] = false;
+    } else if (bwd->a->kind == AST_NAME && strcmp(bwd->a->name, "passthrough") == 0) {
+        op->def.bwd_kind = IR_BWD_PASSTHROUGH;
+    } else if (bwd->a->kind == AST_CALL) {
+        op->def.bwd_kind = IR_BWD_KERNEL;
+        if (!el_lower_call(E, op, bwd->a, true, &op->def.bwd_symbol, op->def.bwd, &op->def.nbwd))
+            return;
+        for (int i = 0; i < op->nin; i++) {
+            bool written = false;
+            for (int j = 0; j < op->def.nbwd; j++)
+                written |= op->def.bwd[j].kind == IR_REF_DIN && op->def.bwd[j].index == i;
+            if (op->def.input_diff[i] && !written) {
+                ERR(bwd->a->span, el_fmt(E, "pass d%s to the kernel, or mark `%s` nograd", op->in[i]->name, op->in[i]->name),
+                    "backward of `%s` does not write the gradient of `%s`", a->name, op->in[i]->name);
+                return;
+            }
+        }
+    } else {
+        ERR(bwd->a->span, "backward = kernel(args...), none or passthrough", "bad backward for extern op `%s`", a->name);
+        return;
+    }
+    op->reg = ir_def_add(E->g, &op->def);
+    op->ok = op->reg != NULL;
+}
+
+/* -------------------------------------------------------- train/parallel */
+
+static const ast_node *el_entry(const ast_node *sec, const char *key)
+{
+    if (!sec)
+        return NULL;
+    for (int i = 0; i < sec->list.n; i++)
+        if (strcmp(sec->list.items[i]->name, key) == 0)
+            return sec->list.items[i];
+    return NULL;
+}
+
+static void el_check_keys(el *E, const ast_node *sec, const char *what, const char *const *keys, int nkeys)
+{
+    if (!sec)
+        return;
+    for (int i = 0; i < sec->list.n; i++) {
+        const ast_node *e = sec->list.items[i];
+        bool known = false;
+        for (int k = 0; k < nkeys; k++)
+            known |= strcmp(keys[k], e->name) == 0;
+        if (!known)
+            ERR(e->span, el_suggest_list(E, e->name, keys, nkeys), "unknown key `%s` in %s { }", e->name, what);
+        for (int j = 0; j < i; j++)
+            if (strcmp(sec->list.items[j]->name, e->name) == 0) {
+                ERR(e->span, NULL, "duplicate key `%s` in %s { }", e->name, what);
+                diag_note(E->d, sec->list.items[j]->span, "first set here");
+                break;
+            }
+    }
+}
+
+static bool el_num_entry(el *E, const ast_node *e, double lo, double hi, bool integer, double *out)
+{
+    ev v = el_eval(E, NULL, e->a);
+    if (v.k == EV_NONE)
+        return false;
+    if (!ev_is_num(&v) || (integer && v.k == EV_FLOAT && v.f != floor(v.f))) {
+        ERR(e->a->span, NULL, "`%s` must be %s, got a %s", e->name, integer ? "an integer" : "a number",
+            ev_kind_name(v.k));
+        return false;
+    }
+    double x = ev_num(&v);
+    if (x < lo || x > hi) {
+        ERR(e->a->span, NULL, "`%s` must be in [%g, %g], got %g", e->name, lo, hi, x);
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+static void el_set_i(el *E, const ast_node *sec, const char *key, double lo, double hi, int64_t *dst)
+{
+    const ast_node *e = el_entry(sec, key);
+    double x;
+    if (e && el_num_entry(E, e, lo, hi, true, &x))
+        *dst = (int64_t)x;
+}
+
+static void el_set_f(el *E, const ast_node *sec, const char *key, double lo, double hi, float *dst)
+{
+    const ast_node *e = el_entry(sec, key);
+    double x;
+    if (e && el_num_entry(E, e, lo, hi, false, &x))
+        *dst = (float)x;
+}
+
+/* Keyword arguments of optimizer = adamw(...) / schedule = cosine(...). */
+static void el_kwargs(el *E, const ast_node *call, const char *const *keys, int nkeys, const ast_node **out)
+{
+    for (int k = 0; k < nkeys; k++)
+        out[k] = NULL;
+    for (int i = 0; i < call->list.n; i++) {
+        const ast_node *a = call->list.items[i];
+        if (!a->name) {
+            if (i == 0 && strcmp(keys[0], "lr") == 0) {
+                out[0] = a;
+                continue;
+            }
+            ERR(a->span, NULL, "arguments of `%s` are written key = value", call->name);
+            continue;
+        }
+        int k = -1;
+        for (int j = 0; j < nkeys; j++)
+            if (strcmp(keys[j], a->name) == 0)
+                k = j;
+        if (k < 0)
+            ERR(a->span, el_suggest_list(E, a->name, keys, nkeys), "`%s` has no argument `%s`", call->name, a->name);
+        else
+            out[k] = a;
+    }
+}
+
+static void el_train(el *E, const ast_node *model_tokens_type)
+{
+    plan_train *t = &E->g->train;
+    const ast_node *tr = E->train;
+    static const char *const keys[] = {
+        "batch", "seq", "grad_accum", "steps", "seed", "lr", "min_lr", "warmup", "schedule", "optimizer",
+        "clip_grad", "eval_every", "eval_batches", "checkpoint_every", "log_every", "val_fraction", "data",
+        "data_format", "device", "precision", "global_batch", "weight_decay"};
+    el_check_keys(E, tr, "train", keys, (int)(sizeof keys / sizeof *keys));
+    t->batch = 0;
+    t->seq = 0;
+    t->grad_accum = 1;
+    t->steps = 100;
+    t->seed = 1337;
+    t->eval_every = 0;
+    t->eval_batches = 4;
+    t->checkpoint_every = 0;
+    t->log_every = 1;
+    t->warmup = 0;
+    t->optimizer = PLAN_OPT_ADAMW;
+    t->schedule = PLAN_SCHED_CONSTANT;
+    t->lr = 3e-4f;
+    t->min_lr = -1;
+    t->beta1 = 0.9f;
+    t->beta2 = 0.95f;
+    t->eps = 1e-8f;
+    t->weight_decay = 0.0f;
+    t->momentum = 0.0f;
+    t->clip_grad = 1.0f;
+    t->val_fraction = 0.1f;
+    el_set_i(E, tr, "batch", 1, 1 << 24, &t->batch);
+    el_set_i(E, tr, "seq", 1, 1 << 24, &t->seq);
+    el_set_i(E, tr, "grad_accum", 1, 1 << 20, &t->grad_accum);
+    el_set_i(E, tr, "steps", 0, 1e12, &t->steps);
+    el_set_i(E, tr, "seed", 0, 9e15, &t->seed);
+    el_set_i(E, tr, "warmup", 0, 1e12, &t->warmup);
+    el_set_i(E, tr, "eval_every", 0, 1e12, &t->eval_every);
+    el_set_i(E, tr, "eval_batches", 0, 1e9, &t->eval_batches);
+    el_set_i(E, tr, "checkpoint_every", 0, 1e12, &t->checkpoint_every);
+    el_set_i(E, tr, "log_every", 1, 1e12, &t->log_every);
+    el_set_f(E, tr, "lr", 0, 10, &t->lr);
+    el_set_f(E, tr, "min_lr", 0, 10, &t->min_lr);
+    el_set_f(E, tr, "clip_grad", 0, 1e9, &t->clip_grad);
+    el_set_f(E, tr, "val_fraction", 0, 0.9, &t->val_fraction);
+    el_set_f(E, tr, "weight_decay", 0, 10, &t->weight_decay);
+    const ast_node *e;
+    if ((e = el_entry(tr, "optimizer"))) {
+        const ast_node *x = e->a;
+        const char *n = x->kind == AST_CALL || x->kind == AST_NAME ? x->name : NULL;
+        static const char *const opts[] = {"adamw", "sgd"};
+        if (n && strcmp(n, "adamw") == 0) {
+            t->optimizer = PLAN_OPT_ADAMW;
+            if (x->kind == AST_CALL) {
+                static const char *const k[] = {"lr", "betas", "eps", "weight_decay"};
+                const ast_node *v[4];
+                el_kwargs(E, x, k, 4, v);
+                double d;
+                if (v[0] && el_num_entry(E, v[0], 0, 10, false, &d)) t->lr = (float)d;
+                if (v[2] && el_num_entry(E, v[2], 0, 1, false, &d)) t->eps = (float)d;
+                if (v[3] && el_num_entry(E, v[3], 0, 10, false, &d)) t->weight_decay = (float)d;
+                if (v[1]) {
+                    const ast_node *b = v[1]->a;
+                    if (b->kind != AST_TUPLE || b->list.n != 2) {
+                        ERR(b->span, "betas = (0.9, 0.95)", "`betas` must be a pair");
+                    } else {
+                        ev b1 = el_eval(E, NULL, b->list.items[0]), b2 = el_eval(E, NULL, b->list.items[1]);
+                        if (!ev_is_num(&b1) || !ev_is_num(&b2) || ev_num(&b1) < 0 || ev_num(&b1) >= 1 ||
+                            ev_num(&b2) < 0 || ev_num(&b2) >= 1)
+                            ERR(b->span, NULL, "`betas` must be two numbers in [0, 1)");
+                        else
+                            t->beta1 = (float)ev_num(&b1), t->beta2 = (float)ev_num(&b2);
+                    }
+                }
+            }
+        } else if (n && strcmp(n, "sgd") == 0) {
+            t->optimizer = PLAN_OPT_SGD;
+            if (x->kind == AST_CALL) {
+                static const char *const k[] = {"lr", "momentum", "weight_decay"};
+                const ast_node *v[3];
+                el_kwargs(E, x, k, 3, v);
+                double d;
+                if (v[0] && el_num_entry(E, v[0], 0, 10, false, &d)) t->lr = (float)d;
+                if (v[1] && el_num_entry(E, v[1], 0, 1, false, &d)) t->momentum = (float)d;
+                if (v[2] && el_num_entry(E, v[2], 0, 10, false, &d)) t->weight_decay = (float)d;
+            }
+        } else {
+            ERR(x->span, n ? el_suggest_list(E, n, opts, 2) : "use adamw(...) or sgd(...)", "unknown optimizer%s%s%s",
+                n ? " `" : "", n ? n : "", n ? "`" : "");
+        }
+    }
+    if ((e = el_entry(tr, "schedule"))) {
+        const ast_node *x = e->a;
+        const char *n = x->kind == AST_CALL || x->kind == AST_NAME ? x->name : NULL;
+        static const char *const sch[] = {"constant", "cosine", "linear"};
+        int k = -1;
+        for (int i = 0; n && i < 3; i++)
+            if (strcmp(n, sch[i]) == 0)
+                k = i;
+        if (k < 0) {
+            ERR(x->span, n ? el_suggest_list(E, n, sch, 3) : "use constant, cosine(...) or linear(...)",
+                "unknown schedule%s%s%s", n ? " `" : "", n ? n : "", n ? "`" : "");
+        } else {
+            t->schedule = (uint32_t)k;
+            if (x->kind == AST_CALL) {
+                static const char *const kk[] = {"warmup", "min_lr"};
+                const ast_node *v[2];
+                el_kwargs(E, x, kk, 2, v);
+                double d;
+                if (v[0] && el_num_entry(E, v[0], 0, 1e12, true, &d)) t->warmup = (int64_t)d;
+                if (v[1] && el_num_entry(E, v[1], 0, 10, false, &d)) t->min_lr = (float)d;
+            }
+        }
+    }
+    if (t->min_lr < 0)
+        t->min_lr = t->schedule == PLAN_SCHED_CONSTANT ? t->lr : t->lr * 0.1f;
+    if ((e = el_entry(tr, "precision"))) {
+        const char *n = e->a->kind == AST_NAME || e->a->kind == AST_STRING ? e->a->name : NULL;
+        static const char *const p[] = {"fp32", "bf16", "fp16"};
+        if (n && (strcmp(n, "bf16") == 0 || strcmp(n, "fp16") == 0))
+            ERR(e->a->span, "use precision = fp32", "precision `%s` is not supported yet by this compiler", n);
+        else if (!n || strcmp(n, "fp32") != 0)
+            ERR(e->a->span, n ? el_suggest_list(E, n, p, 3) : NULL, "unknown precision%s%s%s", n ? " `" : "",
+                n ? n : "", n ? "`" : "");
+    }
+    if ((e = el_entry(tr, "device"))) {
+        const char *n = e->a->kind == AST_NAME || e->a->kind == AST_STRING ? e->a->name : NULL;
+        static const char *const dv[] = {"cpu", "cuda"};
+        if (n && strcmp(n, "cpu") == 0)
+            t->device = 0;
+        else if (n && strcmp(n, "cuda") == 0)
+            t->device = 1;
+        else
+            ERR(e->a->span, n ? el_suggest_list(E, n, dv, 2) : NULL, "unknown device%s%s%s", n ? " `" : "",
+                n ? n : "", n ? "`" : "");
+    }
+    if ((e = el_entry(tr, "data"))) {
+        if (e->a->kind != AST_STRING) {
+            ERR(e->a->span, "data = \"path/to/tokens.bin\"", "`data` must be a string");
+        } else {
+            E->g->data_path = ir_strdup(E->g, e->a->name);
+            size_t n = strlen(e->a->name);
+            if (n > 4 && strcmp(e->a->name + n - 4, ".bin") == 0)
+                t->data_format = 1;
+        }
+    }
+    if ((e = el_entry(tr, "data_format"))) {
+        const char *n = e->a->kind == AST_NAME || e->a->kind == AST_STRING ? e->a->name : NULL;
+        static const char *const f[] = {"bytes", "u16", "u32"};
+        int k = -1;
+        for (int i = 0; n && i < 3; i++)
+            if (strcmp(n, f[i]) == 0)
+                k = i;
+        if (k < 0)
+            ERR(e->a->span, n ? el_suggest_list(E, n, f, 3) : NULL, "unknown data_format (bytes, u16 or u32)");
+        else
+            t->data_format = (uint32_t)k;
+    }
+    (void)model_tokens_type;
+    if (tr)
+        E->g->train_loc = el_loc(E, tr->span);
+}
+
+static void el_parallel(el *E)
+{
+    const ast_node *p = E->parallel;
+    static const char *const keys[] = {"ranks", "expert", "zero"};
+    el_check_keys(E, p, "parallel", keys, 3);
+    E->g->par_ranks = 1;
+    E->g->par_expert = 1;
+    E->g->par_zero = 0;
+    el_set_i(E, p, "ranks", 1, 1 << 20, &E->g->par_ranks);
+    el_set_i(E, p, "expert", 1, 1 << 20, &E->g->par_expert);
+    const ast_node *z = el_entry(p, "zero");
+    double d;
+    if (z && el_num_entry(E, z, -1e18, 1e18, true, &d)) {
+        if (d < 0 || d > 3)
+            ERR(z->a->span, "ZeRO stages are 0 (off), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)",
+                "zero stage must be 0-3, got %g", d);
+        else
+            E->g->par_zero = (int64_t)d;
+    }
+    const ast_node *ex = el_entry(p, "expert"), *rk = el_entry(p, "ranks");
+    if (ex && E->g->par_ranks % E->g->par_expert != 0) {
+        ERR(ex->a->span, "the expert-parallel size must divide the number of ranks",
+            "impossible layout: %" PRId64 " ranks are not divisible by expert = %" PRId64, E->g->par_ranks,
+            E->g->par_expert);
+        if (rk)
+            diag_note(E->d, rk->a->span, "ranks = %" PRId64 " is set here", E->g->par_ranks);
+    }
+}
+
+/* ------------------------------------------------------------- the model */
+
+static void el_model(el *E, const ast_node *m)
+{
+    ir_graph *g = E->g;
+    g->model_name = ir_strdup(g, m->name);
+    el_frame fr = {0};
+    fr.prefix = "";
+    const ast_node *tr = E->train;
+    const ast_node *eb = el_entry(tr, "batch"), *es = el_entry(tr, "seq");
+    int ntok = 0;
+    int64_t batch = 0, seq = 0;
+    const ast_node *batch_at = NULL, *seq_at = NULL;
+    for (int i = 0; i < m->list.n; i++) {
+        const ast_node *sp = m->list.items[i];
+        bool tensor = false;
+        int dt = sp->a ? el_dtype(E, sp->a, &tensor) : -1;
+        if (!sp->a || !tensor || dt != PLAN_I32 || sp->a->list.n != 2) {
+            ERR(sp->span, "model inputs are token tensors: tokens: i32[B, seq], targets: i32[B, seq]",
+                "model input `%s` must be an i32[batch, seq] tensor", sp->name);
+            continue;
+        }
+        int64_t shape[2];
+        for (int d = 0; d < 2; d++) {
+            const ast_node *dn = sp->a->list.items[d];
+            if (dn->flags & AST_F_STAR) {
+                ERR(dn->span, NULL, "model inputs have a fixed shape");
+                return;
+            }
+            const ast_node *ent = d == 0 ? eb : es;
+            int64_t trv = d == 0 ? g->train.batch : g->train.seq;
+            int64_t *bound = d == 0 ? &batch : &seq;
+            const ast_node **bound_at = d == 0 ? &batch_at : &seq_at;
+            bool symbolic = dn->a->kind == AST_NAME && !env_get(&E->globals, dn->a->name);
+            int64_t v = 0;
+            if (symbolic) {
+                if (!ent) {
+                    ERR(dn->span, d == 0 ? "set batch = ... in train { }" : "set seq = ... in train { } or config { }",
+                        "the %s size `%s` is not known", d == 0 ? "batch" : "sequence", dn->a->name);
+                    return;
+                }
+                v = trv;
+            } else {
+                if (!el_dim(E, el_eval(E, NULL, dn->a), dn, &v, false))
+                    return;
+                if (ent && trv != v) {
+                    ERR(ent->a->span, "the model inputs and train { } must agree",
+                        "%s conflict: train { } says %s = %" PRId64 " but `%s` has %" PRId64,
+                        d == 0 ? "batch" : "sequence length", d == 0 ? "batch" : "seq", trv, sp->name, v);
+                    diag_note(E->d, dn->span, "`%s` dim %d is %" PRId64 " here", sp->name, d, v);
+                    return;
+                }
+            }
+            if (*bound && *bound != v) {
+                ERR(dn->span, NULL, "model inputs disagree: %" PRId64 " here but %" PRId64 " before", v, *bound);
+                diag_note(E->d, (*bound_at)->span, "set here");
+                return;
+            }
+            *bound = v;
+            *bound_at = dn;
+            shape[d] = v;
+        }
+        int t = el_value(E, sp->name, PLAN_I32, PLAN_ST_INPUT, 2, shape, sp->span);
+        g->values[t].role = ntok == 0 ? PLAN_ROLE_TOKENS : ntok == 1 ? PLAN_ROLE_TARGETS : PLAN_ROLE_NONE;
+        ntok++;
+        env_set(&fr.env, sp->name, ev_tensor(t));
+    }
+    if (ntok < 2 && diag_count(E->d) == 0)
+        ERR(m->span, "model name(tokens: i32[B, seq], targets: i32[B, seq])", "model `%s` needs tokens and targets inputs",
+            m->name);
+    g->train.batch = batch;
+    g->train.seq = seq;
+    if (diag_count(E->d))
+        return;
+    el_exec(E, &fr, &m->list2);
+    if (diag_count(E->d)) {
+        free(fr.env.vars);
+        return;
+    }
+    ev r = fr.ret;
+    ev loss = r.k == EV_TUPLE ? (r.n ? r.items[0] : ev_none) : r;
+    ev logits = r.k == EV_TUPLE && r.n > 1 ? r.items[1] : ev_none;
+    if (!fr.returned || loss.k != EV_TENSOR || ir_value_numel(&g->values[loss.t]) != 1) {
+        ERR(m->span, "end the model with `return cross_entropy(logits, targets)` (optionally `, logits`)",
+            "model `%s` must return a 1-element loss tensor", m->name);
+        free(fr.env.vars);
+        return;
+    }
+    if (r.k == EV_TUPLE && r.n > 2)
+        ERR(m->span, NULL, "model `%s` returns %d values; it returns the loss and optionally the logits", m->name, r.n);
+    int total = loss.t;
+    const el_op *add = el_find_op(E, "add");
+    for (int i = 0; i < E->nlosses; i++) {
+        g->values[E->losses[i].value].role = PLAN_ROLE_METRIC;
+        g->values[E->losses[i].value].name = ir_strdup(g, E->losses[i].name);
+        if (!add) {
+            ERR(m->span, "import \"core\"", "auxiliary losses need the extern op `add`");
+            break;
+        }
+        ast_node fake = {.kind = AST_CALL, .name = "add", .span = m->span};
+        ev s = el_call_op(E, &fr, add, &fake, (ev[]){ev_tensor(total), ev_tensor(E->losses[i].value)}, 2, NULL, NULL, 0);
+        if (s.k != EV_TENSOR)
+            break;
+        g->nodes[g->nnodes - 1].what = "loss + aux losses";
+        total = s.t;
+    }
+    g->loss = total;
+    g->values[total].role = PLAN_ROLE_LOSS;
+    if (logits.k == EV_TENSOR) {
+        g->logits = logits.t;
+        g->values[logits.t].role = PLAN_ROLE_LOGITS;
+        const ir_value *lv = &g->values[logits.t];
+        g->train.vocab = lv->shape[lv->ndim - 1];
+    }
+    free(fr.env.vars);
+}
+
+static void el_counts(el *E)
+{
+    ir_graph *g = E->g;
+    double total = 0, active = 0;
+    for (int i = 0; i < g->nparams; i++) {
+        double n = (double)ir_value_numel(&g->values[g->params[i].value]);
+        total += n;
+        active += n * g->params[i].active_fraction;
+    }
+    g->train.param_count = (uint64_t)total;
+    g->train.active_param_count = (uint64_t)(active + 0.5);
+    /* 6N + 6LCT (Kaplan): L and C from the attention ops the model runs */
+    int64_t layers = 0, width = 0;
+    for (int i = 0; i < g->nnodes; i++)
+        if (g->nodes[i].def->fwd_symbol && strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd") == 0) {
+            layers++;
+            width = g->values[g->nodes[i].inputs[0]].shape[2];
+        }
+    g->train.flops_per_token = 6 * g->train.active_param_count + (uint64_t)(6 * layers * width * g->train.seq);
+}
+
+/* ------------------------------------------------------------- entry */
+
+ir_graph *elaborate(const char *path, const elab_options *opt, diag_ctx *d)
+{
+    el Es;
+    el *E = &Es;
+    memset(E, 0, sizeof *E);
+    E->d = d;
+    E->opt = opt;
+    E->arena = ast_arena_new();
+    E->g = ir_graph_new();
+    E->hash = PLAN_FNV_OFFSET;
+    int start = diag_count(d);
+    el_load(E, path, opt->text, opt->text_len);
+    if (diag_count(d) == start) {
+        /* config: in order, each may use the ones before it */
+        for (int i = 0; i < E->ncfg; i++) {
+            ev v = el_eval(E, NULL, E->cfg[i].ast->a);
+            if (v.k == EV_TENSOR)
+                ERR(E->cfg[i].ast->span, NULL, "config values are compile-time numbers, strings or bools");
+            else if (v.k != EV_NONE)
+                env_set(&E->globals, E->cfg[i].name, v);
+        }
+        for (int i = 0; i < E->nops; i++)
+            el_lower_op(E, &E->ops[i]);
+        el_train(E, NULL);
+        el_parallel(E);
+        const ast_node *model = NULL;
+        for (int i = 0; i < E->nmodels; i++)
+            if (E->models[i].ast->span.file == E->main->path)
+                model = E->models[i].ast;
+        if (!model && diag_count(d) == start)
+            diag_error(d, (diag_span){E->main->path, 0, 0, 0, 0}, "declare model name(tokens: i32[B, seq], targets: i32[B, seq]) { ... }",
+                       "no model in %s", E->main->path);
+        else if (model && diag_count(d) == start)
+            el_model(E, model);
+        if (diag_count(d) == start) {
+            const ast_node *ga = el_entry(E->train, "global_batch");
+            double gb;
+            if (ga && el_num_entry(E, ga, 1, 1e15, true, &gb)) {
+                int64_t dp = E->g->par_ranks;
+                int64_t got = E->g->train.batch * E->g->train.grad_accum * dp;
+                if (got != (int64_t)gb) {
+                    ERR(ga->a->span, "global_batch = batch x grad_accum x data-parallel ranks",
+                        "batch conflict: global_batch = %" PRId64 " but batch %" PRId64 " x grad_accum %" PRId64
+                        " x ranks %" PRId64 " = %" PRId64, (int64_t)gb, E->g->train.batch, E->g->train.grad_accum, dp,
+                        got);
+                    const ast_node *e;
+                    if ((e = el_entry(E->train, "batch"))) diag_note(d, e->a->span, "batch is set here");
+                    if ((e = el_entry(E->train, "grad_accum"))) diag_note(d, e->a->span, "grad_accum is set here");
+                    if ((e = el_entry(E->parallel, "ranks"))) diag_note(d, e->a->span, "ranks is set here");
+                }
+            }
+            /* experts must split evenly over the expert-parallel group */
+            for (int i = 0; i < E->g->nparams && E->g->par_expert > 1; i++) {
+                const ir_param *p = &E->g->params[i];
+                const ir_value *v = &E->g->values[p->value];
+                if (p->expert_axis >= 0 && v->shape[p->expert_axis] % E->g->par_expert != 0) {
+                    const ast_node *ex = el_entry(E->parallel, "expert");
+                    ERR(ex->a->span, "choose an expert-parallel size that divides the number of experts",
+                        "impossible layout: %" PRId64 " experts of `%s` are not divisible by expert = %" PRId64,
+                        v->shape[p->expert_axis], v->name, E->g->par_expert);
+                    ast_span at = {p->loc.file, p->loc.line, p->loc.col, p->loc.line, p->loc.col};
+                    diag_note(d, at, "the expert parameter is declared here");
+                    break;
+                }
+            }
+        }
+        if (E->g->train.vocab == 0) {
+            const ev *v = env_get(&E->globals, "vocab");
+            E->g->train.vocab = v && v->k == EV_INT ? v->i : 256;
+        }
+        el_counts(E);
+    }
+    E->g->source_hash = E->hash;
+    ir_graph *g = E->g;
+    if (diag_count(d) != start) {
+        ir_graph_free(g);
+        g = NULL;
+    }
+    free(E->loaded);
+    free(E->files);
+    free(E->ops);
+    free(E->blocks);
+    free(E->models);
+    free(E->cfg);
+    free(E->globals.vars);
+    free(E->origin);
+    free(E->losses);
+    free(E->counts);
+    ast_arena_free(E->arena);
+    return g;
+}
