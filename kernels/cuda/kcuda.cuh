@@ -1,0 +1,175 @@
+/* kcuda.cuh - helpers private to the CUDA kernels (kernels/cuda/).  Nothing
+ * here is part of the ABI; moek.h is.
+ *
+ * Error model: a failing CUDA/cuBLAS call or launch sets *ctx->status to
+ * MOEK_E_DEVICE on the host (first error wins).  Bad data found by a kernel
+ * on the device (an index out of range) cannot reach a host int without a
+ * sync, so kernels record it in a device flag owned by the handles below;
+ * moek_device_sync reads that flag and moves it into *ctx->status. */
+#ifndef KCUDA_CUH
+#define KCUDA_CUH
+
+#include <stdint.h>
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+
+extern "C" {
+#include "../moek.h"
+}
+
+/* What moek_device_init hangs on ctx->blas: the cuBLAS handle plus the few
+ * device buffers the library keeps for itself. */
+struct kcuda_handles {
+    cublasHandle_t blas;
+    void *blas_ws;          /* cuBLAS workspace: fixed so graph capture never allocates */
+    size_t blas_ws_bytes;
+    int *dev_status;        /* first data error found on the device (0 = none) */
+    double *scratch;        /* KCUDA_SCRATCH doubles for two-pass reductions */
+};
+
+#define KCUDA_SCRATCH 1024
+#define KCUDA_THREADS 256
+
+static inline kcuda_handles *kc_handles(const moek_ctx *ctx)
+{
+    return ctx ? (kcuda_handles *)ctx->blas : nullptr;
+}
+
+static inline cudaStream_t kc_stream(const moek_ctx *ctx)
+{
+    return ctx ? (cudaStream_t)ctx->stream : (cudaStream_t)0;
+}
+
+static inline int *kc_dev_status(const moek_ctx *ctx)
+{
+    kcuda_handles *h = kc_handles(ctx);
+    return h ? h->dev_status : nullptr;
+}
+
+static inline void kc_fail(const moek_ctx *ctx, int code)
+{
+    if (ctx && ctx->status && *ctx->status == 0)
+        *ctx->status = code;
+}
+
+/* true when e is success; otherwise records MOEK_E_DEVICE */
+static inline bool kc_ok(const moek_ctx *ctx, cudaError_t e)
+{
+    if (e == cudaSuccess)
+        return true;
+    kc_fail(ctx, MOEK_E_DEVICE);
+    return false;
+}
+
+static inline bool kc_blas_ok(const moek_ctx *ctx, cublasStatus_t s)
+{
+    if (s == CUBLAS_STATUS_SUCCESS)
+        return true;
+    kc_fail(ctx, MOEK_E_DEVICE);
+    return false;
+}
+
+/* after every launch */
+static inline bool kc_launched(const moek_ctx *ctx) { return kc_ok(ctx, cudaGetLastError()); }
+
+/* size arguments: false (and MOEK_E_SHAPE) when cond does not hold */
+static inline bool kc_shape(const moek_ctx *ctx, bool cond)
+{
+    if (!cond)
+        kc_fail(ctx, MOEK_E_SHAPE);
+    return cond;
+}
+
+/* zero n floats (or any bytes) on the stream */
+static inline bool kc_zero(const moek_ctx *ctx, void *p, int64_t bytes)
+{
+    if (bytes <= 0)
+        return true;
+    return kc_ok(ctx, cudaMemsetAsync(p, 0, (size_t)bytes, kc_stream(ctx)));
+}
+
+/* blocks for a grid-stride loop over n items */
+static inline unsigned kc_blocks(int64_t n, int threads = KCUDA_THREADS)
+{
+    int64_t b = (n + threads - 1) / threads;
+    if (b > 65536)
+        b = 65536;
+    return (unsigned)(b < 1 ? 1 : b);
+}
+
+/* ---- device side -------------------------------------------------------- */
+__device__ inline void kc_dev_fail(int *st, int code)
+{
+    if (st)
+        atomicCAS(st, 0, code);
+}
+
+/* Storage conversions: every kernel loads through kc_ld and stores through
+ * kc_st and computes in fp32, so a bf16 variant is one more instantiation. */
+template <typename T> __device__ inline float kc_ld(const T *p) { return (float)*p; }
+template <typename T> __device__ inline void kc_st(T *p, float v) { *p = (T)v; }
+
+__device__ inline float kc_warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ inline double kc_warp_sum_d(double v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ inline float kc_warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread
+ * gets the result.  Fixed order, so deterministic.  shm: 32 floats. */
+__device__ inline float kc_block_sum(float v, float *shm)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = kc_warp_sum(v);
+    __syncthreads();   /* shm may still be read by a previous call */
+    if (lane == 0)
+        shm[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? shm[lane] : 0.0f;
+    return kc_warp_sum(t);
+}
+
+__device__ inline double kc_block_sum_d(double v, double *shm)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = kc_warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0)
+        shm[warp] = v;
+    __syncthreads();
+    double t = lane < nw ? shm[lane] : 0.0;
+    return kc_warp_sum_d(t);
+}
+
+__device__ inline float kc_block_max(float v, float *shm)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = kc_warp_max(v);
+    __syncthreads();
+    if (lane == 0)
+        shm[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? shm[lane] : -INFINITY;
+    return kc_warp_max(t);
+}
+
+#define KC_GRID_STRIDE(i, n)                                                        \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);       \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+#endif
