@@ -89,9 +89,13 @@ const char *ir_strdup(ir_graph *g, const char *s)
 const char *ir_strfmt(ir_graph *g, const char *fmt, ...)
 {
     va_list ap;
+    if (!fmt)   /* also keeps gcc 12 -fsanitize=undefined from a false "null format" error */
+        fmt = "";
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
+    if (n < 0)
+        n = 0;
     char *d = ir_alloc(g, (size_t)n + 1);
     va_start(ap, fmt);
     vsnprintf(d, (size_t)n + 1, fmt, ap);

@@ -1,0 +1,159 @@
+/* explain.c - `moec --explain`: what the model costs, before anything runs.
+ *
+ * Parameter counts, training FLOPs per token (6N + 6LCT, Kaplan et al.; N =
+ * parameters a token touches), the bytes of every pool of this plan, and the
+ * per-rank model-state bytes of the parallel layout under each ZeRO stage
+ * (docs/memory.md has the formulas).
+ */
+#include "explain.h"
+
+#include <inttypes.h>
+#include <string.h>
+
+#include "memplan.h"
+#include "passes.h"
+
+/* A forward attention node: its kernel is moek_attention_fwd or a twin. */
+static bool ex_is_attention(const ir_node *n)
+{
+    return !n->is_backward && n->def->fwd_symbol && strstr(n->def->fwd_symbol, "attention");
+}
+
+/* Integer value of argument a of n's forward template (a dim, an int
+ * attribute or a literal), 0 if it is a tensor. */
+static int64_t ex_arg(const ir_node *n, int a)
+{
+    const ir_ref *r = &n->def->fwd[a];
+    bool in = r->index >= 0 && r->index < IR_MAX_SYMS;
+    switch (r->kind) {
+    case IR_REF_DIM: return in ? n->dims[r->index] : 0;
+    case IR_REF_ATTR:
+        if (!in)
+            return 0;
+        return n->def->attr_kinds[r->index] == PLAN_ARG_I64 ? n->attrs[r->index].i
+                                                             : (int64_t)n->attrs[r->index].f;
+    case IR_REF_INT: return r->i;
+    default: return 0;
+    }
+}
+
+/* C*T of one attention node.  For the ABI's moek_attention_fwd(q, k, v, o,
+ * lse, B, T, H, Dh) read the sizes by position, whatever the declaration
+ * calls them; for another attention kernel, C is q's last dim and T the dim
+ * named T (else q's second-to-last dim). */
+static uint64_t ex_attn_ct(const ir_graph *g, const ir_node *n)
+{
+    const ir_opdef *d = n->def;
+    if (strcmp(d->fwd_symbol, "moek_attention_fwd") == 0 && d->nfwd >= 9)
+        return (uint64_t)(ex_arg(n, 6) * ex_arg(n, 7) * ex_arg(n, 8));
+    if (n->inputs[0] < 0)
+        return 0;
+    const ir_value *q = &g->values[n->inputs[0]];
+    int64_t c = q->ndim >= 1 ? q->shape[q->ndim - 1] : 0;
+    int64_t t = q->ndim >= 3 ? q->shape[q->ndim - 2] : 0;
+    for (int i = 0; i < d->ndims; i++)
+        if (d->dim_names[i] && strcmp(d->dim_names[i], "T") == 0)
+            t = n->dims[i];
+    return (uint64_t)(c * t);
+}
+
+void explain_count(const ir_graph *g, explain_counts *c)
+{
+    memset(c, 0, sizeof *c);
+    double active = 0;
+    for (int p = 0; p < g->nparams; p++) {
+        const ir_param *pp = &g->params[p];
+        const ir_value *v = &g->values[pp->value];
+        if (pp->tied_to >= 0 || v->storage != PLAN_ST_PARAM)
+            continue;
+        uint64_t n = (uint64_t)ir_value_numel(v);
+        c->params += n;
+        if (pp->expert_axis >= 0)
+            c->expert_params += n;
+        /* 0 means the elaborator left it unset: a dense weight */
+        double f = pp->active_fraction > 0 ? pp->active_fraction : 1.0;
+        active += (double)n * f;
+    }
+    c->active_params = (uint64_t)(active + 0.5);
+    for (int i = 0; i < g->nnodes; i++) {
+        const ir_node *n = &g->nodes[i];
+        if (!ex_is_attention(n))
+            continue;
+        c->attn_layers++;
+        c->attn_ct += ex_attn_ct(g, n);
+    }
+    c->flops_per_token = 6 * c->active_params + 6 * c->attn_ct;
+}
+
+static double ex_mib(double bytes)
+{
+    return bytes / (1024.0 * 1024.0);
+}
+
+void explain_print(const ir_graph *g, FILE *out)
+{
+    explain_counts c;
+    explain_count(g, &c);
+    fprintf(out, "model %s\n\n", g->model_name);
+    fprintf(out, "parameters\n");
+    fprintf(out, "  total                %12" PRIu64 "\n", c.params);
+    fprintf(out, "  of which experts     %12" PRIu64 "\n", c.expert_params);
+    fprintf(out, "  active per token     %12" PRIu64 "  (each weight x the share of tokens "
+            "that use it)\n\n", c.active_params);
+
+    fprintf(out, "FLOPs per token, training (6N + 6LCT)\n");
+    fprintf(out, "  6 x active params    %12" PRIu64 "\n", 6 * c.active_params);
+    fprintf(out, "  attention 6 x sum(C*T) over %d layers %" PRIu64 "\n", c.attn_layers,
+            6 * c.attn_ct);
+    fprintf(out, "  total                %12" PRIu64 "  (forward %" PRIu64 ", backward %"
+            PRIu64 ")\n\n", c.flops_per_token, c.flops_per_token / 3,
+            c.flops_per_token - c.flops_per_token / 3);
+
+    bool planned = false;
+    int64_t total = 0;
+    for (int s = 0; s < PLAN_ST_COUNT; s++) {
+        planned |= g->pool_bytes[s] != 0;
+        total += g->pool_bytes[s];
+    }
+    fprintf(out, "memory of this plan, one rank (bytes)\n");
+    if (!planned) {
+        fprintf(out, "  (not planned yet)\n\n");
+    } else {
+        for (int s = 0; s < PLAN_ST_COUNT; s++)
+            fprintf(out, "  %-9s %14" PRId64 "  %10.2f MiB\n", ir_storage_name(s),
+                    g->pool_bytes[s], ex_mib((double)g->pool_bytes[s]));
+        fprintf(out, "  %-9s %14" PRId64 "  %10.2f MiB\n", "total", total, ex_mib((double)total));
+        uint64_t live = memplan_peak_live(g);
+        fprintf(out, "  peak live activations %" PRIu64 " bytes (%.2f MiB); the act pool adds "
+                "%" PRId64 " bytes of fragmentation\n\n", live, ex_mib((double)live),
+                g->pool_bytes[PLAN_ST_ACT] - (int64_t)live);
+    }
+
+    int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;
+    int64_t ep = g->par_expert > 0 ? g->par_expert : 1;
+    if (ranks % ep)
+        ep = 1;
+    int64_t nd = ranks, ne = ranks / ep;
+    bool sgd = g->train.optimizer == PLAN_OPT_SGD;
+    double st = sgd ? 4.0 : 8.0;
+    double dense = (double)(c.params - c.expert_params);
+    double expert = (double)c.expert_params / (double)ep;
+    fprintf(out, "parallel layout: ranks=%" PRId64 " expert=%" PRId64 " zero=%" PRId64 "\n",
+            ranks, ep, g->par_zero);
+    fprintf(out, "  data-parallel size: dense params %" PRId64 ", expert params %" PRId64
+            " (experts split %" PRId64 " ways first)\n", nd, ne, ep);
+    fprintf(out, "model-state bytes per rank, fp32 %s: 4 param + 4 grad + %d %s = %d bytes/param\n",
+            sgd ? "SGD" : "AdamW", (int)st, sgd ? "momentum" : "m,v", 8 + (int)st);
+    fprintf(out, "  stage        params         grads      optstate         total\n");
+    for (int s = 0; s <= 3; s++) {
+        /* stage >= 1 shards optimizer state, >= 2 also grads, 3 also params */
+        double dp = s >= 3 ? (double)nd : 1, dpe = s >= 3 ? (double)ne : 1;
+        double dg = s >= 2 ? (double)nd : 1, dge = s >= 2 ? (double)ne : 1;
+        double dsn = s >= 1 ? (double)nd : 1, dse = s >= 1 ? (double)ne : 1;
+        double pb = 4 * (dense / dp + expert / dpe);
+        double gb = 4 * (dense / dg + expert / dge);
+        double sb = st * (dense / dsn + expert / dse);
+        fprintf(out, "  %d%s %14.0f %13.0f %13.0f %13.0f%s\n", s, s == g->par_zero ? " *" : "  ",
+                pb, gb, sb, pb + gb + sb, s == g->par_zero ? "  <- parallel { zero }" : "");
+    }
+}

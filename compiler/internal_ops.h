@@ -1,0 +1,43 @@
+/* internal_ops.h - ops the compiler adds on its own (zero fills, gradient
+ * sums, accumulation, the optimizer step) and helpers the later passes share
+ * to read a node's kernel-argument template.
+ *
+ * Internal opdefs are ordinary ir_opdefs bound to kernels/moek.h symbols and
+ * registered in the graph on first use under names starting with "__", which
+ * no stdlib or user op can take.
+ */
+#ifndef MOEC_INTERNAL_OPS_H
+#define MOEC_INTERNAL_OPS_H
+
+#include "ir.h"
+
+typedef enum iop_kind {
+    IOP_FILL,          /* fresh value y = value:          moek_fill(OUT0, n, value) */
+    IOP_FILL_INPLACE,  /* overwrite a pinned tensor:       moek_fill(IN0, n, value) */
+    IOP_COPY,          /* y = x:                           moek_copy(IN0, OUT0, n) */
+    IOP_ADD,           /* y = a + b:                       moek_add_fwd(IN0, IN1, OUT0, n) */
+    IOP_ACCUMULATE,    /* dst += src (dst read and written) moek_accumulate(IN0, IN1, n) */
+    IOP_SUMSQ_ACCUM,   /* *acc += sum(x^2):                moek_sumsq_accum(IN0, IN1, n) */
+    IOP_ADAMW,         /* p, g, m, v, hyper, norm_sq; attr weight_decay */
+    IOP_SGD,           /* p, g, buf, hyper, norm_sq; attr weight_decay */
+    IOP_COUNT
+} iop_kind;
+
+/* The opdef of an internal op, registered in g on first use. */
+const ir_opdef *iop_def(ir_graph *g, iop_kind kind);
+/* True if def is one of the compiler's internal opdefs. */
+int iop_is_internal(const ir_opdef *def);
+
+/* Appends an internal-op node: n elements (the one dim), attribute a0 (the
+ * fill value or the weight decay; ignored by ops without attributes). */
+int iop_node(ir_graph *g, iop_kind kind, const int *inputs, const int *outputs, int64_t n,
+             double a0, int phase, ir_srcloc loc, const char *what);
+
+/* The kernel-argument template a node instantiates (fwd or bwd). */
+const ir_ref *iop_template(const ir_node *n, int *count);
+const char *iop_symbol(const ir_node *n);
+/* The value a tensor reference of node n names: >= 0, -1 when the node has
+ * no value there (a bug the callers report), or -2 for a non-tensor ref. */
+int iop_ref_value(const ir_node *n, const ir_ref *r);
+
+#endif

@@ -1,0 +1,314 @@
+/* memplan.c - fixed pool offsets for every tensor of the step.
+ *
+ * One pool per storage class; pool index == enum plan_storage.  Params,
+ * grads, optimizer state, inputs and buffers live for the whole run and are
+ * laid out one after another.  Activations share one pool: the step's node
+ * order (forward, backward, optimizer) is fixed, so each activation is live
+ * from the first node that touches it to the last, and a best-fit free list
+ * (neighbours merged on free, the top of the pool extended only when no hole
+ * fits) hands out offsets; the pool's size is the highest point reached.
+ * Activations with a role (loss, logits, metrics, grad norm) are read by the
+ * runtime between nodes, so they are never shared.
+ */
+#include "memplan.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal_ops.h"
+#include "passes.h"
+
+static uint64_t mp_align(uint64_t n)
+{
+    return (n + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN;
+}
+
+uint64_t memplan_size(const ir_value *v)
+{
+    return mp_align(ir_value_bytes(v));
+}
+
+void memplan_liveness(const ir_graph *g, int *first, int *last)
+{
+    for (int v = 0; v < g->nvalues; v++)
+        first[v] = last[v] = -1;
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        int count;
+        const ir_ref *t = iop_template(&g->nodes[ni], &count);
+        for (int a = 0; a < count; a++) {
+            int v = iop_ref_value(&g->nodes[ni], &t[a]);
+            if (v < 0 || v >= g->nvalues)
+                continue;
+            if (first[v] < 0)
+                first[v] = ni;
+            last[v] = ni;
+        }
+    }
+}
+
+int memplan_pinned(const ir_graph *g, int v)
+{
+    return g->values[v].role != PLAN_ROLE_NONE || v == g->loss || v == g->logits;
+}
+
+/* ---- best-fit allocator over one pool ---------------------------------- */
+typedef struct mp_block {
+    uint64_t off, size;
+} mp_block;
+
+typedef struct mp_alloc {
+    mp_block *free;   /* holes, sorted by offset, never adjacent */
+    int nfree, cap;
+    uint64_t end;     /* top of the pool so far */
+} mp_alloc;
+
+static uint64_t mp_take(mp_alloc *a, uint64_t size)
+{
+    int best = -1;
+    for (int i = 0; i < a->nfree; i++)
+        if (a->free[i].size >= size && (best < 0 || a->free[i].size < a->free[best].size))
+            best = i;
+    if (best < 0 && a->nfree > 0 && a->free[a->nfree - 1].off + a->free[a->nfree - 1].size == a->end)
+        best = a->nfree - 1;   /* grow the top hole rather than leave it */
+    if (best < 0) {
+        uint64_t off = a->end;
+        a->end += size;
+        return off;
+    }
+    mp_block *b = &a->free[best];
+    uint64_t off = b->off;
+    if (b->size < size) {      /* the top hole, extended */
+        a->end = off + size;
+        b->size = size;
+    }
+    b->off += size;
+    b->size -= size;
+    if (b->size == 0) {
+        memmove(b, b + 1, (size_t)(a->nfree - best - 1) * sizeof *b);
+        a->nfree--;
+    }
+    return off;
+}
+
+static void mp_give(mp_alloc *a, uint64_t off, uint64_t size)
+{
+    int i = 0;
+    while (i < a->nfree && a->free[i].off < off)
+        i++;
+    bool prev = i > 0 && a->free[i - 1].off + a->free[i - 1].size == off;
+    bool next = i < a->nfree && off + size == a->free[i].off;
+    if (prev && next) {
+        a->free[i - 1].size += size + a->free[i].size;
+        memmove(&a->free[i], &a->free[i + 1], (size_t)(a->nfree - i - 1) * sizeof *a->free);
+        a->nfree--;
+    } else if (prev) {
+        a->free[i - 1].size += size;
+    } else if (next) {
+        a->free[i].off = off;
+        a->free[i].size += size;
+    } else {
+        if (a->nfree == a->cap) {
+            a->cap = a->cap ? a->cap * 2 : 32;
+            a->free = realloc(a->free, (size_t)a->cap * sizeof *a->free);
+            if (!a->free)
+                abort();  /* out of memory, as ir_alloc */
+        }
+        memmove(&a->free[i + 1], &a->free[i], (size_t)(a->nfree - i) * sizeof *a->free);
+        a->free[i].off = off;
+        a->free[i].size = size;
+        a->nfree++;
+    }
+}
+
+/* The param value a tied param value shares storage with, or -1. */
+static int mp_tied_root(const ir_graph *g, int v)
+{
+    int p = g->values[v].param;
+    if (p < 0 || g->params[p].tied_to < 0)
+        return -1;
+    for (int hops = 0; g->params[p].tied_to >= 0 && hops < g->nparams; hops++)
+        p = g->params[p].tied_to;
+    return g->params[p].value != v ? g->params[p].value : -1;
+}
+
+/* Values grouped by key[v] (a node index, -1 = none) into out; returns the
+ * run bounds: node i's values are out[beg[i] .. beg[i+1]), in value order. */
+static int *mp_bucket(const ir_graph *g, const int *key, int *out)
+{
+    int *beg = calloc((size_t)g->nnodes + 2, sizeof(int));
+    int *pos = malloc(sizeof(int) * ((size_t)g->nnodes + 1));
+    if (!beg || !pos)
+        abort();
+    for (int v = 0; v < g->nvalues; v++)
+        if (key[v] >= 0)
+            beg[key[v] + 1]++;
+    for (int i = 0; i < g->nnodes; i++)
+        beg[i + 1] += beg[i];
+    memcpy(pos, beg, sizeof(int) * ((size_t)g->nnodes + 1));
+    for (int v = 0; v < g->nvalues; v++)
+        if (key[v] >= 0)
+            out[pos[key[v]]++] = v;
+    free(pos);
+    return beg;
+}
+
+int pass_memplan(ir_graph *g, moec_error *err)
+{
+    int *first = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    int *last = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    int *order = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    if (!first || !last || !order)
+        abort();
+    memplan_liveness(g, first, last);
+    for (int s = 0; s < PLAN_ST_COUNT; s++)
+        g->pool_bytes[s] = 0;
+
+    /* pinned pools, in value order; tied params after their roots */
+    for (int v = 0; v < g->nvalues; v++) {
+        ir_value *val = &g->values[v];
+        val->pool = -1;
+        val->offset = 0;
+        if (val->storage >= PLAN_ST_COUNT) {
+            memset(err, 0, sizeof *err);
+            snprintf(err->msg, sizeof err->msg, "internal error: value '%s' has storage class %u",
+                     val->name, val->storage);
+            free(first), free(last), free(order);
+            return -1;
+        }
+        if (val->storage == PLAN_ST_ACT || mp_tied_root(g, v) >= 0)
+            continue;
+        bool keep = val->storage != PLAN_ST_INPUT || first[v] >= 0 || val->role != PLAN_ROLE_NONE;
+        if (!keep)
+            continue;
+        val->pool = val->storage;
+        val->offset = (uint64_t)g->pool_bytes[val->storage];
+        g->pool_bytes[val->storage] += (int64_t)memplan_size(val);
+    }
+    for (int v = 0; v < g->nvalues; v++) {
+        int r = mp_tied_root(g, v);
+        if (r >= 0) {
+            g->values[v].pool = g->values[r].pool;
+            g->values[v].offset = g->values[r].offset;
+        }
+    }
+
+    /* activations: pinned ones first (whole step), then by first use */
+    mp_alloc a = {NULL, 0, 0, 0};
+    for (int v = 0; v < g->nvalues; v++) {
+        ir_value *val = &g->values[v];
+        if (val->storage != PLAN_ST_ACT || !memplan_pinned(g, v))
+            continue;
+        val->pool = PLAN_ST_ACT;
+        val->offset = mp_take(&a, memplan_size(val));
+    }
+    /* values by first and by last use: counting sorts over the node order */
+    int *sbeg = mp_bucket(g, first, order);
+    int *elist = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    if (!elist)
+        abort();
+    int *ebeg = mp_bucket(g, last, elist);
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        for (int k = sbeg[ni]; k < sbeg[ni + 1]; k++) {
+            ir_value *val = &g->values[order[k]];
+            if (val->storage != PLAN_ST_ACT || memplan_pinned(g, order[k]))
+                continue;
+            val->pool = PLAN_ST_ACT;
+            uint64_t sz = memplan_size(val);
+            val->offset = sz ? mp_take(&a, sz) : 0;
+        }
+        /* after the node's new values are placed, so none overlaps its inputs */
+        for (int k = ebeg[ni]; k < ebeg[ni + 1]; k++) {
+            ir_value *val = &g->values[elist[k]];
+            if (val->storage != PLAN_ST_ACT || memplan_pinned(g, elist[k]))
+                continue;
+            uint64_t sz = memplan_size(val);
+            if (sz)
+                mp_give(&a, val->offset, sz);
+        }
+    }
+    free(sbeg), free(ebeg), free(elist);
+    g->pool_bytes[PLAN_ST_ACT] = (int64_t)a.end;
+    free(a.free);
+    free(first), free(last), free(order);
+    return 0;
+}
+
+uint64_t memplan_peak_live(const ir_graph *g)
+{
+    int *first = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    int *last = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    int64_t *delta = calloc((size_t)g->nnodes + 2, sizeof *delta);
+    if (!first || !last || !delta)
+        abort();
+    memplan_liveness(g, first, last);
+    int64_t pinned = 0;
+    for (int v = 0; v < g->nvalues; v++) {
+        const ir_value *val = &g->values[v];
+        if (val->storage != PLAN_ST_ACT || val->pool < 0)
+            continue;
+        int64_t sz = (int64_t)memplan_size(val);
+        if (memplan_pinned(g, v) || first[v] < 0) {
+            pinned += sz;
+        } else {
+            delta[first[v]] += sz;
+            delta[last[v] + 1] -= sz;
+        }
+    }
+    int64_t cur = 0, peak = 0;
+    for (int i = 0; i < g->nnodes; i++) {
+        cur += delta[i];
+        if (cur > peak)
+            peak = cur;
+    }
+    free(first), free(last), free(delta);
+    return (uint64_t)(peak + pinned);
+}
+
+int memplan_verify(const ir_graph *g, char *why, size_t whylen)
+{
+    int *first = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    int *last = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
+    if (!first || !last)
+        abort();
+    memplan_liveness(g, first, last);
+    int rc = 0;
+    for (int v = 0; v < g->nvalues && rc == 0; v++) {
+        const ir_value *a = &g->values[v];
+        if (a->pool < 0)
+            continue;
+        if (a->pool != a->storage || a->offset % PLAN_ALIGN != 0 ||
+            a->offset + ir_value_bytes(a) > (uint64_t)g->pool_bytes[a->pool]) {
+            snprintf(why, whylen, "value %d '%s': pool %d offset %" PRIu64 " size %" PRIu64
+                     " outside its pool of %" PRId64 " bytes or misaligned", v, a->name, a->pool,
+                     a->offset, ir_value_bytes(a), g->pool_bytes[a->pool]);
+            rc = -1;
+            break;
+        }
+        int ta = mp_tied_root(g, v) >= 0 ? mp_tied_root(g, v) : v;
+        bool apin = a->storage != PLAN_ST_ACT || memplan_pinned(g, v);
+        for (int w = v + 1; w < g->nvalues; w++) {
+            const ir_value *b = &g->values[w];
+            if (b->pool != a->pool || ir_value_bytes(a) == 0 || ir_value_bytes(b) == 0)
+                continue;
+            if (a->offset + ir_value_bytes(a) <= b->offset ||
+                b->offset + ir_value_bytes(b) <= a->offset)
+                continue;
+            int tb = mp_tied_root(g, w) >= 0 ? mp_tied_root(g, w) : w;
+            if (ta == tb)
+                continue;   /* tied params share storage by design */
+            bool bpin = b->storage != PLAN_ST_ACT || memplan_pinned(g, w);
+            bool disjoint = !apin && !bpin && (last[v] < first[w] || last[w] < first[v]);
+            if (!disjoint) {
+                snprintf(why, whylen, "values '%s' (nodes %d..%d) and '%s' (nodes %d..%d) "
+                         "overlap in pool %s while both live", a->name, first[v], last[v],
+                         b->name, first[w], last[w], ir_storage_name(a->pool));
+                rc = -1;
+                break;
+            }
+        }
+    }
+    free(first), free(last);
+    return rc;
+}
