@@ -174,10 +174,10 @@ static inline uint64_t plan_fnv1a(const void *data, uint64_t n, uint64_t h)
 static inline uint64_t plan_dtype_size(uint32_t dt)
 {
     switch (dt) {
-    case PLAN_F32: return 4;
-    case PLAN_BF16: return 2;
-    case PLAN_F16: return 2;
+    case PLAN_F32:
     case PLAN_I32: return 4;
+    case PLAN_BF16:
+    case PLAN_F16: return 2;
     case PLAN_I64: return 8;
     default: return 0;
     }

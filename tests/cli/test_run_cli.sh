@@ -16,9 +16,11 @@ cd "$TMP"
 
 out=$("$RUN" plan.bin --data data.txt --steps 12 2>&1); rc=$?
 if [ $rc -eq 0 ]; then pass run.train; else fail run.train "exit $rc: $out"; fi
-if echo "$out" | grep -Eq '^step 12/12 \| loss [0-9]+\.[0-9]{4} \| lr [0-9.]+e[-+][0-9]+ \| norm [0-9.]+ \| [0-9.]+k tok/s \| [0-9.]+ ms \| eta 0:00$'; then
+if echo "$out" | grep -Eq '^step 12/12 \| loss [0-9]+\.[0-9]{4} \| lr [0-9.]+e[-+][0-9]+ \| norm [0-9.]+ \| [0-9.]+k tok/s \| [0-9.]+ ms \| eta 0:00 \| half_loss [0-9.]+$'; then
     pass run.step_line; else fail run.step_line "$out"; fi
 if echo "$out" | grep -q '^run: device cpu: loaded .*/libmoek_cpu.so$'; then pass run.loaded_line; else fail run.loaded_line "$out"; fi
+if echo "$out" | grep -q '^run: allocated param 262144, grad 262144, optstate 524288, act 295108, input 196, buffer 0, total 1343880 bytes (exactly the plan.s pools)$'; then
+    pass run.allocated_line; else fail run.allocated_line "$out"; fi
 if echo "$out" | grep -Eq '^eval step 10 \| val loss [0-9.]+$'; then pass run.eval_line; else fail run.eval_line "$out"; fi
 if [ "$(wc -l < metrics.jsonl)" -eq 12 ] && head -1 metrics.jsonl | grep -q '^{"step":1,"loss":'; then
     pass run.metrics; else fail run.metrics "$(head -3 metrics.jsonl)"; fi

@@ -1,0 +1,135 @@
+/* main.c - `run`: train a plan, inspect it, or sample from a checkpoint. */
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "exec.h"
+#include "inspect.h"
+#include "plan_load.h"
+#include "train.h"
+
+/* The one global: a signal handler can only talk through a flag. */
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+static void usage(FILE *f)
+{
+    fputs("usage: run [options] plan.bin\n"
+          "  --inspect              print the plan and exit\n"
+          "  --device cpu|cuda      kernel library (default: cuda if a GPU is usable, else cpu)\n"
+          "  --steps N              stop after step N (the schedule still spans the plan's steps)\n"
+          "  --data PATH            training data (overrides the plan)\n"
+          "  --metrics PATH         JSONL metrics, one object per step (default metrics.jsonl)\n"
+          "  --checkpoint PATH      checkpoint to write (default checkpoint.safetensors)\n"
+          "  --resume PATH          continue exactly from a checkpoint\n"
+          "  --init-from PATH       load weights only, then train from step 1\n"
+          "  --allow-lib DIR        also load user kernel libraries from DIR\n"
+          "  --workspace-mb N       kernel workspace (default 64)\n"
+          "  --sample               generate text: --prompt S --tokens N --temperature T\n"
+          "                         --top-k K --seed S, weights from --checkpoint/--resume\n"
+          "  -q, --quiet            no per-step lines\n", f);
+}
+
+int main(int argc, char **argv)
+{
+    const char *plan_path = NULL, *device = NULL, *data = NULL, *metrics = "metrics.jsonl";
+    const char *ckpt = NULL, *resume = NULL, *init_from = NULL, *prompt = "";
+    const char *allow[64];
+    int nallow = 0, inspect = 0, sample = 0, quiet = 0;
+    int64_t steps = -1, tokens = 200, top_k = 0, workspace_mb = 64;
+    double temperature = 0.8;
+    uint64_t seed = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define OPT(name) (strcmp(a, name) == 0 && (v || (fprintf(stderr, "run: %s needs a value\n", name), usage(stderr), exit(2), 0)) && ++i)
+        char *end = NULL;
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) { usage(stdout); return 0; }
+        else if (strcmp(a, "--inspect") == 0) inspect = 1;
+        else if (strcmp(a, "--sample") == 0) sample = 1;
+        else if (strcmp(a, "-q") == 0 || strcmp(a, "--quiet") == 0) quiet = 1;
+        else if (OPT("--device")) device = v;
+        else if (OPT("--data")) data = v;
+        else if (OPT("--metrics")) metrics = v;
+        else if (OPT("--checkpoint")) ckpt = v;
+        else if (OPT("--resume")) resume = v;
+        else if (OPT("--init-from")) init_from = v;
+        else if (OPT("--prompt")) prompt = v;
+        else if (OPT("--allow-lib")) {
+            if (nallow == 64) { fprintf(stderr, "run: too many --allow-lib\n"); return 2; }
+            allow[nallow++] = v;
+        }
+        else if (OPT("--steps")) { steps = strtoll(v, &end, 10); if (*end || steps < 0) goto bad; }
+        else if (OPT("--tokens")) { tokens = strtoll(v, &end, 10); if (*end || tokens < 0) goto bad; }
+        else if (OPT("--top-k")) { top_k = strtoll(v, &end, 10); if (*end || top_k < 0) goto bad; }
+        else if (OPT("--workspace-mb")) { workspace_mb = strtoll(v, &end, 10); if (*end || workspace_mb < 0 || workspace_mb > (1 << 20)) goto bad; }
+        else if (OPT("--seed")) { seed = strtoull(v, &end, 10); if (*end) goto bad; }
+        else if (OPT("--temperature")) { temperature = strtod(v, &end); if (*end || !(temperature >= 0)) goto bad; }
+        else if (a[0] == '-') { fprintf(stderr, "run: unknown option %s\n", a); usage(stderr); return 2; }
+        else if (plan_path) { fprintf(stderr, "run: more than one plan given (%s, %s)\n", plan_path, a); return 2; }
+        else plan_path = a;
+        continue;
+    bad:
+        fprintf(stderr, "run: bad value '%s' for %s\n", argv[i], argv[i - 1]);
+        return 2;
+#undef OPT
+    }
+    if (!plan_path) {
+        fprintf(stderr, "run: no plan given; compile one with `moec model.moe` (writes plan.bin)\n");
+        usage(stderr);
+        return 2;
+    }
+    char err[2048];
+    plan_file pf;
+    if (plan_load(plan_path, &pf, err, sizeof err)) {
+        fprintf(stderr, "run: %s: %s\n", plan_path, err);
+        return 1;
+    }
+    if (inspect) {
+        inspect_plan(&pf, stdout);
+        plan_close(&pf);
+        return 0;
+    }
+    char exe_dir[PATH_MAX] = "";
+    ssize_t k = readlink("/proc/self/exe", exe_dir, sizeof exe_dir - 1);
+    if (k > 0) {
+        exe_dir[k] = '\0';
+        char *s = strrchr(exe_dir, '/');
+        if (s)
+            *s = '\0';
+    }
+    exec_opts eo = {device, plan_path, exe_dir, allow, nallow, workspace_mb << 20,
+                    quiet ? NULL : stderr};
+    exec_state ex;
+    if (exec_open(&ex, &pf, &eo, err, sizeof err)) {
+        fprintf(stderr, "run: %s: %s\n", plan_path, err);
+        plan_close(&pf);
+        return 1;
+    }
+    int rc;
+    if (sample) {
+        sample_opts so = {ckpt ? ckpt : resume, prompt, tokens, temperature, top_k, seed};
+        rc = train_sample(&ex, &so, stdout, err, sizeof err);
+    } else {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_sigint;
+        sigaction(SIGINT, &sa, NULL);
+        train_opts to = {steps, data, exe_dir, *metrics ? metrics : NULL, ckpt ? ckpt : "checkpoint.safetensors",
+                         resume, init_from, &interrupted, quiet ? NULL : stdout};
+        rc = train_run(&ex, &to, err, sizeof err);
+    }
+    if (rc)
+        fprintf(stderr, "run: %s\n", err);
+    exec_close(&ex);
+    plan_close(&pf);
+    return rc ? 1 : 0;
+}

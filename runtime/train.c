@@ -1,0 +1,498 @@
+/* train.c - the step loop.  Per step: hyper-parameters and the loss seed
+ * into their input tensors, grad_accum x (batch, forward, backward), the
+ * optimizer phase, then metrics, validation and checkpoints. */
+#include "train.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "data.h"
+#include "rng.h"
+
+__attribute__((format(printf, 3, 4)))
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+double train_lr(const plan_train *t, int64_t step)
+{
+    double lr = t->lr, min_lr = t->min_lr;
+    int64_t s = step - 1;   /* completed steps before this one */
+    if (s < t->warmup)
+        return lr * (double)(s + 1) / (double)t->warmup;
+    if (t->schedule == PLAN_SCHED_CONSTANT)
+        return lr;
+    int64_t span = t->steps - t->warmup;
+    double p = span > 0 ? (double)(s - t->warmup) / (double)span : 1.0;
+    if (p > 1.0)
+        p = 1.0;
+    if (t->schedule == PLAN_SCHED_COSINE)
+        return min_lr + 0.5 * (lr - min_lr) * (1.0 + cos(3.141592653589793 * p));
+    return lr + (min_lr - lr) * p;
+}
+
+int train_init_params(exec_state *ex, char *err, size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    for (uint64_t i = 0; i < pf->nparams; i++) {
+        const plan_param *p = &pf->params[i];
+        const plan_tensor *t = &pf->tensors[p->tensor];
+        if (p->init == PLAN_INIT_NONE)
+            continue;
+        uint64_t n = plan_tensor_numel(t);
+        float *h = malloc(n * sizeof *h + 1);
+        if (!h)
+            return fail(err, errlen, "out of memory initialising %s", plan_str(pf, t->name));
+        rng r = rng_seeded((uint64_t)pf->train->seed, plan_str(pf, t->name));
+        for (uint64_t k = 0; k < n; k++)
+            h[k] = p->init == PLAN_INIT_ZEROS  ? 0.0f
+                 : p->init == PLAN_INIT_ONES   ? 1.0f
+                 : (float)(rng_normal(&r) * p->init_std);
+        int rc = exec_write(ex, p->tensor, 0, h, t->bytes, err, errlen);
+        free(h);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
+int train_data_path(const plan_file *pf, const char *opt, const char *exe_dir, char *out,
+                    size_t n, char *err, size_t errlen)
+{
+    const char *p = opt ? opt : plan_str(pf, pf->train->data_path);
+    if (*p) {
+        snprintf(out, n, "%s", p);
+        return 0;
+    }
+    const char *cands[] = {"%s/build/data/default.txt", "%s/../share/moec/default.txt"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(out, n, cands[i], exe_dir && *exe_dir ? exe_dir : ".");
+        if (access(out, R_OK) == 0)
+            return 0;
+    }
+    return fail(err, errlen, "the default corpus is missing (%s/build/data/default.txt); run "
+                "make, or pass --data FILE", exe_dir && *exe_dir ? exe_dir : ".");
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+typedef struct roles {
+    int64_t tokens, targets, hyper, seed, loss, norm, logits;
+    int64_t *metric;
+    int nmetric;
+} roles;
+
+static int find_roles(const plan_file *pf, roles *r)
+{
+    r->tokens = plan_find_role(pf, PLAN_ROLE_TOKENS);
+    r->targets = plan_find_role(pf, PLAN_ROLE_TARGETS);
+    r->hyper = plan_find_role(pf, PLAN_ROLE_HYPER);
+    r->seed = plan_find_role(pf, PLAN_ROLE_LOSS_SEED);
+    r->loss = plan_find_role(pf, PLAN_ROLE_LOSS);
+    r->norm = plan_find_role(pf, PLAN_ROLE_NORM_SQ);
+    r->logits = plan_find_role(pf, PLAN_ROLE_LOGITS);
+    r->metric = calloc(pf->ntensors + 1, sizeof *r->metric);
+    r->nmetric = 0;
+    if (!r->metric)
+        return -1;
+    for (uint64_t i = 0; i < pf->ntensors; i++)
+        if (pf->tensors[i].role == PLAN_ROLE_METRIC)
+            r->metric[r->nmetric++] = (int64_t)i;
+    return 0;
+}
+
+/* One forward (+ backward) pass on a fresh batch; returns its loss. */
+static int micro_step(exec_state *ex, const roles *r, const data_file *d, int split, rng *g,
+                      int32_t *tok, int32_t *tgt, int backward, float *loss, double *metrics,
+                      char *err, size_t errlen)
+{
+    const plan_train *t = ex->pf->train;
+    uint64_t bytes = (uint64_t)(t->batch * t->seq) * 4;
+    if (data_batch(d, split, g, t->batch, t->seq, t->vocab, tok, tgt, err, errlen) ||
+        exec_write(ex, (uint64_t)r->tokens, 0, tok, bytes, err, errlen) ||
+        exec_write(ex, (uint64_t)r->targets, 0, tgt, bytes, err, errlen) ||
+        exec_phase(ex, PLAN_PHASE_FORWARD, err, errlen) ||
+        (backward && exec_phase(ex, PLAN_PHASE_BACKWARD, err, errlen)) ||
+        exec_read(ex, (uint64_t)r->loss, 0, loss, 4, err, errlen))
+        return -1;
+    for (int m = 0; metrics && m < r->nmetric; m++) {
+        float v;
+        if (exec_read(ex, (uint64_t)r->metric[m], 0, &v, 4, err, errlen))
+            return -1;
+        metrics[m] += v;
+    }
+    return 0;
+}
+
+static int evaluate(exec_state *ex, const roles *r, const data_file *d, int32_t *tok,
+                    int32_t *tgt, double *out, char *err, size_t errlen)
+{
+    const plan_train *t = ex->pf->train;
+    /* the same held-out batches every time, independent of training state */
+    rng g = rng_seeded((uint64_t)t->seed, "eval");
+    double sum = 0;
+    for (int64_t b = 0; b < t->eval_batches; b++) {
+        float l;
+        if (micro_step(ex, r, d, DATA_VAL, &g, tok, tgt, 0, &l, NULL, err, errlen))
+            return -1;
+        sum += l;
+    }
+    *out = sum / (double)t->eval_batches;
+    return 0;
+}
+
+static int save(exec_state *ex, const char *path, int64_t step, const rng *g, char *err,
+                size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    ckpt_meta m[5];
+    memset(m, 0, sizeof m);
+    snprintf(m[0].key, sizeof m[0].key, "format");
+    snprintf(m[0].val, sizeof m[0].val, "moec-1");
+    snprintf(m[1].key, sizeof m[1].key, "step");
+    snprintf(m[1].val, sizeof m[1].val, "%" PRId64, step);
+    snprintf(m[2].key, sizeof m[2].key, "data_rng");
+    snprintf(m[2].val, sizeof m[2].val, "%016" PRIx64, g->s);
+    snprintf(m[3].key, sizeof m[3].key, "model");
+    snprintf(m[3].val, sizeof m[3].val, "%s", plan_str(pf, pf->hdr->model_name));
+    snprintf(m[4].key, sizeof m[4].key, "source_hash");
+    snprintf(m[4].val, sizeof m[4].val, "%016" PRIx64, pf->hdr->source_hash);
+    return ckpt_save(ex, path, m, 5, err, errlen);
+}
+
+/* a plan name as a JSON string (names hold no control characters) */
+static void json_name(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            fputc('\\', f);
+        fputc(*s, f);
+    }
+    fputc('"', f);
+}
+
+static void fmt_eta(double s, char *buf, size_t n)
+{
+    long t = (long)(s + 0.5);
+    if (t >= 3600)
+        snprintf(buf, n, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+    else
+        snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
+}
+
+int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    const plan_train *t = pf->train;
+    roles r;
+    data_file d = {0};
+    int32_t *tok = NULL, *tgt = NULL;
+    double *metrics = NULL;
+    FILE *mf = NULL;
+    int rc = -1;
+    char path[4096];
+    if (find_roles(pf, &r))
+        return fail(err, errlen, "out of memory");
+    if (train_data_path(pf, o->data_path, o->exe_dir, path, sizeof path, err, errlen) ||
+        data_open(&d, path, t->data_format, t->val_fraction, err, errlen))
+        goto out;
+    tok = malloc((size_t)(t->batch * t->seq) * 4);
+    tgt = malloc((size_t)(t->batch * t->seq) * 4);
+    metrics = calloc((size_t)r.nmetric + 1, sizeof *metrics);
+    if (!tok || !tgt || !metrics) {
+        fail(err, errlen, "out of memory");
+        goto out;
+    }
+    rng g = rng_seeded((uint64_t)t->seed, "data");
+    int64_t start = 0;
+    if (o->resume_path) {
+        ckpt_meta m[16];
+        int nm = 0;
+        if (ckpt_load(ex, o->resume_path, CKPT_FULL, m, 16, &nm, err, errlen))
+            goto out;
+        const char *fmt = ckpt_meta_get(m, nm, "format");
+        const char *st = ckpt_meta_get(m, nm, "step");
+        const char *rs = ckpt_meta_get(m, nm, "data_rng");
+        char *e1 = NULL, *e2 = NULL;
+        if (!fmt || strcmp(fmt, "moec-1") != 0 || !st || !rs) {
+            fail(err, errlen, "%s: no moec training state (format/step/data_rng metadata); "
+                 "use --init-from to load weights only", o->resume_path);
+            goto out;
+        }
+        start = strtoll(st, &e1, 10);
+        g.s = strtoull(rs, &e2, 16);
+        if (*e1 || *e2 || start < 0) {
+            fail(err, errlen, "%s: bad step or data_rng metadata; the checkpoint is damaged",
+                 o->resume_path);
+            goto out;
+        }
+    } else if (o->init_from) {
+        ckpt_meta m[16];
+        int nm = 0;
+        if (train_init_params(ex, err, errlen) ||
+            ckpt_load(ex, o->init_from, CKPT_WEIGHTS, m, 16, &nm, err, errlen))
+            goto out;
+    } else if (train_init_params(ex, err, errlen)) {
+        goto out;
+    }
+    int64_t total = o->steps >= 0 ? o->steps : t->steps;
+    if (o->metrics_path && !(mf = fopen(o->metrics_path, o->resume_path ? "a" : "w"))) {
+        fail(err, errlen, "cannot write metrics file %s; check the directory or pass --metrics",
+             o->metrics_path);
+        goto out;
+    }
+    int can_eval = t->eval_every > 0 && t->eval_batches > 0 && data_has_split(&d, DATA_VAL, t->seq);
+    if (o->out)
+        fprintf(o->out, "run: data %s: %llu tokens (%llu train, %llu validation)\n", path,
+                (unsigned long long)d.ntok,
+                (unsigned long long)(d.split[DATA_TRAIN][1] - d.split[DATA_TRAIN][0]),
+                (unsigned long long)(d.split[DATA_VAL][1] - d.split[DATA_VAL][0]));
+    double t0 = now_s();
+    int64_t step = start;
+    while (step < total) {
+        step++;
+        double ts = now_s();
+        float hyper[MOEK_HYPER_COUNT];
+        hyper[MOEK_HYPER_LR] = (float)train_lr(t, step);
+        hyper[MOEK_HYPER_BETA1] = t->beta1;
+        hyper[MOEK_HYPER_BETA2] = t->beta2;
+        hyper[MOEK_HYPER_EPS] = t->eps;
+        hyper[MOEK_HYPER_BC1] = (float)(1.0 - pow(t->beta1, (double)step));
+        hyper[MOEK_HYPER_BC2] = (float)(1.0 - pow(t->beta2, (double)step));
+        hyper[MOEK_HYPER_MAX_NORM] = t->clip_grad;
+        hyper[MOEK_HYPER_MOMENTUM] = t->momentum;
+        float seed = (float)(1.0 / (double)t->grad_accum);
+        if ((r.hyper >= 0 && exec_write(ex, (uint64_t)r.hyper, 0, hyper, sizeof hyper, err, errlen)) ||
+            (r.seed >= 0 && exec_write(ex, (uint64_t)r.seed, 0, &seed, 4, err, errlen)))
+            goto out;
+        double loss = 0;
+        memset(metrics, 0, ((size_t)r.nmetric + 1) * sizeof *metrics);
+        for (int64_t a = 0; a < t->grad_accum; a++) {
+            float l;
+            if (micro_step(ex, &r, &d, DATA_TRAIN, &g, tok, tgt, 1, &l, metrics, err, errlen))
+                goto out;
+            loss += l;
+        }
+        loss /= (double)t->grad_accum;
+        if (!isfinite(loss)) {
+            fail(err, errlen, "loss is %g at step %lld; stopped before the update (nothing "
+                 "saved); lower the learning rate or check the data", loss, (long long)step);
+            goto out;
+        }
+        if (exec_phase(ex, PLAN_PHASE_OPTIMIZER, err, errlen))
+            goto out;
+        double norm = NAN;
+        if (r.norm >= 0) {
+            float nsq;
+            if (exec_read(ex, (uint64_t)r.norm, 0, &nsq, 4, err, errlen))
+                goto out;
+            norm = sqrt((double)nsq);
+            if (!isfinite(norm)) {
+                fail(err, errlen, "gradient norm is %g at step %lld; stopped (the last "
+                     "checkpoint is intact); lower the learning rate or enable clip_grad",
+                     norm, (long long)step);
+                goto out;
+            }
+        }
+        double te = now_s(), ms = (te - ts) * 1e3;
+        double tps = (double)(t->batch * t->seq * t->grad_accum) / (te - ts);
+        char eta[32];
+        fmt_eta((te - t0) / (double)(step - start) * (double)(total - step), eta, sizeof eta);
+        if (o->out && (t->log_every <= 1 || step % t->log_every == 0 || step == total)) {
+            fprintf(o->out, "step %lld/%lld | loss %.4f | lr %.2e | norm %.2f | %.1fk tok/s | "
+                    "%.1f ms | eta %s", (long long)step, (long long)total, loss,
+                    (double)hyper[0], norm, tps / 1e3, ms, eta);
+            for (int m = 0; m < r.nmetric; m++)
+                fprintf(o->out, " | %s %.4f", plan_str(pf, pf->tensors[r.metric[m]].name),
+                        metrics[m] / (double)t->grad_accum);
+            fprintf(o->out, "\n");
+            fflush(o->out);
+        }
+        double val = NAN;
+        if (can_eval && (step % t->eval_every == 0 || step == total)) {
+            if (evaluate(ex, &r, &d, tok, tgt, &val, err, errlen))
+                goto out;
+            if (o->out)
+                fprintf(o->out, "eval step %lld | val loss %.4f\n", (long long)step, val);
+        }
+        if (mf) {
+            fprintf(mf, "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"norm\":%.9g,"
+                    "\"tok_per_s\":%.1f,\"ms\":%.3f", (long long)step, loss, (double)hyper[0],
+                    isfinite(norm) ? norm : -1.0, tps, ms);
+            for (int m = 0; m < r.nmetric; m++) {
+                fputc(',', mf);
+                json_name(mf, plan_str(pf, pf->tensors[r.metric[m]].name));
+                fprintf(mf, ":%.9g", metrics[m] / (double)t->grad_accum);
+            }
+            if (isfinite(val))
+                fprintf(mf, ",\"val_loss\":%.9g", val);
+            fprintf(mf, "}\n");
+            fflush(mf);
+        }
+        int stop = o->stop && *o->stop;
+        if (o->ckpt_path && !stop && step != total && t->checkpoint_every > 0 &&
+            step % t->checkpoint_every == 0 && save(ex, o->ckpt_path, step, &g, err, errlen))
+            goto out;
+        if (stop) {
+            if (o->ckpt_path && save(ex, o->ckpt_path, step, &g, err, errlen))
+                goto out;
+            if (o->out)
+                fprintf(o->out, "run: interrupted after step %lld; saved %s (resume with "
+                        "--resume %s)\n", (long long)step, o->ckpt_path ? o->ckpt_path : "nothing",
+                        o->ckpt_path ? o->ckpt_path : "");
+            rc = 0;
+            goto out;
+        }
+    }
+    if (o->ckpt_path && save(ex, o->ckpt_path, step, &g, err, errlen))
+        goto out;
+    if (o->out && o->ckpt_path)
+        fprintf(o->out, "run: saved %s after step %lld\n", o->ckpt_path, (long long)step);
+    rc = 0;
+out:
+    if (mf)
+        fclose(mf);
+    free(tok);
+    free(tgt);
+    free(metrics);
+    free(r.metric);
+    data_close(&d);
+    return rc;
+}
+
+static int sample_next(const float *logits, int64_t V, double temp, int64_t top_k, rng *g)
+{
+    int64_t best = 0;
+    for (int64_t v = 1; v < V; v++)
+        if (logits[v] > logits[best])
+            best = v;
+    if (temp <= 0)
+        return (int)best;
+    /* threshold = k-th largest logit (top-k), found by counting */
+    float thr = -INFINITY;
+    if (top_k > 0 && top_k < V) {
+        float lo = logits[best];
+        for (;;) {   /* walk down distinct values until k are at or above */
+            float next = -INFINITY;
+            int64_t cnt = 0;
+            for (int64_t v = 0; v < V; v++) {
+                if (logits[v] >= lo)
+                    cnt++;
+                else if (logits[v] > next)
+                    next = logits[v];
+            }
+            if (cnt >= top_k || next == -INFINITY)
+                break;
+            lo = next;
+        }
+        thr = lo;
+    }
+    double sum = 0, mx = logits[best];
+    for (int64_t v = 0; v < V; v++)
+        if (logits[v] >= thr)
+            sum += exp(((double)logits[v] - mx) / temp);
+    double u = rng_uniform(g) * sum, acc = 0;
+    for (int64_t v = 0; v < V; v++)
+        if (logits[v] >= thr) {
+            acc += exp(((double)logits[v] - mx) / temp);
+            if (u < acc)
+                return (int)v;
+        }
+    return (int)best;
+}
+
+int train_sample(exec_state *ex, const sample_opts *o, FILE *out, char *err, size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    const plan_train *t = pf->train;
+    roles r;
+    if (find_roles(pf, &r))
+        return fail(err, errlen, "out of memory");
+    int rc = -1;
+    int32_t *tok = NULL, *tgt = NULL, *ctx = NULL;
+    float *row = NULL;
+    if (r.logits < 0) {
+        fail(err, errlen, "the plan has no logits tensor (role logits), so it cannot sample; "
+             "compile a model whose output is a language-model head");
+        goto out;
+    }
+    if (t->data_format != 0 || t->vocab > 256) {
+        fail(err, errlen, "sampling text needs a byte-level model (vocab <= 256, text data); "
+             "this plan uses vocab %lld", (long long)t->vocab);
+        goto out;
+    }
+    ckpt_meta m[16];
+    int nm;
+    if (!o->ckpt_path) {
+        fail(err, errlen, "sampling needs weights; pass --checkpoint FILE (or --resume FILE)");
+        goto out;
+    }
+    if (ckpt_load(ex, o->ckpt_path, CKPT_WEIGHTS, m, 16, &nm, err, errlen))
+        goto out;
+    int64_t B = t->batch, T = t->seq, V = t->vocab;
+    int64_t plen = (int64_t)strlen(o->prompt ? o->prompt : "");
+    int64_t cap = plen + o->tokens + 1;
+    tok = calloc((size_t)(B * T), 4);
+    tgt = calloc((size_t)(B * T), 4);
+    ctx = malloc((size_t)cap * 4);
+    row = malloc((size_t)V * 4);
+    if (!tok || !tgt || !ctx || !row) {
+        fail(err, errlen, "out of memory");
+        goto out;
+    }
+    int64_t n = 0;
+    for (int64_t i = 0; i < plen; i++) {
+        unsigned char c = (unsigned char)o->prompt[i];
+        if (c >= V) {
+            fail(err, errlen, "prompt byte %u is outside the model's vocab %lld", c, (long long)V);
+            goto out;
+        }
+        ctx[n++] = c;
+    }
+    if (n == 0)
+        ctx[n++] = '\n';   /* an empty prompt starts a new line */
+    if (o->prompt)
+        fputs(o->prompt, out);
+    rng g = rng_seeded(o->seed, "sample");
+    for (int64_t k = 0; k < o->tokens; k++) {
+        int64_t len = n < T ? n : T;
+        memset(tok, 0, (size_t)(B * T) * 4);
+        memcpy(tok, ctx + n - len, (size_t)len * 4);
+        if (exec_write(ex, (uint64_t)r.tokens, 0, tok, (uint64_t)(B * T) * 4, err, errlen) ||
+            exec_write(ex, (uint64_t)r.targets, 0, tgt, (uint64_t)(B * T) * 4, err, errlen) ||
+            exec_phase(ex, PLAN_PHASE_FORWARD, err, errlen) ||
+            exec_read(ex, (uint64_t)r.logits, (uint64_t)((len - 1) * V) * 4, row,
+                      (uint64_t)V * 4, err, errlen))
+            goto out;
+        int next = sample_next(row, V, o->temperature, o->top_k, &g);
+        ctx[n++] = next;
+        fputc(next, out);
+        fflush(out);
+    }
+    fputc('\n', out);
+    rc = 0;
+out:
+    free(r.metric);
+    free(tok);
+    free(tgt);
+    free(ctx);
+    free(row);
+    return rc;
+}
