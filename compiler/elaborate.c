@@ -1912,7 +1912,7 @@ static void el_train(el *E, const ast_node *model_tokens_type)
     static const char *const keys[] = {
         "batch", "seq", "grad_accum", "steps", "seed", "lr", "min_lr", "warmup", "schedule", "optimizer",
         "clip_grad", "eval_every", "eval_batches", "checkpoint_every", "log_every", "val_fraction", "data",
-        "data_format", "device", "precision", "global_batch", "weight_decay"};
+        "data_format", "device", "precision", "global_batch", "weight_decay", "recompute"};
     el_check_keys(E, tr, "train", keys, (int)(sizeof keys / sizeof *keys));
     t->batch = 0;
     t->seq = 0;
@@ -2062,6 +2062,20 @@ static void el_train(el *E, const ast_node *model_tokens_type)
         else
             t->data_format = (uint32_t)k;
     }
+    if ((e = el_entry(tr, "recompute"))) {
+        const char *n = e->a->kind == AST_NAME || e->a->kind == AST_STRING ? e->a->name : NULL;
+        static const char *const rc[] = {"none", "selective", "full"};
+        int k = -1;
+        for (int i = 0; n && i < 3; i++)
+            if (strcmp(n, rc[i]) == 0)
+                k = i;
+        const char *hint = n ? el_suggest_list(E, n, rc, 3) : NULL;
+        if (k < 0)
+            ERR(e->a->span, hint ? hint : "use recompute = none, selective or full",
+                "unknown recompute policy%s%s%s", n ? " `" : "", n ? n : "", n ? "`" : "");
+        else
+            E->g->recompute = k;   /* enum memplan_recompute: none, selective, full */
+    }
     (void)model_tokens_type;
     if (tr)
         E->g->train_loc = el_loc(E, tr->span);
@@ -2123,7 +2137,7 @@ static void el_model(el *E, const ast_node *m)
             const ast_node *dn = sp->a->list.items[d];
             if (dn->flags & AST_F_STAR) {
                 ERR(dn->span, NULL, "model inputs have a fixed shape");
-                return;
+                goto done;
             }
             const ast_node *ent = d == 0 ? eb : es;
             int64_t trv = d == 0 ? g->train.batch : g->train.seq;
@@ -2135,24 +2149,24 @@ static void el_model(el *E, const ast_node *m)
                 if (!ent) {
                     ERR(dn->span, d == 0 ? "set batch = ... in train { }" : "set seq = ... in train { } or config { }",
                         "the %s size `%s` is not known", d == 0 ? "batch" : "sequence", dn->a->name);
-                    return;
+                    goto done;
                 }
                 v = trv;
             } else {
                 if (!el_dim(E, el_eval(E, NULL, dn->a), dn, &v, false))
-                    return;
+                    goto done;
                 if (ent && trv != v) {
                     ERR(ent->a->span, "the model inputs and train { } must agree",
                         "%s conflict: train { } says %s = %" PRId64 " but `%s` has %" PRId64,
                         d == 0 ? "batch" : "sequence length", d == 0 ? "batch" : "seq", trv, sp->name, v);
                     diag_note(E->d, dn->span, "`%s` dim %d is %" PRId64 " here", sp->name, d, v);
-                    return;
+                    goto done;
                 }
             }
             if (*bound && *bound != v) {
                 ERR(dn->span, NULL, "model inputs disagree: %" PRId64 " here but %" PRId64 " before", v, *bound);
                 diag_note(E->d, (*bound_at)->span, "set here");
-                return;
+                goto done;
             }
             *bound = v;
             *bound_at = dn;
@@ -2169,11 +2183,10 @@ static void el_model(el *E, const ast_node *m)
     g->train.batch = batch;
     g->train.seq = seq;
     if (diag_count(E->d))
-        return;
+        goto done;
     el_exec(E, &fr, &m->list2);
     if (diag_count(E->d)) {
-        free(fr.env.vars);
-        return;
+        goto done;
     }
     ev r = fr.ret;
     ev loss = r.k == EV_TUPLE ? (r.n ? r.items[0] : ev_none) : r;
@@ -2181,8 +2194,7 @@ static void el_model(el *E, const ast_node *m)
     if (!fr.returned || loss.k != EV_TENSOR || ir_value_numel(&g->values[loss.t]) != 1) {
         ERR(m->span, "end the model with `return cross_entropy(logits, targets)` (optionally `, logits`)",
             "model `%s` must return a 1-element loss tensor", m->name);
-        free(fr.env.vars);
-        return;
+        goto done;
     }
     if (r.k == EV_TUPLE && r.n > 2)
         ERR(m->span, NULL, "model `%s` returns %d values; it returns the loss and optionally the logits", m->name, r.n);
@@ -2210,6 +2222,7 @@ static void el_model(el *E, const ast_node *m)
         const ir_value *lv = &g->values[logits.t];
         g->train.vocab = lv->shape[lv->ndim - 1];
     }
+done:   /* every exit frees the model frame's variables */
     free(fr.env.vars);
 }
 

@@ -14,7 +14,7 @@
 #include "passes.h"
 
 /* A forward attention node: its kernel is moek_attention_fwd or a twin. */
-static bool ex_is_attention(const ir_node *n)
+bool explain_is_attention(const ir_node *n)
 {
     return !n->is_backward && n->def->fwd_symbol && strstr(n->def->fwd_symbol, "attention");
 }
@@ -77,12 +77,69 @@ void explain_count(const ir_graph *g, explain_counts *c)
     c->active_params = (uint64_t)(active + 0.5);
     for (int i = 0; i < g->nnodes; i++) {
         const ir_node *n = &g->nodes[i];
-        if (!ex_is_attention(n))
+        if (!explain_is_attention(n) || n->phase != PLAN_PHASE_FORWARD)
             continue;
         c->attn_layers++;
         c->attn_ct += ex_attn_ct(g, n);
     }
     c->flops_per_token = 6 * c->active_params + 6 * c->attn_ct;
+}
+
+/* Tokens of one micro-step: the size of the token-id input. */
+static uint64_t ex_tokens(const ir_graph *g)
+{
+    for (int v = 0; v < g->nvalues; v++)
+        if (g->values[v].role == PLAN_ROLE_TOKENS)
+            return (uint64_t)ir_value_numel(&g->values[v]);
+    int64_t t = g->train.batch * g->train.seq;
+    return t > 0 ? (uint64_t)t : 1;
+}
+
+static bool ex_is_recompute(const ir_node *n)
+{
+    static const char tag[] = " (recompute)";
+    size_t len = n->what ? strlen(n->what) : 0;
+    return n->phase == PLAN_PHASE_BACKWARD && !n->is_backward && len >= sizeof tag - 1 &&
+           strcmp(n->what + len - (sizeof tag - 1), tag) == 0;
+}
+
+/* Forward FLOPs per token of re-run ops.  Attention and ops with a weight
+ * matrix count as in the forward third of 6N + 6LCT (2CT; 2 x weight size x
+ * its active share); any other op one FLOP per output element. */
+void explain_recompute_cost(const ir_graph *g, explain_recompute *r)
+{
+    memset(r, 0, sizeof *r);
+    uint64_t tokens = ex_tokens(g);
+    double dense = 0, elem = 0;
+    for (int i = 0; i < g->nnodes; i++) {
+        const ir_node *n = &g->nodes[i];
+        if (!ex_is_recompute(n))
+            continue;
+        r->ops++;
+        if (explain_is_attention(n)) {
+            dense += 2.0 * (double)ex_attn_ct(g, n);
+            continue;
+        }
+        double w = 0;
+        for (int k = 0; k < n->def->ninputs; k++) {
+            int v = n->inputs[k];
+            if (v < 0 || g->values[v].storage != PLAN_ST_PARAM || g->values[v].ndim < 2)
+                continue;
+            const ir_value *wv = &g->values[v];
+            int p = wv->param;
+            double f = p >= 0 && g->params[p].active_fraction > 0 ? g->params[p].active_fraction : 1.0;
+            w += 2.0 * (double)ir_value_numel(wv) * f;
+        }
+        if (w > 0) {
+            dense += w;
+            continue;
+        }
+        for (int o = 0; o < n->def->noutputs; o++)
+            if (n->outputs[o] >= 0)
+                elem += (double)ir_value_numel(&g->values[n->outputs[o]]) / (double)tokens;
+    }
+    r->flops_dense = (uint64_t)(dense + 0.5);
+    r->flops_elementwise = (uint64_t)(elem + 0.5);
 }
 
 static double ex_mib(double bytes)
@@ -127,6 +184,18 @@ void explain_print(const ir_graph *g, FILE *out)
         fprintf(out, "  peak live activations %" PRIu64 " bytes (%.2f MiB); the act pool adds "
                 "%" PRId64 " bytes of fragmentation\n\n", live, ex_mib((double)live),
                 g->pool_bytes[PLAN_ST_ACT] - (int64_t)live);
+        explain_recompute rc;
+        explain_recompute_cost(g, &rc);
+        fprintf(out, "activation recompute (train { recompute })\n");
+        fprintf(out, "  policy               %12s\n", memplan_recompute_name(g->recompute));
+        fprintf(out, "  peak activations     %12" PRIu64 "  bytes live at once (act pool %" PRId64
+                ")\n", live, g->pool_bytes[PLAN_ST_ACT]);
+        fprintf(out, "  re-run forward ops   %12d\n", rc.ops);
+        fprintf(out, "  extra FLOPs/token    %12" PRIu64 "  matmul + attention (+%.1f%% of training"
+                " FLOPs; not in the total above)\n", rc.flops_dense,
+                c.flops_per_token ? 100.0 * (double)rc.flops_dense / (double)c.flops_per_token : 0.0);
+        fprintf(out, "                       %12" PRIu64 "  elementwise and norms (1 per output "
+                "element)\n\n", rc.flops_elementwise);
     }
 
     int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;

@@ -2,6 +2,7 @@
 #ifndef MOEC_EXPLAIN_H
 #define MOEC_EXPLAIN_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "ir.h"
@@ -16,5 +17,19 @@ typedef struct explain_counts {
 } explain_counts;
 
 void explain_count(const ir_graph *g, explain_counts *c);
+
+/* A forward attention node: its kernel symbol contains "attention" (the
+ * test the 6LCT term and the recompute policy both use). */
+bool explain_is_attention(const ir_node *n);
+
+/* What the recompute pass added: forward ops re-run in the backward phase
+ * (label suffix " (recompute)") and their forward FLOPs per token. */
+typedef struct explain_recompute {
+    int ops;                  /* re-run forward ops */
+    uint64_t flops_dense;     /* per token, matmul + attention, the 2N + 2LCT convention */
+    uint64_t flops_elementwise; /* per token, other ops: one FLOP per output element */
+} explain_recompute;
+
+void explain_recompute_cost(const ir_graph *g, explain_recompute *r);
 
 #endif

@@ -140,6 +140,7 @@ typedef struct ir_graph {
     int loss;                  /* value returned by the model, -1 until set */
     int logits;                /* value kept for sampling, -1 if none */
     int64_t pool_bytes[PLAN_ST_COUNT];         /* memory planner */
+    int recompute;             /* train { recompute }: enum memplan_recompute (memplan.h) */
 } ir_graph;
 
 ir_graph *ir_graph_new(void);

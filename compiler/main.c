@@ -1,6 +1,7 @@
 /* main.c - moec: .moe source -> plan.bin.
  *
- *   elaborate -> pass_autodiff -> pass_optimizer -> pass_memplan -> pass_emit
+ *   elaborate -> pass_autodiff -> pass_optimizer -> pass_recompute -> pass_memplan
+ *   -> pass_emit
  *
  * Exit status: 0 ok, 1 the model has errors, 2 bad usage. */
 #include <limits.h>
@@ -167,11 +168,13 @@ int main(int argc, char **argv)
     if (!g) {
         rc = 1;
     } else if (dump) {   /* --dump=ir: the forward graph and, after the passes, the rest */
-        if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_memplan(g, &err))
+        if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_recompute(g, &err) ||
+            pass_memplan(g, &err))
             rc = report(d, &err);
         else
             ir_dump(g, stdout);
-    } else if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_memplan(g, &err)) {
+    } else if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_recompute(g, &err) ||
+            pass_memplan(g, &err)) {
         rc = report(d, &err);
     } else if (explain) {
         explain_print(g, stdout);

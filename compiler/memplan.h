@@ -8,6 +8,17 @@
 
 #include "ir.h"
 
+/* Activation recompute policy, train { recompute = ... } (docs/memory.md):
+ * which forward values backward reads are re-computed inside the backward
+ * phase (compiler/recompute.c) instead of being kept from the forward pass. */
+enum memplan_recompute {
+    MEMPLAN_RECOMPUTE_NONE = 0,       /* keep everything backward reads */
+    MEMPLAN_RECOMPUTE_SELECTIVE = 1,  /* re-run cheap elementwise / per-row ops */
+    MEMPLAN_RECOMPUTE_FULL = 2,       /* keep only the residual stream (add outputs) */
+};
+/* "none", "selective", "full" ("?" for anything else) */
+const char *memplan_recompute_name(int policy);
+
 /* first[v] / last[v]: first and last node whose kernel template touches
  * value v (read or write), -1 when none does.  Arrays of g->nvalues. */
 void memplan_liveness(const ir_graph *g, int *first, int *last);

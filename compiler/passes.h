@@ -25,6 +25,7 @@ typedef struct moec_error {
 
 int pass_autodiff(ir_graph *g, moec_error *err);
 int pass_optimizer(ir_graph *g, moec_error *err);
+int pass_recompute(ir_graph *g, moec_error *err);   /* compiler/recompute.c, before memplan */
 int pass_memplan(ir_graph *g, moec_error *err);
 int pass_emit(const ir_graph *g, const char *path, moec_error *err);
 
