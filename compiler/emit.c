@@ -283,6 +283,7 @@ static int em_params(em_ctx *c)
         row.grad = em_tensor(c, pp->grad);
         row.state0 = em_tensor(c, pp->state0);
         row.state1 = em_tensor(c, pp->state1);
+        row.master = -1;
         row.init = pp->init;
         row.init_std = pp->init_std;
         row.weight_decay = pp->decay && row.grad >= 0 ? g->train.weight_decay : 0.0f;

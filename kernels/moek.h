@@ -173,6 +173,100 @@ void moek_sgd(const moek_ctx *ctx, float *p, const float *g, float *buf, int64_t
               const float *hyper, const float *norm_sq, float weight_decay);
 
 
+/* ---- bf16 storage (precision = bf16) ---------------------------------------
+ * Mixed precision: activations, parameters' working copies and their
+ * backward products are stored as bf16 (moek_bf16: the top 16 bits of an
+ * fp32, rounded to nearest even, NaN kept NaN); every kernel accumulates in
+ * fp32.  Each variant below is the fp32 kernel of the same name with the
+ * arguments typed moek_bf16 stored as bf16; its maths is defined as: widen
+ * the bf16 inputs to fp32 exactly, run the fp32 kernel, round each bf16
+ * output once (RNE).  Arguments still typed float stay fp32 - norm
+ * statistics (rstd, lse), losses and their seeds, router probabilities,
+ * gates and everything after them, gradients accumulated across micro-steps
+ * (fp32, pinned), the fp32 master weights and Adam moments.
+ * The CPU library implements these by widening into ctx->workspace (see
+ * moek_bf16_workspace_bytes), so its bf16 results are the reference the CUDA
+ * variants are compared with. */
+typedef uint16_t moek_bf16;
+
+/* Workspace the CPU bf16 variants need for one call whose float tensor
+ * arguments total `elems` elements: the compiler records the maximum in the
+ * plan and the runtime allocates it. */
+#define MOEK_BF16_WORKSPACE_BYTES(elems) ((int64_t)(elems) * 4 + 64 * 16)
+
+void moek_cast_f32_bf16(const moek_ctx *ctx, const float *x, moek_bf16 *y, int64_t n);
+void moek_cast_bf16_f32(const moek_ctx *ctx, const moek_bf16 *x, float *y, int64_t n);
+
+void moek_fill_bf16(const moek_ctx *ctx, moek_bf16 *x, int64_t n, float value);
+void moek_copy_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y, int64_t n);
+void moek_add_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *a, const moek_bf16 *b, moek_bf16 *y, int64_t n);
+/* fp32 dst += widened bf16 src: a bf16 gradient into its fp32 accumulator */
+void moek_accumulate_bf16(const moek_ctx *ctx, float *dst, const moek_bf16 *src, int64_t n);
+void moek_scale_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y, int64_t n, float s);
+void moek_scale_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 *dx, int64_t n, float s);
+void moek_gelu_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y, int64_t n);
+void moek_gelu_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x, moek_bf16 *dx, int64_t n);
+void moek_swiglu_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *gate, const moek_bf16 *up, moek_bf16 *y, int64_t n);
+void moek_swiglu_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *gate, const moek_bf16 *up,
+                          moek_bf16 *dgate, moek_bf16 *dup, int64_t n);
+void moek_embedding_fwd_bf16(const moek_ctx *ctx, const int32_t *ids, const moek_bf16 *table, moek_bf16 *out,
+                             int64_t N, int64_t V, int64_t D);
+void moek_embedding_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const int32_t *ids, moek_bf16 *dtable,
+                             int64_t N, int64_t V, int64_t D);
+void moek_matmul_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w, moek_bf16 *y,
+                          int64_t N, int64_t K, int64_t M);
+void moek_matmul_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x, const moek_bf16 *w,
+                          moek_bf16 *dx, moek_bf16 *dw, int64_t N, int64_t K, int64_t M);
+void moek_rmsnorm_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w, moek_bf16 *y, float *rstd,
+                           int64_t N, int64_t D, float eps);
+void moek_rmsnorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x, const moek_bf16 *w,
+                           const float *rstd, moek_bf16 *dx, moek_bf16 *dw, int64_t N, int64_t D);
+void moek_rope_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y,
+                        int64_t B, int64_t T, int64_t H, int64_t Dh, float theta);
+void moek_rope_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 *dx,
+                        int64_t B, int64_t T, int64_t H, int64_t Dh, float theta);
+void moek_attention_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *q, const moek_bf16 *k, const moek_bf16 *v,
+                             moek_bf16 *o, float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh);
+void moek_attention_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const moek_bf16 *q, const moek_bf16 *k,
+                             const moek_bf16 *v, const moek_bf16 *o, const float *lse,
+                             moek_bf16 *dq, moek_bf16 *dk, moek_bf16 *dv,
+                             int64_t B, int64_t T, int64_t H, int64_t Dh);
+void moek_cross_entropy_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits, const int32_t *targets,
+                                 float *loss, float *lse, int64_t N, int64_t V);
+void moek_cross_entropy_bwd_bf16(const moek_ctx *ctx, const float *dloss, const moek_bf16 *logits,
+                                 const int32_t *targets, const float *lse, moek_bf16 *dlogits,
+                                 int64_t N, int64_t V);
+/* router: bf16 logits in, fp32 probabilities out; the rest of routing is fp32 */
+void moek_softmax_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits, float *probs, int64_t N, int64_t E);
+void moek_softmax_bwd_bf16(const moek_ctx *ctx, const float *dprobs, const float *probs, moek_bf16 *dlogits,
+                           int64_t N, int64_t E);
+void moek_zloss_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits, float *loss, int64_t N, int64_t E);
+void moek_zloss_bwd_bf16(const moek_ctx *ctx, const float *dloss, const moek_bf16 *logits, moek_bf16 *dlogits,
+                         int64_t N, int64_t E);
+void moek_dispatch_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const int32_t *idx, moek_bf16 *xs,
+                            int32_t *slot_row, int32_t *expert_rows,
+                            int64_t N, int64_t D, int64_t E, int64_t k, int64_t C);
+void moek_dispatch_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dxs, const int32_t *slot_row, moek_bf16 *dx,
+                            int64_t N, int64_t D, int64_t k, int64_t R);
+void moek_grouped_matmul_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *xs, const moek_bf16 *w,
+                                  const int32_t *expert_rows, moek_bf16 *ys,
+                                  int64_t R, int64_t K, int64_t M, int64_t E);
+void moek_grouped_matmul_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dys, const moek_bf16 *xs,
+                                  const moek_bf16 *w, const int32_t *expert_rows,
+                                  moek_bf16 *dxs, moek_bf16 *dw, int64_t R, int64_t K, int64_t M, int64_t E);
+/* gates stay fp32: out[t] = bf16(sum_j gates[t,j] * ys[row]) */
+void moek_combine_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *ys, const int32_t *slot_row,
+                           const float *gates, moek_bf16 *out, int64_t N, int64_t D, int64_t k, int64_t R);
+void moek_combine_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const moek_bf16 *ys,
+                           const int32_t *slot_row, const float *gates, moek_bf16 *dys, float *dgates,
+                           int64_t N, int64_t D, int64_t k, int64_t R);
+/* AdamW / SGD on the fp32 master copy, then p = bf16(master).  g is the fp32
+ * accumulated gradient. */
+void moek_adamw_bf16(const moek_ctx *ctx, moek_bf16 *p, float *master, const float *g, float *m, float *v,
+                     int64_t n, const float *hyper, const float *norm_sq, float weight_decay);
+void moek_sgd_bf16(const moek_ctx *ctx, moek_bf16 *p, float *master, const float *g, float *buf, int64_t n,
+                   const float *hyper, const float *norm_sq, float weight_decay);
+
 /* ---- device services ------------------------------------------------------
  * Every kernel library for a device (libmoek_cpu.so, libmoek_cuda.so) also
  * exports these, so the runtime allocates, copies and synchronises without

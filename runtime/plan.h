@@ -140,7 +140,8 @@ typedef struct plan_param {
     uint32_t init;       /* enum plan_init */
     float init_std;
     float weight_decay;  /* already resolved: 0 for norms and biases by default */
-    uint32_t pad0;
+    int32_t master;      /* bf16 params: the fp32 master copy (OPTSTATE), checkpointed under
+                            the param's name; -1 when the param itself is fp32 */
 } plan_param;
 
 /* Training configuration, fixed size, stored right after the header. */
@@ -156,6 +157,9 @@ typedef struct plan_train {
     uint32_t device;                  /* 0 cpu, 1 cuda: default from parallel{}/train{} */
     uint64_t flops_per_token;         /* 6N + 6LCT, active params only */
     uint64_t param_count, active_param_count;
+    uint32_t precision;               /* enum plan_dtype of activations: PLAN_F32 or PLAN_BF16 */
+    uint32_t pad0;
+    uint64_t workspace_bytes;         /* kernel workspace the plan needs (CPU bf16 widening) */
 } plan_train;
 
 /* The file: plan_header, plan_train, then the sections. */
