@@ -120,4 +120,11 @@ install: all
 clean:
 	rm -rf build build-asan moec run plan.bin
 
+# --- kernel micro-benchmark (not a test): make BUILD=... bench-kernels ---
+.PHONY: bench-kernels
+bench-kernels: $(BUILD)/bench/kernels_cpu
+$(BUILD)/bench/kernels_cpu: bench/kernels_cpu.c $(BUILD)/libmoek_cpu.a kernels/moek.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fopenmp -o $@ $< $(BUILD)/libmoek_cpu.a $(OPENBLAS_LIBS) -lm
+
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -25,7 +25,16 @@ void moek_cross_entropy_fwd(const moek_ctx *ctx, const float *logits, const int3
 #pragma omp parallel for schedule(static) reduction(+ : total) num_threads(kcpu_team(ctx, 4 * N * V))
     for (int64_t n = 0; n < N; n++) {
         const float *row = logits + n * V;
-        double l = kcpu_row_lse(row, V);
+        /* the row's log-sum-exp: fp32 exponentials (vectorised), summed in double */
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < V; i++)
+            m = row[i] > m ? row[i] : m;
+        double s = 0.0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < V; i++)
+            s += (double)kcpu_expf(row[i] - m);
+        double l = m == -INFINITY ? -INFINITY : (double)m + log(s);
         lse[n] = (float)l;
         int64_t y = targets[n];
         if (y < 0 || y >= V) {
@@ -48,8 +57,9 @@ void moek_cross_entropy_bwd(const moek_ctx *ctx, const float *dloss, const float
         const float *row = logits + n * V;
         float *drow = dlogits + n * V;
         float l = lse[n];
+#pragma omp simd
         for (int64_t i = 0; i < V; i++)
-            drow[i] = expf(row[i] - l) * g;
+            drow[i] = kcpu_expf(row[i] - l) * g;
         int64_t y = targets[n];
         if (y < 0 || y >= V) {
             kcpu_fail(ctx, MOEK_E_INDEX);

@@ -62,28 +62,45 @@ void moek_rmsnorm_bwd(const moek_ctx *ctx, const float *dy, const float *x, cons
 
 /* Rotates each pair (2i, 2i+1) of every head by angle t * theta^(-2i/Dh),
  * t = position within the sequence; sign -1 rotates back (the backward of a
- * rotation is its transpose).  An odd Dh leaves the last element as is. */
+ * rotation is its transpose).  An odd Dh leaves the last element as is.
+ * The angle depends only on (t, i): each position computes its cos/sin for
+ * a chunk of pairs once and applies them to all B rows and H heads at that
+ * position, so there are T * Dh/2 trig calls instead of B * T * Dh/2 (the
+ * values, and so the results, are the same as computing them per row). */
 static void kcpu_rope(const moek_ctx *ctx, const float *x, float *y, int64_t B, int64_t T,
                       int64_t H, int64_t Dh, float theta, double sign)
 {
+    enum { CH = 64 };
     int64_t half = Dh / 2, W = H * Dh;
 #pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, 4 * B * T * W))
-    for (int64_t bt = 0; bt < B * T; bt++) {
-        double pos = (double)(bt % T);
-        const float *xr = x + bt * W;
-        float *yr = y + bt * W;
-        for (int64_t i = 0; i < half; i++) {
-            double ang = sign * pos * pow((double)theta, -2.0 * (double)i / (double)Dh);
-            float c = (float)cos(ang), s = (float)sin(ang);
-            for (int64_t h = 0; h < H; h++) {
-                float a = xr[h * Dh + 2 * i], b = xr[h * Dh + 2 * i + 1];
-                yr[h * Dh + 2 * i] = a * c - b * s;
-                yr[h * Dh + 2 * i + 1] = a * s + b * c;
+    for (int64_t t = 0; t < T; t++) {
+        double pos = (double)t;
+        float cs[CH], sn[CH];
+        for (int64_t i0 = 0; i0 < half; i0 += CH) {
+            int64_t n = half - i0 < CH ? half - i0 : CH;
+            for (int64_t i = 0; i < n; i++) {
+                double ang = sign * pos * pow((double)theta, -2.0 * (double)(i0 + i) / (double)Dh);
+                cs[i] = (float)cos(ang);
+                sn[i] = (float)sin(ang);
+            }
+            for (int64_t b = 0; b < B; b++) {
+                const float *xr = x + (b * T + t) * W;
+                float *yr = y + (b * T + t) * W;
+                for (int64_t h = 0; h < H; h++) {
+                    const float *xp = xr + h * Dh + 2 * i0;
+                    float *yp = yr + h * Dh + 2 * i0;
+                    for (int64_t i = 0; i < n; i++) {
+                        float a = xp[2 * i], c = xp[2 * i + 1]; /* read both first: x may be y */
+                        yp[2 * i] = a * cs[i] - c * sn[i];
+                        yp[2 * i + 1] = a * sn[i] + c * cs[i];
+                    }
+                }
             }
         }
         if (Dh % 2)
-            for (int64_t h = 0; h < H; h++)
-                yr[h * Dh + Dh - 1] = xr[h * Dh + Dh - 1];
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t h = 0; h < H; h++)
+                    y[(b * T + t) * W + h * Dh + Dh - 1] = x[(b * T + t) * W + h * Dh + Dh - 1];
     }
 }
 
