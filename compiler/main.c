@@ -62,6 +62,29 @@ static int report(diag_ctx *d, const moec_error *e)
     return 1;
 }
 
+/* The passes between elaboration and emission, in the order they run.
+ * Recompute must follow autodiff (it re-runs forward ops inside backward)
+ * and precede memplan (whose liveness it changes). */
+typedef struct moec_pass {
+    const char *name;
+    int (*run)(ir_graph *g, moec_error *err);
+} moec_pass;
+
+static const moec_pass moec_pipeline[] = {
+    {"autodiff", pass_autodiff},
+    {"optimizer", pass_optimizer},
+    {"recompute", pass_recompute},
+    {"memplan", pass_memplan},
+};
+
+static int run_pipeline(ir_graph *g, moec_error *err)
+{
+    for (size_t i = 0; i < sizeof moec_pipeline / sizeof moec_pipeline[0]; i++)
+        if (moec_pipeline[i].run(g, err))
+            return -1;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *out_path = "plan.bin", *input = NULL, *dump = NULL, *stdlib = NULL;
@@ -167,15 +190,10 @@ int main(int argc, char **argv)
     memset(&err, 0, sizeof err);
     if (!g) {
         rc = 1;
-    } else if (dump) {   /* --dump=ir: the forward graph and, after the passes, the rest */
-        if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_recompute(g, &err) ||
-            pass_memplan(g, &err))
-            rc = report(d, &err);
-        else
-            ir_dump(g, stdout);
-    } else if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_recompute(g, &err) ||
-            pass_memplan(g, &err)) {
+    } else if (run_pipeline(g, &err)) {
         rc = report(d, &err);
+    } else if (dump) {
+        ir_dump(g, stdout);
     } else if (explain) {
         explain_print(g, stdout);
     } else if (pass_emit(g, out_path, &err)) {

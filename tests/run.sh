@@ -9,6 +9,7 @@ BUILD=${1:-build}
 cd "$ROOT"
 export ROOT
 passed=0; failed=0; skipped=0
+declare -A seen
 run_one() {
     local label=$1; shift
     local out rc
@@ -29,6 +30,8 @@ for t in "$BUILD"/tests/*; do
 done
 for t in tests/cli/*.sh tests/*/test_*.sh; do
     [ -f "$t" ] || continue
+    [ -n "${seen[$t]:-}" ] && continue   # tests/cli/test_x.sh matches both globs
+    seen[$t]=1
     run_one "$t" bash "$t"
 done
 [ "$skipped" -gt 0 ] && echo "$skipped skipped (listed above with the reason)"
