@@ -220,39 +220,73 @@ static bool at_setup(const moek_ctx *ctx, at_dims *a, int64_t B, int64_t T, int6
     return true;
 }
 
-extern "C" void moek_attention_fwd(const moek_ctx *ctx, const float *q, const float *k,
-                                   const float *v, float *o, float *lse, int64_t B, int64_t T,
-                                   int64_t H, int64_t Dh)
+template <typename S>
+static void kc_attention_fwd(const moek_ctx *ctx, const S *q, const S *k, const S *v, S *o,
+                             float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh)
 {
     at_dims a;
     unsigned blocks;
     size_t shm;
-    if (!at_setup(ctx, &a, B, T, H, Dh, 2 * Dh + 32, (const void *)k_attn_fwd<float>, &blocks,
+    if (!at_setup(ctx, &a, B, T, H, Dh, 2 * Dh + 32, (const void *)k_attn_fwd<S>, &blocks,
                   &shm))
         return;
-    k_attn_fwd<float><<<blocks, 32 * AT_WARPS, shm, kc_stream(ctx)>>>(q, k, v, o, lse, a);
+    k_attn_fwd<S><<<blocks, 32 * AT_WARPS, shm, kc_stream(ctx)>>>(q, k, v, o, lse, a);
     kc_launched(ctx);
 }
 
-extern "C" void moek_attention_bwd(const moek_ctx *ctx, const float *dout, const float *q,
-                                   const float *k, const float *v, const float *o,
-                                   const float *lse, float *dq, float *dk, float *dv, int64_t B,
-                                   int64_t T, int64_t H, int64_t Dh)
+template <typename S>
+static void kc_attention_bwd(const moek_ctx *ctx, const S *dout, const S *q, const S *k, const S *v,
+                             const S *o, const float *lse, S *dq, S *dk, S *dv, int64_t B,
+                             int64_t T, int64_t H, int64_t Dh)
 {
     at_dims a;
     unsigned blocks;
     size_t shm;
-    if (!at_setup(ctx, &a, B, T, H, Dh, 3 * Dh + 32, (const void *)k_attn_bwd_dq<float>, &blocks,
+    if (!at_setup(ctx, &a, B, T, H, Dh, 3 * Dh + 32, (const void *)k_attn_bwd_dq<S>, &blocks,
                   &shm))
         return;
-    k_attn_bwd_dq<float><<<blocks, 32 * AT_WARPS, shm, kc_stream(ctx)>>>(dout, q, k, v, o, lse,
+    k_attn_bwd_dq<S><<<blocks, 32 * AT_WARPS, shm, kc_stream(ctx)>>>(dout, q, k, v, o, lse,
                                                                           dq, a);
     if (!kc_launched(ctx))
         return;
-    if (!at_setup(ctx, &a, B, T, H, Dh, 4 * Dh + 64, (const void *)k_attn_bwd_dkdv<float>,
+    if (!at_setup(ctx, &a, B, T, H, Dh, 4 * Dh + 64, (const void *)k_attn_bwd_dkdv<S>,
                   &blocks, &shm))
         return;
-    k_attn_bwd_dkdv<float><<<blocks, 32 * AT_WARPS, shm, kc_stream(ctx)>>>(dout, q, k, v, o, lse,
+    k_attn_bwd_dkdv<S><<<blocks, 32 * AT_WARPS, shm, kc_stream(ctx)>>>(dout, q, k, v, o, lse,
                                                                             dk, dv, a);
     kc_launched(ctx);
 }
+
+extern "C" {
+
+void moek_attention_fwd(const moek_ctx *ctx, const float *q, const float *k, const float *v,
+                        float *o, float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh)
+{
+    kc_attention_fwd(ctx, q, k, v, o, lse, B, T, H, Dh);
+}
+
+void moek_attention_bwd(const moek_ctx *ctx, const float *dout, const float *q, const float *k,
+                        const float *v, const float *o, const float *lse, float *dq, float *dk,
+                        float *dv, int64_t B, int64_t T, int64_t H, int64_t Dh)
+{
+    kc_attention_bwd(ctx, dout, q, k, v, o, lse, dq, dk, dv, B, T, H, Dh);
+}
+
+/* bf16 q/k/v/o and gradients, fp32 lse; the maths stays fp32 */
+void moek_attention_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *q, const moek_bf16 *k,
+                             const moek_bf16 *v, moek_bf16 *o, float *lse, int64_t B, int64_t T,
+                             int64_t H, int64_t Dh)
+{
+    kc_attention_fwd(ctx, kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, B, T, H, Dh);
+}
+
+void moek_attention_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const moek_bf16 *q,
+                             const moek_bf16 *k, const moek_bf16 *v, const moek_bf16 *o,
+                             const float *lse, moek_bf16 *dq, moek_bf16 *dk, moek_bf16 *dv,
+                             int64_t B, int64_t T, int64_t H, int64_t Dh)
+{
+    kc_attention_bwd(ctx, kc_bf(dout), kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, kc_bf(dq),
+                     kc_bf(dk), kc_bf(dv), B, T, H, Dh);
+}
+
+} /* extern "C" */

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 
 extern "C" {
 #include "../moek.h"
@@ -108,6 +109,22 @@ __device__ inline void kc_dev_fail(int *st, int code)
  * kc_st and computes in fp32, so a bf16 variant is one more instantiation. */
 template <typename T> __device__ inline float kc_ld(const T *p) { return (float)*p; }
 template <typename T> __device__ inline void kc_st(T *p, float v) { *p = (T)v; }
+/* bf16 storage: widening is exact; narrowing rounds to nearest even (NaN
+ * stays NaN), as the CPU reference does, so the two libraries agree bit for
+ * bit whenever their fp32 results do */
+template <> __device__ inline float kc_ld<__nv_bfloat16>(const __nv_bfloat16 *p)
+{
+    return __bfloat162float(*p);
+}
+template <> __device__ inline void kc_st<__nv_bfloat16>(__nv_bfloat16 *p, float v)
+{
+    *p = __float2bfloat16_rn(v);
+}
+
+/* the ABI's moek_bf16 (raw uint16_t) is the same 16 bits as __nv_bfloat16 */
+typedef __nv_bfloat16 kc_bf16;
+static inline const kc_bf16 *kc_bf(const moek_bf16 *p) { return reinterpret_cast<const kc_bf16 *>(p); }
+static inline kc_bf16 *kc_bf(moek_bf16 *p) { return reinterpret_cast<kc_bf16 *>(p); }
 
 __device__ inline float kc_warp_sum(float v)
 {

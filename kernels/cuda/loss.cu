@@ -89,29 +89,29 @@ __global__ void k_ce_bwd(const float *dloss, const T *logits, const int32_t *tar
     }
 }
 
-extern "C" void moek_cross_entropy_fwd(const moek_ctx *ctx, const float *logits,
-                                       const int32_t *targets, float *loss, float *lse, int64_t N,
-                                       int64_t V)
+template <typename T>
+static void kc_ce_fwd(const moek_ctx *ctx, const T *logits, const int32_t *targets, float *loss,
+                      float *lse, int64_t N, int64_t V)
 {
     if (!kc_shape(ctx, N >= 0 && V >= 0 && N <= INT32_MAX))
         return;
     if (N > 0) {
-        k_ce_lse<float><<<(unsigned)N, KCUDA_THREADS, 0, kc_stream(ctx)>>>(logits, lse, V);
+        k_ce_lse<T><<<(unsigned)N, KCUDA_THREADS, 0, kc_stream(ctx)>>>(logits, lse, V);
         if (!kc_launched(ctx))
             return;
     }
-    k_ce_loss<float><<<1, 1024, 0, kc_stream(ctx)>>>(logits, targets, lse, loss, N, V,
-                                                     kc_dev_status(ctx));
+    k_ce_loss<T><<<1, 1024, 0, kc_stream(ctx)>>>(logits, targets, lse, loss, N, V,
+                                                 kc_dev_status(ctx));
     kc_launched(ctx);
 }
 
-extern "C" void moek_cross_entropy_bwd(const moek_ctx *ctx, const float *dloss,
-                                       const float *logits, const int32_t *targets,
-                                       const float *lse, float *dlogits, int64_t N, int64_t V)
+template <typename T>
+static void kc_ce_bwd(const moek_ctx *ctx, const float *dloss, const T *logits,
+                      const int32_t *targets, const float *lse, T *dlogits, int64_t N, int64_t V)
 {
     if (!kc_shape(ctx, N >= 0 && V >= 0) || N * V == 0)
         return;
-    k_ce_bwd<float><<<kc_blocks(N * V), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+    k_ce_bwd<T><<<kc_blocks(N * V), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
         dloss, logits, targets, lse, dlogits, N, V, kc_dev_status(ctx));
     kc_launched(ctx);
 }
@@ -155,8 +155,8 @@ template <typename T> __global__ void k_zloss_part(const T *logits, double *part
         part[blockIdx.x] = s;
 }
 
-extern "C" void moek_zloss_fwd(const moek_ctx *ctx, const float *logits, float *loss, int64_t N,
-                               int64_t E)
+template <typename T>
+static void kc_zloss_fwd(const moek_ctx *ctx, const T *logits, float *loss, int64_t N, int64_t E)
 {
     kcuda_handles *h = kc_handles(ctx);
     if (!kc_shape(ctx, N >= 0 && E >= 0))
@@ -167,7 +167,7 @@ extern "C" void moek_zloss_fwd(const moek_ctx *ctx, const float *logits, float *
     }
     unsigned G = ls_partials(N, KCUDA_THREADS / 32);
     if (N > 0) {
-        k_zloss_part<float><<<G, KCUDA_THREADS, 0, kc_stream(ctx)>>>(logits, h->scratch, N, E);
+        k_zloss_part<T><<<G, KCUDA_THREADS, 0, kc_stream(ctx)>>>(logits, h->scratch, N, E);
         if (!kc_launched(ctx))
             return;
     } else {
@@ -192,13 +192,14 @@ __global__ void k_zloss_bwd(const float *dloss, const T *logits, T *dlogits, int
         kc_st(dlogits + n * E + i, (float)(g * l * exp((double)kc_ld(x + i) - l)));
 }
 
-extern "C" void moek_zloss_bwd(const moek_ctx *ctx, const float *dloss, const float *logits,
-                               float *dlogits, int64_t N, int64_t E)
+template <typename T>
+static void kc_zloss_bwd(const moek_ctx *ctx, const float *dloss, const T *logits, T *dlogits,
+                         int64_t N, int64_t E)
 {
     if (!kc_shape(ctx, N >= 0 && E >= 0 && N <= ((int64_t)1 << 36)) || N * E == 0)
         return;
     unsigned blocks = (unsigned)((N * 32 + KCUDA_THREADS - 1) / KCUDA_THREADS);
-    k_zloss_bwd<float><<<blocks, KCUDA_THREADS, 0, kc_stream(ctx)>>>(dloss, logits, dlogits, N, E);
+    k_zloss_bwd<T><<<blocks, KCUDA_THREADS, 0, kc_stream(ctx)>>>(dloss, logits, dlogits, N, E);
     kc_launched(ctx);
 }
 
@@ -232,3 +233,58 @@ extern "C" void moek_sumsq_accum(const moek_ctx *ctx, const float *x, float *acc
     k_finish<<<1, 1024, 0, kc_stream(ctx)>>>(h->scratch, G, acc, 1.0, 1);
     kc_launched(ctx);
 }
+
+extern "C" {
+
+void moek_cross_entropy_fwd(const moek_ctx *ctx, const float *logits, const int32_t *targets,
+                            float *loss, float *lse, int64_t N, int64_t V)
+{
+    kc_ce_fwd(ctx, logits, targets, loss, lse, N, V);
+}
+
+void moek_cross_entropy_bwd(const moek_ctx *ctx, const float *dloss, const float *logits,
+                            const int32_t *targets, const float *lse, float *dlogits, int64_t N,
+                            int64_t V)
+{
+    kc_ce_bwd(ctx, dloss, logits, targets, lse, dlogits, N, V);
+}
+
+void moek_zloss_fwd(const moek_ctx *ctx, const float *logits, float *loss, int64_t N, int64_t E)
+{
+    kc_zloss_fwd(ctx, logits, loss, N, E);
+}
+
+void moek_zloss_bwd(const moek_ctx *ctx, const float *dloss, const float *logits, float *dlogits,
+                    int64_t N, int64_t E)
+{
+    kc_zloss_bwd(ctx, dloss, logits, dlogits, N, E);
+}
+
+/* bf16 logits and logit gradients; loss, lse and the seed stay fp32 */
+void moek_cross_entropy_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits,
+                                 const int32_t *targets, float *loss, float *lse, int64_t N,
+                                 int64_t V)
+{
+    kc_ce_fwd(ctx, kc_bf(logits), targets, loss, lse, N, V);
+}
+
+void moek_cross_entropy_bwd_bf16(const moek_ctx *ctx, const float *dloss, const moek_bf16 *logits,
+                                 const int32_t *targets, const float *lse, moek_bf16 *dlogits,
+                                 int64_t N, int64_t V)
+{
+    kc_ce_bwd(ctx, dloss, kc_bf(logits), targets, lse, kc_bf(dlogits), N, V);
+}
+
+void moek_zloss_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits, float *loss, int64_t N,
+                         int64_t E)
+{
+    kc_zloss_fwd(ctx, kc_bf(logits), loss, N, E);
+}
+
+void moek_zloss_bwd_bf16(const moek_ctx *ctx, const float *dloss, const moek_bf16 *logits,
+                         moek_bf16 *dlogits, int64_t N, int64_t E)
+{
+    kc_zloss_bwd(ctx, dloss, kc_bf(logits), kc_bf(dlogits), N, E);
+}
+
+} /* extern "C" */

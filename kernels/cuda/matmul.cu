@@ -11,10 +11,14 @@
 #include "kcuda.cuh"
 
 /* fp32 storage with fp32 compute; CUBLAS_COMPUTE_32F with the default math
- * mode never rounds inputs to TF32.  bf16 storage later: CUDA_R_16BF. */
+ * mode never rounds inputs to TF32.  bf16 storage: bf16 A, B and C with the
+ * same fp32 compute type, which runs on the tensor cores and rounds C once. */
 template <typename T> struct kc_blas_type;
 template <> struct kc_blas_type<float> {
     static constexpr cudaDataType_t value = CUDA_R_32F;
+};
+template <> struct kc_blas_type<kc_bf16> {
+    static constexpr cudaDataType_t value = CUDA_R_16BF;
 };
 
 /* column-major C[m,n] = op(A) . op(B) */
@@ -40,22 +44,23 @@ static bool kc_gemm(const moek_ctx *ctx, cublasOperation_t ta, cublasOperation_t
                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-extern "C" void moek_matmul_fwd(const moek_ctx *ctx, const float *x, const float *w, float *y,
-                                int64_t N, int64_t K, int64_t M)
+template <typename T>
+static void kc_matmul_fwd(const moek_ctx *ctx, const T *x, const T *w, T *y, int64_t N, int64_t K,
+                          int64_t M)
 {
     if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0) || N == 0 || M == 0)
         return;
     if (K == 0) {   /* an empty sum; cuBLAS rejects a leading dimension of 0 */
-        kc_zero(ctx, y, N * M * (int64_t)sizeof(float));
+        kc_zero(ctx, y, N * M * (int64_t)sizeof(T));
         return;
     }
     /* y^T[M,N] = w[M,K] . x^T[K,N] */
-    kc_gemm<float>(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, w, K, x, K, y, M);
+    kc_gemm<T>(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, w, K, x, K, y, M);
 }
 
-extern "C" void moek_matmul_bwd(const moek_ctx *ctx, const float *dy, const float *x,
-                                const float *w, float *dx, float *dw, int64_t N, int64_t K,
-                                int64_t M)
+template <typename T>
+static void kc_matmul_bwd(const moek_ctx *ctx, const T *dy, const T *x, const T *w, T *dx, T *dw,
+                          int64_t N, int64_t K, int64_t M)
 {
     if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))
         return;
@@ -64,16 +69,16 @@ extern "C" void moek_matmul_bwd(const moek_ctx *ctx, const float *dy, const floa
     /* dx[N,K] = dy[N,M] . w[M,K]:  dx^T = w^T . dy^T */
     if (dx && N > 0) {
         if (M == 0)
-            kc_zero(ctx, dx, N * K * (int64_t)sizeof(float));
+            kc_zero(ctx, dx, N * K * (int64_t)sizeof(T));
         else
-            kc_gemm<float>(ctx, CUBLAS_OP_N, CUBLAS_OP_N, K, N, M, w, K, dy, M, dx, K);
+            kc_gemm<T>(ctx, CUBLAS_OP_N, CUBLAS_OP_N, K, N, M, w, K, dy, M, dx, K);
     }
     /* dw[M,K] = dy^T[M,N] . x[N,K]:  dw^T = x^T . dy */
     if (dw && M > 0) {
         if (N == 0)
-            kc_zero(ctx, dw, M * K * (int64_t)sizeof(float));
+            kc_zero(ctx, dw, M * K * (int64_t)sizeof(T));
         else
-            kc_gemm<float>(ctx, CUBLAS_OP_N, CUBLAS_OP_T, K, M, N, x, K, dy, M, dw, K);
+            kc_gemm<T>(ctx, CUBLAS_OP_N, CUBLAS_OP_T, K, M, N, x, K, dy, M, dw, K);
     }
 }
 
@@ -204,35 +209,36 @@ static bool gm_grid_ok(const moek_ctx *ctx, int64_t R, int64_t E, int64_t cols)
                              (cols + GM_BN - 1) / GM_BN <= INT_MAX);
 }
 
-extern "C" void moek_grouped_matmul_fwd(const moek_ctx *ctx, const float *xs, const float *w,
-                                        const int32_t *expert_rows, float *ys, int64_t R,
-                                        int64_t K, int64_t M, int64_t E)
+template <typename T>
+static void kc_grouped_fwd(const moek_ctx *ctx, const T *xs, const T *w, const int32_t *expert_rows,
+                           T *ys, int64_t R, int64_t K, int64_t M, int64_t E)
 {
     if (!kc_shape(ctx, R >= 0 && K >= 0 && M >= 0 && E >= 0) || R == 0 || M == 0)
         return;
     /* rows outside every block stay zero */
-    if (!kc_zero(ctx, ys, R * M * (int64_t)sizeof(float)) || E == 0 || !gm_grid_ok(ctx, R, E, M))
+    if (!kc_zero(ctx, ys, R * M * (int64_t)sizeof(T)) || E == 0 || !gm_grid_ok(ctx, R, E, M))
         return;
     dim3 grid((unsigned)((M + GM_BN - 1) / GM_BN), (unsigned)((R + GM_BM - 1) / GM_BM + E));
     gm_operand sw = {1, K};   /* B(kk, j) = w[e][j][kk] */
-    k_grouped_rows<float><<<grid, 256, 0, kc_stream(ctx)>>>(xs, K, w, sw, M * K, expert_rows, ys,
-                                                             M, R, M, K, E, kc_dev_status(ctx));
+    k_grouped_rows<T><<<grid, 256, 0, kc_stream(ctx)>>>(xs, K, w, sw, M * K, expert_rows, ys, M, R,
+                                                         M, K, E, kc_dev_status(ctx));
     kc_launched(ctx);
 }
 
-extern "C" void moek_grouped_matmul_bwd(const moek_ctx *ctx, const float *dys, const float *xs,
-                                        const float *w, const int32_t *expert_rows, float *dxs,
-                                        float *dw, int64_t R, int64_t K, int64_t M, int64_t E)
+template <typename T>
+static void kc_grouped_bwd(const moek_ctx *ctx, const T *dys, const T *xs, const T *w,
+                           const int32_t *expert_rows, T *dxs, T *dw, int64_t R, int64_t K,
+                           int64_t M, int64_t E)
 {
     if (!kc_shape(ctx, R >= 0 && K >= 0 && M >= 0 && E >= 0) || K == 0)
         return;
     if (dxs && R > 0) {
-        if (!kc_zero(ctx, dxs, R * K * (int64_t)sizeof(float)))
+        if (!kc_zero(ctx, dxs, R * K * (int64_t)sizeof(T)))
             return;
         if (E > 0 && M > 0 && gm_grid_ok(ctx, R, E, K)) {
             dim3 grid((unsigned)((K + GM_BN - 1) / GM_BN), (unsigned)((R + GM_BM - 1) / GM_BM + E));
             gm_operand sw = {K, 1};   /* B(kk = m, j = k) = w[e][m][k] */
-            k_grouped_rows<float><<<grid, 256, 0, kc_stream(ctx)>>>(
+            k_grouped_rows<T><<<grid, 256, 0, kc_stream(ctx)>>>(
                 dys, M, w, sw, M * K, expert_rows, dxs, K, R, K, M, E, kc_dev_status(ctx));
             if (!kc_launched(ctx))
                 return;
@@ -243,8 +249,70 @@ extern "C" void moek_grouped_matmul_bwd(const moek_ctx *ctx, const float *dys, c
             return;
         dim3 grid((unsigned)((K + GM_BN - 1) / GM_BN), (unsigned)((M + GM_BM - 1) / GM_BM),
                   (unsigned)E);
-        k_grouped_dw<float><<<grid, 256, 0, kc_stream(ctx)>>>(dys, xs, expert_rows, dw, R, K, M,
-                                                               kc_dev_status(ctx));
+        k_grouped_dw<T><<<grid, 256, 0, kc_stream(ctx)>>>(dys, xs, expert_rows, dw, R, K, M,
+                                                           kc_dev_status(ctx));
         kc_launched(ctx);
     }
 }
+
+/* ---- the exported symbols: fp32 and bf16 storage ------------------------ */
+extern "C" {
+
+void moek_matmul_fwd(const moek_ctx *ctx, const float *x, const float *w, float *y, int64_t N,
+                     int64_t K, int64_t M)
+{
+    kc_matmul_fwd(ctx, x, w, y, N, K, M);
+}
+
+void moek_matmul_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w,
+                     float *dx, float *dw, int64_t N, int64_t K, int64_t M)
+{
+    kc_matmul_bwd(ctx, dy, x, w, dx, dw, N, K, M);
+}
+
+void moek_grouped_matmul_fwd(const moek_ctx *ctx, const float *xs, const float *w,
+                             const int32_t *expert_rows, float *ys, int64_t R, int64_t K, int64_t M,
+                             int64_t E)
+{
+    kc_grouped_fwd(ctx, xs, w, expert_rows, ys, R, K, M, E);
+}
+
+void moek_grouped_matmul_bwd(const moek_ctx *ctx, const float *dys, const float *xs,
+                             const float *w, const int32_t *expert_rows, float *dxs, float *dw,
+                             int64_t R, int64_t K, int64_t M, int64_t E)
+{
+    kc_grouped_bwd(ctx, dys, xs, w, expert_rows, dxs, dw, R, K, M, E);
+}
+
+void moek_matmul_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w,
+                          moek_bf16 *y, int64_t N, int64_t K, int64_t M)
+{
+    kc_matmul_fwd(ctx, kc_bf(x), kc_bf(w), kc_bf(y), N, K, M);
+}
+
+void moek_matmul_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                          const moek_bf16 *w, moek_bf16 *dx, moek_bf16 *dw, int64_t N, int64_t K,
+                          int64_t M)
+{
+    kc_matmul_bwd(ctx, kc_bf(dy), kc_bf(x), kc_bf(w), kc_bf(dx), kc_bf(dw), N, K,
+                  M);
+}
+
+/* bf16 loads into the same fp32-FMA tiles (no tensor cores yet): each
+ * output is one fp32 sum rounded once */
+void moek_grouped_matmul_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *xs, const moek_bf16 *w,
+                                  const int32_t *expert_rows, moek_bf16 *ys, int64_t R, int64_t K,
+                                  int64_t M, int64_t E)
+{
+    kc_grouped_fwd(ctx, kc_bf(xs), kc_bf(w), expert_rows, kc_bf(ys), R, K, M, E);
+}
+
+void moek_grouped_matmul_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dys, const moek_bf16 *xs,
+                                  const moek_bf16 *w, const int32_t *expert_rows, moek_bf16 *dxs,
+                                  moek_bf16 *dw, int64_t R, int64_t K, int64_t M, int64_t E)
+{
+    kc_grouped_bwd(ctx, kc_bf(dys), kc_bf(xs), kc_bf(w), expert_rows, kc_bf(dxs), kc_bf(dw),
+                   R, K, M, E);
+}
+
+} /* extern "C" */

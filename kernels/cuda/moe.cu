@@ -90,16 +90,17 @@ __global__ void k_dispatch_scatter(const T *x, const int32_t *slot_row, T *xs, i
     }
 }
 
-extern "C" void moek_dispatch_fwd(const moek_ctx *ctx, const float *x, const int32_t *idx,
-                                  float *xs, int32_t *slot_row, int32_t *expert_rows, int64_t N,
-                                  int64_t D, int64_t E, int64_t k, int64_t C)
+template <typename T>
+static void kc_dispatch_fwd(const moek_ctx *ctx, const T *x, const int32_t *idx, T *xs,
+                            int32_t *slot_row, int32_t *expert_rows, int64_t N, int64_t D,
+                            int64_t E, int64_t k, int64_t C)
 {
     if (!kc_shape(ctx, C >= 0 && N >= 0 && D >= 0 && E >= 0 && k >= 0))
         return;
     int64_t S = N * k, R = C > 0 ? E * C : S;
     if (!kc_shape(ctx, R <= INT32_MAX && S <= INT32_MAX))
         return;
-    if (!kc_zero(ctx, xs, R * D * (int64_t)sizeof(float)))
+    if (!kc_zero(ctx, xs, R * D * (int64_t)sizeof(T)))
         return;
     if (E > 0 || S > 0) {
         k_dispatch_plan<<<1, DP_THREADS, 0, kc_stream(ctx)>>>(idx, slot_row, expert_rows, S, E, C,
@@ -108,7 +109,7 @@ extern "C" void moek_dispatch_fwd(const moek_ctx *ctx, const float *x, const int
             return;
     }
     if (S * D > 0) {
-        k_dispatch_scatter<float><<<kc_blocks(S * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+        k_dispatch_scatter<T><<<kc_blocks(S * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
             x, slot_row, xs, S, D, k);
         kc_launched(ctx);
     }
@@ -137,12 +138,13 @@ __global__ void k_dispatch_bwd(const T *dxs, const int32_t *slot_row, T *dx, int
     }
 }
 
-extern "C" void moek_dispatch_bwd(const moek_ctx *ctx, const float *dxs, const int32_t *slot_row,
-                                  float *dx, int64_t N, int64_t D, int64_t k, int64_t R)
+template <typename T>
+static void kc_dispatch_bwd(const moek_ctx *ctx, const T *dxs, const int32_t *slot_row, T *dx,
+                            int64_t N, int64_t D, int64_t k, int64_t R)
 {
     if (!kc_shape(ctx, N >= 0 && D >= 0 && k >= 0 && R >= 0) || N * D == 0)
         return;
-    k_dispatch_bwd<float><<<kc_blocks(N * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+    k_dispatch_bwd<T><<<kc_blocks(N * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
         dxs, slot_row, dx, N, D, k, R, kc_dev_status(ctx));
     kc_launched(ctx);
 }
@@ -170,13 +172,13 @@ __global__ void k_combine_fwd(const T *ys, const int32_t *slot_row, const float 
     }
 }
 
-extern "C" void moek_combine_fwd(const moek_ctx *ctx, const float *ys, const int32_t *slot_row,
-                                 const float *gates, float *out, int64_t N, int64_t D, int64_t k,
-                                 int64_t R)
+template <typename T>
+static void kc_combine_fwd(const moek_ctx *ctx, const T *ys, const int32_t *slot_row,
+                           const float *gates, T *out, int64_t N, int64_t D, int64_t k, int64_t R)
 {
     if (!kc_shape(ctx, N >= 0 && D >= 0 && k >= 0 && R >= 0) || N * D == 0)
         return;
-    k_combine_fwd<float><<<kc_blocks(N * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+    k_combine_fwd<T><<<kc_blocks(N * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
         ys, slot_row, gates, out, N, D, k, R, kc_dev_status(ctx));
     kc_launched(ctx);
 }
@@ -222,18 +224,19 @@ __global__ void k_combine_bwd_dgates(const T *dout, const T *ys, const int32_t *
         dgates[s] = (float)acc;
 }
 
-extern "C" void moek_combine_bwd(const moek_ctx *ctx, const float *dout, const float *ys,
-                                 const int32_t *slot_row, const float *gates, float *dys,
-                                 float *dgates, int64_t N, int64_t D, int64_t k, int64_t R)
+template <typename T>
+static void kc_combine_bwd(const moek_ctx *ctx, const T *dout, const T *ys, const int32_t *slot_row,
+                           const float *gates, T *dys, float *dgates, int64_t N, int64_t D,
+                           int64_t k, int64_t R)
 {
     if (!kc_shape(ctx, N >= 0 && D >= 0 && k >= 0 && R >= 0 && N * k <= ((int64_t)1 << 36)))
         return;
     int64_t S = N * k;
     if (dys) {
-        if (!kc_zero(ctx, dys, R * D * (int64_t)sizeof(float)))
+        if (!kc_zero(ctx, dys, R * D * (int64_t)sizeof(T)))
             return;
         if (S * D > 0) {
-            k_combine_bwd_dys<float><<<kc_blocks(S * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+            k_combine_bwd_dys<T><<<kc_blocks(S * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
                 dout, slot_row, gates, dys, S, D, k, R);
             if (!kc_launched(ctx))
                 return;
@@ -241,8 +244,66 @@ extern "C" void moek_combine_bwd(const moek_ctx *ctx, const float *dout, const f
     }
     if (dgates && S > 0) {
         unsigned blocks = (unsigned)((S * 32 + KCUDA_THREADS - 1) / KCUDA_THREADS);
-        k_combine_bwd_dgates<float><<<blocks, KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+        k_combine_bwd_dgates<T><<<blocks, KCUDA_THREADS, 0, kc_stream(ctx)>>>(
             dout, ys, slot_row, dgates, S, D, k, R, kc_dev_status(ctx));
         kc_launched(ctx);
     }
 }
+
+extern "C" {
+
+void moek_dispatch_fwd(const moek_ctx *ctx, const float *x, const int32_t *idx, float *xs,
+                       int32_t *slot_row, int32_t *expert_rows, int64_t N, int64_t D, int64_t E,
+                       int64_t k, int64_t C)
+{
+    kc_dispatch_fwd(ctx, x, idx, xs, slot_row, expert_rows, N, D, E, k, C);
+}
+
+void moek_dispatch_bwd(const moek_ctx *ctx, const float *dxs, const int32_t *slot_row, float *dx,
+                       int64_t N, int64_t D, int64_t k, int64_t R)
+{
+    kc_dispatch_bwd(ctx, dxs, slot_row, dx, N, D, k, R);
+}
+
+void moek_combine_fwd(const moek_ctx *ctx, const float *ys, const int32_t *slot_row,
+                      const float *gates, float *out, int64_t N, int64_t D, int64_t k, int64_t R)
+{
+    kc_combine_fwd(ctx, ys, slot_row, gates, out, N, D, k, R);
+}
+
+void moek_combine_bwd(const moek_ctx *ctx, const float *dout, const float *ys,
+                      const int32_t *slot_row, const float *gates, float *dys, float *dgates,
+                      int64_t N, int64_t D, int64_t k, int64_t R)
+{
+    kc_combine_bwd(ctx, dout, ys, slot_row, gates, dys, dgates, N, D, k, R);
+}
+
+/* bf16 rows; gates and dgates stay fp32, sums over slots are fp32 */
+void moek_dispatch_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const int32_t *idx,
+                            moek_bf16 *xs, int32_t *slot_row, int32_t *expert_rows, int64_t N,
+                            int64_t D, int64_t E, int64_t k, int64_t C)
+{
+    kc_dispatch_fwd(ctx, kc_bf(x), idx, kc_bf(xs), slot_row, expert_rows, N, D, E, k, C);
+}
+
+void moek_dispatch_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dxs, const int32_t *slot_row,
+                            moek_bf16 *dx, int64_t N, int64_t D, int64_t k, int64_t R)
+{
+    kc_dispatch_bwd(ctx, kc_bf(dxs), slot_row, kc_bf(dx), N, D, k, R);
+}
+
+void moek_combine_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *ys, const int32_t *slot_row,
+                           const float *gates, moek_bf16 *out, int64_t N, int64_t D, int64_t k,
+                           int64_t R)
+{
+    kc_combine_fwd(ctx, kc_bf(ys), slot_row, gates, kc_bf(out), N, D, k, R);
+}
+
+void moek_combine_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const moek_bf16 *ys,
+                           const int32_t *slot_row, const float *gates, moek_bf16 *dys,
+                           float *dgates, int64_t N, int64_t D, int64_t k, int64_t R)
+{
+    kc_combine_bwd(ctx, kc_bf(dout), kc_bf(ys), slot_row, gates, kc_bf(dys), dgates, N, D, k, R);
+}
+
+} /* extern "C" */

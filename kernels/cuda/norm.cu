@@ -58,29 +58,30 @@ __global__ void k_rmsnorm_bwd_dw(const T *dy, const T *x, const float *rstd, T *
     }
 }
 
-extern "C" void moek_rmsnorm_fwd(const moek_ctx *ctx, const float *x, const float *w, float *y,
-                                 float *rstd, int64_t N, int64_t D, float eps)
+template <typename T>
+static void kc_rmsnorm_fwd(const moek_ctx *ctx, const T *x, const T *w, T *y, float *rstd, int64_t N,
+                           int64_t D, float eps)
 {
     if (!kc_shape(ctx, N >= 0 && D >= 0 && N <= INT32_MAX) || N == 0)
         return;
-    k_rmsnorm_fwd<float><<<(unsigned)N, KCUDA_THREADS, 0, kc_stream(ctx)>>>(x, w, y, rstd, D, eps);
+    k_rmsnorm_fwd<T><<<(unsigned)N, KCUDA_THREADS, 0, kc_stream(ctx)>>>(x, w, y, rstd, D, eps);
     kc_launched(ctx);
 }
 
-extern "C" void moek_rmsnorm_bwd(const moek_ctx *ctx, const float *dy, const float *x,
-                                 const float *w, const float *rstd, float *dx, float *dw,
-                                 int64_t N, int64_t D)
+template <typename T>
+static void kc_rmsnorm_bwd(const moek_ctx *ctx, const T *dy, const T *x, const T *w,
+                           const float *rstd, T *dx, T *dw, int64_t N, int64_t D)
 {
     if (!kc_shape(ctx, N >= 0 && D >= 0 && N <= INT32_MAX))
         return;
     if (dx && N > 0) {
-        k_rmsnorm_bwd_dx<float><<<(unsigned)N, KCUDA_THREADS, 0, kc_stream(ctx)>>>(dy, x, w, rstd,
-                                                                                   dx, D);
+        k_rmsnorm_bwd_dx<T><<<(unsigned)N, KCUDA_THREADS, 0, kc_stream(ctx)>>>(dy, x, w, rstd, dx,
+                                                                               D);
         if (!kc_launched(ctx))
             return;
     }
     if (dw && D > 0) {
-        k_rmsnorm_bwd_dw<float><<<kc_blocks(D, 128), 128, 0, kc_stream(ctx)>>>(dy, x, rstd, dw, N, D);
+        k_rmsnorm_bwd_dw<T><<<kc_blocks(D, 128), 128, 0, kc_stream(ctx)>>>(dy, x, rstd, dw, N, D);
         kc_launched(ctx);
     }
 }
@@ -110,16 +111,17 @@ __global__ void k_rope(const T *x, T *y, int64_t rows, int64_t T_, int64_t H, in
     }
 }
 
-static void kc_rope(const moek_ctx *ctx, const float *x, float *y, int64_t B, int64_t T,
-                    int64_t H, int64_t Dh, float theta, double sign)
+template <typename S>
+static void kc_rope(const moek_ctx *ctx, const S *x, S *y, int64_t B, int64_t T, int64_t H,
+                    int64_t Dh, float theta, double sign)
 {
     if (!kc_shape(ctx, B >= 0 && T >= 0 && H >= 0 && Dh >= 0))
         return;
     int64_t items = B * T * H * (Dh / 2 + (Dh & 1));
     if (items == 0)
         return;
-    k_rope<float><<<kc_blocks(items), KCUDA_THREADS, 0, kc_stream(ctx)>>>(x, y, B * T, T, H, Dh,
-                                                                          theta, sign);
+    k_rope<S><<<kc_blocks(items), KCUDA_THREADS, 0, kc_stream(ctx)>>>(x, y, B * T, T, H, Dh, theta,
+                                                                      sign);
     kc_launched(ctx);
 }
 
@@ -172,14 +174,21 @@ __global__ void k_embedding_bwd(const T *dout, const int32_t *ids, T *dtable, in
     }
 }
 
-extern "C" void moek_embedding_fwd(const moek_ctx *ctx, const int32_t *ids, const float *table,
-                                   float *out, int64_t N, int64_t V, int64_t D)
+template <typename T>
+static void kc_embedding_fwd(const moek_ctx *ctx, const int32_t *ids, const T *table, T *out,
+                             int64_t N, int64_t V, int64_t D)
 {
     if (!kc_shape(ctx, N >= 0 && V >= 0 && D >= 0) || N * D == 0)
         return;
-    k_embedding_fwd<float><<<kc_blocks(N * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+    k_embedding_fwd<T><<<kc_blocks(N * D), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
         ids, table, out, N, V, D, kc_dev_status(ctx));
     kc_launched(ctx);
+}
+
+extern "C" void moek_embedding_fwd(const moek_ctx *ctx, const int32_t *ids, const float *table,
+                                   float *out, int64_t N, int64_t V, int64_t D)
+{
+    kc_embedding_fwd(ctx, ids, table, out, N, V, D);
 }
 
 extern "C" void moek_embedding_bwd(const moek_ctx *ctx, const float *dout, const int32_t *ids,
@@ -193,3 +202,102 @@ extern "C" void moek_embedding_bwd(const moek_ctx *ctx, const float *dout, const
                                                                            D, kc_dev_status(ctx));
     kc_launched(ctx);
 }
+
+/* bf16 tables: the column walk above would round dtable to bf16 at every
+ * add, so here a block keeps fp32 sums in shared memory for a tile of 32
+ * columns x EB_IDS ids.  Warp w owns ids [v0 + 32w, v0 + 32w + 32) and scans
+ * every token in order (the id load is a broadcast), adding the tokens that
+ * fall in its ids; lane = column.  So each (id, column) sums the CPU's
+ * tokens in the CPU's order in fp32 and is rounded once, with no atomics
+ * and no workspace.  Every entry of dtable is written (untouched ids: 0). */
+#define EB_WARPS 8
+#define EB_IDS (EB_WARPS * 32)
+
+template <typename T>
+__global__ void k_embedding_bwd_tiled(const T *dout, const int32_t *ids, T *dtable, int64_t N,
+                                      int64_t V, int64_t D, int *st)
+{
+    __shared__ float acc[EB_IDS][32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int64_t d = (int64_t)blockIdx.x * 32 + lane;
+    int64_t v0 = (int64_t)blockIdx.y * EB_IDS + warp * 32;
+    float(*mine)[32] = acc + warp * 32;   /* only this warp touches these rows */
+    for (int i = 0; i < 32; i++)
+        mine[i][lane] = 0.0f;
+    bool first = blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0;
+    for (int64_t t = 0; t < N; t++) {
+        int64_t id = ids[t], r = id - v0;
+        if (id < 0 || id >= V) {
+            if (first)
+                kc_dev_fail(st, MOEK_E_INDEX);
+            continue;
+        }
+        if (r >= 0 && r < 32 && d < D)
+            mine[r][lane] += kc_ld(dout + t * D + d);
+    }
+    if (d >= D)
+        return;
+    for (int i = 0; i < 32 && v0 + i < V; i++)
+        kc_st(dtable + (v0 + i) * D + d, mine[i][lane]);
+}
+
+/* ---- the exported symbols: fp32 (above and here) and bf16 storage ------- */
+extern "C" {
+
+void moek_rmsnorm_fwd(const moek_ctx *ctx, const float *x, const float *w, float *y, float *rstd,
+                      int64_t N, int64_t D, float eps)
+{
+    kc_rmsnorm_fwd(ctx, x, w, y, rstd, N, D, eps);
+}
+
+void moek_rmsnorm_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w,
+                      const float *rstd, float *dx, float *dw, int64_t N, int64_t D)
+{
+    kc_rmsnorm_bwd(ctx, dy, x, w, rstd, dx, dw, N, D);
+}
+
+void moek_rmsnorm_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w,
+                           moek_bf16 *y, float *rstd, int64_t N, int64_t D, float eps)
+{
+    kc_rmsnorm_fwd(ctx, kc_bf(x), kc_bf(w), kc_bf(y), rstd, N, D, eps);
+}
+
+void moek_rmsnorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                           const moek_bf16 *w, const float *rstd, moek_bf16 *dx, moek_bf16 *dw,
+                           int64_t N, int64_t D)
+{
+    kc_rmsnorm_bwd(ctx, kc_bf(dy), kc_bf(x), kc_bf(w), rstd, kc_bf(dx), kc_bf(dw), N, D);
+}
+
+void moek_rope_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y, int64_t B,
+                        int64_t T, int64_t H, int64_t Dh, float theta)
+{
+    kc_rope(ctx, kc_bf(x), kc_bf(y), B, T, H, Dh, theta, 1.0);
+}
+
+void moek_rope_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 *dx, int64_t B,
+                        int64_t T, int64_t H, int64_t Dh, float theta)
+{
+    kc_rope(ctx, kc_bf(dy), kc_bf(dx), B, T, H, Dh, theta, -1.0);
+}
+
+void moek_embedding_fwd_bf16(const moek_ctx *ctx, const int32_t *ids, const moek_bf16 *table,
+                             moek_bf16 *out, int64_t N, int64_t V, int64_t D)
+{
+    kc_embedding_fwd(ctx, ids, kc_bf(table), kc_bf(out), N, V, D);
+}
+
+void moek_embedding_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const int32_t *ids,
+                             moek_bf16 *dtable, int64_t N, int64_t V, int64_t D)
+{
+    if (!kc_shape(ctx, N >= 0 && V >= 0 && D >= 0) || V * D == 0)
+        return;
+    if (!kc_shape(ctx, (V + EB_IDS - 1) / EB_IDS <= 65535 && (D + 31) / 32 <= INT32_MAX))
+        return;
+    dim3 grid((unsigned)((D + 31) / 32), (unsigned)((V + EB_IDS - 1) / EB_IDS));
+    k_embedding_bwd_tiled<kc_bf16><<<grid, 32 * EB_WARPS, 0, kc_stream(ctx)>>>(
+        kc_bf(dout), ids, kc_bf(dtable), N, V, D, kc_dev_status(ctx));
+    kc_launched(ctx);
+}
+
+} /* extern "C" */

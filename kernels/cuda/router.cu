@@ -14,24 +14,29 @@ static inline unsigned rt_warp_blocks(int64_t rows)
     if (n >= (N))                                                                 \
         return;
 
-__global__ void k_softmax_fwd(const float *logits, float *probs, int64_t N, int64_t E)
+/* logits in storage type T (fp32, or bf16 for moek_softmax_fwd_bf16); the
+ * probabilities are fp32 always */
+template <typename T>
+__global__ void k_softmax_fwd(const T *logits, float *probs, int64_t N, int64_t E)
 {
     RT_ROW_OR_RETURN(n, N);
-    const float *x = logits + n * E;
+    const T *x = logits + n * E;
     float *p = probs + n * E;
     float m = -INFINITY;
     for (int64_t i = lane; i < E; i += 32)
-        m = fmaxf(m, x[i]);
+        m = fmaxf(m, kc_ld(x + i));
     m = kc_warp_max(m);
     double s = 0.0;
     for (int64_t i = lane; i < E; i += 32)
-        s += expf(x[i] - m);
+        s += expf(kc_ld(x + i) - m);
     float inv = (float)(1.0 / kc_warp_sum_d(s));
     for (int64_t i = lane; i < E; i += 32)
-        p[i] = expf(x[i] - m) * inv;
+        p[i] = expf(kc_ld(x + i) - m) * inv;
 }
 
-__global__ void k_softmax_bwd(const float *dprobs, const float *probs, float *dlogits, int64_t N,
+/* fp32 probabilities and their gradient in, logit gradient out in T */
+template <typename T>
+__global__ void k_softmax_bwd(const float *dprobs, const float *probs, T *dlogits, int64_t N,
                               int64_t E)
 {
     RT_ROW_OR_RETURN(n, N);
@@ -41,7 +46,7 @@ __global__ void k_softmax_bwd(const float *dprobs, const float *probs, float *dl
         dot += (double)dp[i] * p[i];
     dot = kc_warp_sum_d(dot);
     for (int64_t i = lane; i < E; i += 32)
-        dlogits[n * E + i] = p[i] * (float)((double)dp[i] - dot);
+        kc_st(dlogits + n * E + i, p[i] * (float)((double)dp[i] - dot));
 }
 
 extern "C" void moek_softmax_fwd(const moek_ctx *ctx, const float *logits, float *probs, int64_t N,
@@ -49,7 +54,7 @@ extern "C" void moek_softmax_fwd(const moek_ctx *ctx, const float *logits, float
 {
     if (!kc_shape(ctx, N >= 0 && E >= 0 && N <= ((int64_t)1 << 36)) || N * E == 0)
         return;
-    k_softmax_fwd<<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(logits, probs, N, E);
+    k_softmax_fwd<float><<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(logits, probs, N, E);
     kc_launched(ctx);
 }
 
@@ -58,7 +63,7 @@ extern "C" void moek_softmax_bwd(const moek_ctx *ctx, const float *dprobs, const
 {
     if (!kc_shape(ctx, N >= 0 && E >= 0 && N <= ((int64_t)1 << 36)) || N * E == 0)
         return;
-    k_softmax_bwd<<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(dprobs, probs, dlogits,
+    k_softmax_bwd<float><<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(dprobs, probs, dlogits,
                                                                            N, E);
     kc_launched(ctx);
 }
@@ -264,5 +269,27 @@ extern "C" void moek_balance_loss_bwd(const moek_ctx *ctx, const float *dloss, c
         blocks = 32;
     k_balance_bwd<<<blocks, 1024, (size_t)E * sizeof(int), kc_stream(ctx)>>>(dloss, idx, dprobs, N,
                                                                              E, k, kc_dev_status(ctx));
+    kc_launched(ctx);
+}
+
+/* ---- bf16: the router reads bf16 logits and writes bf16 logit gradients;
+ * probabilities and everything after them stay fp32 */
+extern "C" void moek_softmax_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits, float *probs,
+                                      int64_t N, int64_t E)
+{
+    if (!kc_shape(ctx, N >= 0 && E >= 0 && N <= ((int64_t)1 << 36)) || N * E == 0)
+        return;
+    k_softmax_fwd<kc_bf16><<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(kc_bf(logits),
+                                                                                    probs, N, E);
+    kc_launched(ctx);
+}
+
+extern "C" void moek_softmax_bwd_bf16(const moek_ctx *ctx, const float *dprobs, const float *probs,
+                                      moek_bf16 *dlogits, int64_t N, int64_t E)
+{
+    if (!kc_shape(ctx, N >= 0 && E >= 0 && N <= ((int64_t)1 << 36)) || N * E == 0)
+        return;
+    k_softmax_bwd<kc_bf16><<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+        dprobs, probs, kc_bf(dlogits), N, E);
     kc_launched(ctx);
 }
