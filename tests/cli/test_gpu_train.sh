@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU side of ./run.
+# Part 1 (any machine): a stand-in "cuda" library (libmoek_cpu.so underneath,
+# with failing graph capture / device sync) shows the two error paths: a
+# capture failure falls back to eager with one line, and a data error
+# reported by moek_device_sync names the step and the op.
+# Part 2 (GPU only): tiny_dense and tiny_moe, 20 steps on cuda vs cpu (same
+# plan, data and seed): every step's loss within 1e-4 relative; CUDA graph
+# replay vs --no-graph bit for bit (losses and final checkpoint); 10 + resume
+# + 10 steps on cuda equal 20 straight.
+source "$(dirname "$0")/../lib.sh"
+B=""
+for b in ${MOEC_BUILD:-} build build-gpurt; do
+    if [ -f "$ROOT/$b/libmoek_cpu.so" ]; then B="$ROOT/$b"; break; fi
+done
+if [ -z "$B" ] || [ ! -x "$RUN" ] || [ ! -x "$MOEC" ]; then
+    skip gpu.train "build ./moec, ./run and libmoek_cpu.so first"; exit 0
+fi
+cd "$TMP"
+cat "$ROOT"/docs/*.md "$ROOT"/README.md > data.txt
+for m in tiny_dense tiny_moe; do
+    if ! "$MOEC" --stdlib "${MOEC_STDLIB:-$ROOT/stdlib}" "$ROOT/examples/$m.moe" -o "$m.bin" > "$m.moec.log" 2>&1; then
+        fail "gpu.compile_$m" "$(tail -3 "$m.moec.log")"; exit 0
+    fi
+done
+losses() { sed -E 's/^\{"step":([0-9]+),"loss":([^,]+),.*/\1 \2/' "$1"; }
+
+# ---- part 1: error paths through a stand-in device library ----------------
+mkdir -p fake
+cat > fake/fake.c <<'EOF'
+/* libmoek_cuda.so stand-in: every kernel and service from libmoek_cpu.so
+ * (found through DT_NEEDED by dlsym), except these. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+typedef struct { void *a, *b, *c; int64_t d; int *status; int e; } ctx_t;
+int moek_device_count(void) { return 1; }
+int moek_graph_begin(const ctx_t *c, char *err, int64_t n)
+{ (void)c; snprintf(err, (size_t)n, "fake: capture refused"); return -1; }
+int moek_graph_end(const ctx_t *c, void **g, char *err, int64_t n)
+{ (void)c; *g = NULL; snprintf(err, (size_t)n, "fake: no capture"); return -1; }
+int moek_graph_launch(const ctx_t *c, void *g, char *err, int64_t n)
+{ (void)c; (void)g; snprintf(err, (size_t)n, "fake: no graph"); return -1; }
+void moek_graph_free(void *g) { (void)g; }
+int moek_device_sync(const ctx_t *c, char *err, int64_t n)
+{
+    static int calls;   /* test code: fail from the FAKE_SYNC_FAIL_AT-th call on */
+    const char *at = getenv("FAKE_SYNC_FAIL_AT");
+    if (!at || ++calls < atoi(at)) return 0;
+    if (*c->status == 0) *c->status = 1;
+    snprintf(err, (size_t)n, "fake: a kernel found bad data");
+    return -1;
+}
+EOF
+if ! cc -shared -fPIC -o fake/libmoek_cuda.so fake/fake.c -L"$B" -Wl,--no-as-needed -lmoek_cpu -Wl,-rpath,"$B" 2> fake/cc.log; then
+    skip gpu.fake "cannot build the stand-in library: $(head -2 fake/cc.log)"
+else
+    common=(tiny_dense.bin --data data.txt --steps 4)
+    MOEC_KERNELS=$B "$RUN" "${common[@]}" --device cpu --metrics cpu4.jsonl --checkpoint c.st -q > /dev/null 2>&1
+    out=$(MOEC_KERNELS=$TMP/fake "$RUN" "${common[@]}" --device cuda --metrics fake4.jsonl --checkpoint f.st 2>&1); rc=$?
+    n=$(grep -c 'graph capture' <<<"$out")
+    if [ $rc -eq 0 ] && [ "$n" -eq 1 ] && grep -q '^run: CUDA graph capture of the forward\.\.backward phases failed (fake: capture refused); running every phase eagerly from now on$' <<<"$out"; then
+        pass gpu.capture_fallback_line; else fail gpu.capture_fallback_line "exit $rc, $n lines: $out"; fi
+    if [ -s cpu4.jsonl ] && [ "$(losses cpu4.jsonl)" = "$(losses fake4.jsonl)" ] && cmp -s c.st f.st; then
+        pass gpu.capture_fallback_exact; else fail gpu.capture_fallback_exact "$(losses cpu4.jsonl) vs $(losses fake4.jsonl)"; fi
+    out=$(MOEC_KERNELS=$TMP/fake "$RUN" "${common[@]}" --device cuda --no-graph --metrics nog.jsonl --checkpoint n.st 2>&1); rc=$?
+    if [ $rc -eq 0 ] && ! grep -q 'graph' <<<"$out" && cmp -s c.st n.st; then
+        pass gpu.no_graph_silent; else fail gpu.no_graph_silent "exit $rc: $out"; fi
+    # sync fails at the 3rd call (step 3), and again in the eager re-run: op 0
+    expect_fail gpu.sync_error_names_step_and_op \
+        '^run: step 3: fake: a kernel found bad data, first raised by op [0-9]+ \([^,]+, .*\.moe:[0-9]+:[0-9]+\); check the data and the model$' \
+        env MOEC_KERNELS="$TMP/fake" FAKE_SYNC_FAIL_AT=3 "$RUN" "${common[@]}" --device cuda --metrics "" --checkpoint s.st -q
+fi
+
+# ---- part 2: the real GPU ---------------------------------------------------
+probe=$(MOEC_KERNELS=$B "$RUN" tiny_dense.bin --data data.txt --device cuda --steps 0 --metrics "" --checkpoint probe.st -q 2>&1)
+if [ $? -ne 0 ]; then
+    why=$(sed -nE 's/.*cannot use device cuda: ([^;]*);.*/\1/p' <<<"$probe")
+    skip gpu.train "no GPU: ${why:-$probe}"; exit 0
+fi
+export MOEC_KERNELS=$B
+for m in tiny_dense tiny_moe; do
+    r() { "$RUN" "$m.bin" --data data.txt -q "$@" > /dev/null 2>> "$m.err" || { echo "exit $? from: run $m.bin $*" >> "$m.err"; return 1; }; }
+    r --device cpu --steps 20 --metrics "$m.cpu.jsonl" --checkpoint "$m.cpu.st" &&
+    r --device cuda --steps 20 --metrics "$m.graph.jsonl" --checkpoint "$m.graph.st" &&
+    r --device cuda --steps 20 --no-graph --metrics "$m.eager.jsonl" --checkpoint "$m.eager.st" &&
+    r --device cuda --steps 10 --metrics "$m.res.jsonl" --checkpoint "$m.res.st" &&
+    r --device cuda --steps 20 --resume "$m.res.st" --metrics "$m.res.jsonl" --checkpoint "$m.res.st"
+    if [ $? -ne 0 ]; then fail "gpu.$m" "a run failed: $(tail -3 "$m.err")"; continue; fi
+    worst=$(paste <(losses "$m.cpu.jsonl") <(losses "$m.graph.jsonl") |
+            awk '{d=$2-$4; if(d<0)d=-d; r=d/($2<0?-$2:$2); if(r>w)w=r; n++} END{printf "%d %.3g", n, w}')
+    read -r n w <<<"$worst"
+    echo "info: $m loss cpu/cuda at steps 1, 10, 20: $(paste <(losses "$m.cpu.jsonl") <(losses "$m.graph.jsonl") | sed -n '1p;10p;20p' | awk '{printf "%s %s/%s; ", $1, $2, $4}')"
+    if [ "$n" -eq 20 ] && awk -v w="$w" 'BEGIN{exit !(w <= 1e-4)}'; then
+        pass "gpu.${m}_cuda_vs_cpu (20 steps, max rel loss diff $w)"
+    else fail "gpu.${m}_cuda_vs_cpu" "$n steps, max rel loss diff $w > 1e-4"; fi
+    if [ "$(losses "$m.graph.jsonl")" = "$(losses "$m.eager.jsonl")" ] && cmp -s "$m.graph.st" "$m.eager.st"; then
+        pass "gpu.${m}_graph_equals_eager"
+    else fail "gpu.${m}_graph_equals_eager" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.eager.jsonl") | head -4)"; fi
+    if [ "$(losses "$m.graph.jsonl")" = "$(losses "$m.res.jsonl")" ] && cmp -s "$m.graph.st" "$m.res.st"; then
+        pass "gpu.${m}_resume_exact"
+    else fail "gpu.${m}_resume_exact" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.res.jsonl") | head -4)"; fi
+done
+out=$("$RUN" tiny_moe.bin --data data.txt --device cuda --steps 3 --metrics "" --checkpoint cap.st 2>&1)
+if grep -q '^run: captured the forward\.\.backward phases as a CUDA graph ([0-9]* ops); replaying it$' <<<"$out" &&
+   grep -q '^run: captured the optimizer phase as a CUDA graph' <<<"$out"; then
+    pass gpu.graph_captured; else fail gpu.graph_captured "$out"; fi
