@@ -9,6 +9,11 @@
  * paths between them cost nothing.  Each trainable parameter ends with a
  * pinned GRAD tensor that its summed gradient is accumulated into, because
  * gradients add up over grad_accum micro-steps.
+ *
+ * precision = bf16: a value's gradient has the value's dtype (backward
+ * kernels write bf16 gradients of bf16 activations and weights; sums use
+ * the bf16 add), but every GRAD tensor is fp32 and the bf16 gradient is
+ * widened into it (moek_accumulate_bf16), so micro-steps accumulate in fp32.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -86,7 +91,9 @@ static void ad_contribute(ad_state *s, int v, int c, ir_srcloc loc)
     int ins[2] = {s->grad[key], c};
     /* prefer the stdlib's add when its template is the plain elementwise one */
     const ir_opdef *add = ir_def_find(g, "add");
-    if (ad_plain_add(add)) {
+    if (cv->dtype == PLAN_BF16) {
+        iop_node(g, IOP_ADD_BF16, ins, &sum, n, 0, PLAN_PHASE_BACKWARD, loc, "gradient sum");
+    } else if (ad_plain_add(add)) {
         ir_node node;
         memset(&node, 0, sizeof node);
         node.def = add;
@@ -211,7 +218,10 @@ static int ad_node(ad_state *s, int ni, moec_error *err, int *cap)
             const ir_value *ov = &g->values[v];
             int z = ir_value_add(g, ir_strfmt(g, "d.%s.zero", ov->name), ov->dtype, PLAN_ST_ACT,
                                  ov->ndim, ov->shape);
-            iop_node(g, IOP_FILL, NULL, &z, ir_value_numel(ov), 0.0, PLAN_PHASE_BACKWARD, fwd.loc,
+            /* g->values[z], not ov: adding z may have moved the values */
+            iop_node(g, iop_for_dtype(IOP_FILL, g->values[z].dtype), NULL, &z,
+                     ir_value_numel(&g->values[z]), 0.0,
+                     PLAN_PHASE_BACKWARD, fwd.loc,
                      "zero gradient");
             b.grads_in[o] = z;
             ad_grow(s, cap);
@@ -316,7 +326,8 @@ int pass_autodiff(ir_graph *g, moec_error *err)
         if (pp->tied_to >= 0 || !ad_trainable(g, pp->value))
             continue;
         const ir_value *pv = &g->values[pp->value];
-        int gv = ir_value_add(g, ir_strfmt(g, "%s.grad", pv->name), pv->dtype, PLAN_ST_GRAD,
+        /* fp32 whatever the param's dtype: accumulated over micro-steps */
+        int gv = ir_value_add(g, ir_strfmt(g, "%s.grad", pv->name), PLAN_F32, PLAN_ST_GRAD,
                               pv->ndim, pv->shape);
         ad_grow(&s, &cap);
         pp = &g->params[p];
@@ -324,7 +335,8 @@ int pass_autodiff(ir_graph *g, moec_error *err)
         int src = s.grad[pp->value];
         if (src >= 0) {
             int ins[2] = {gv, src};
-            iop_node(g, IOP_ACCUMULATE, ins, NULL, ir_value_numel(&g->values[gv]), 0,
+            iop_node(g, iop_for_dtype(IOP_ACCUMULATE, g->values[src].dtype), ins, NULL,
+                     ir_value_numel(&g->values[gv]), 0,
                      PLAN_PHASE_BACKWARD, pp->loc, ir_strfmt(g, "accumulate %s.grad",
                                                            g->values[pp->value].name));
         }

@@ -119,6 +119,9 @@ static void dump_param(const ir_graph *g, int i, FILE *out)
         fprintf(out, " state=v%d", p->state0);
     if (p->state1 >= 0)
         fprintf(out, ",v%d", p->state1);
+    /* bf16 params only: ir_param.master is set by the optimizer pass */
+    if (g->values[p->value].dtype == PLAN_BF16 && p->master >= 0 && p->master < g->nvalues)
+        fprintf(out, " master=v%d", p->master);
     fprintf(out, " init=%s", p->init <= PLAN_INIT_NORMAL ? inits[p->init] : "?");
     if (p->init == PLAN_INIT_NORMAL)
         fprintf(out, "(%.6g)", p->init_std);
@@ -143,6 +146,8 @@ void ir_dump(const ir_graph *g, FILE *out)
         fprintf(out, "loss v%d\n", g->loss);
     if (g->logits >= 0)
         fprintf(out, "logits v%d\n", g->logits);
+    if (g->train.precision == PLAN_BF16)
+        fputs("precision bf16\n", out);
     for (int i = 0; i < g->nvalues; i++)
         dump_value(g, i, out);
     for (int i = 0; i < g->nnodes; i++)

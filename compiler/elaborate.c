@@ -11,6 +11,15 @@
  * variable), and a block call adds its `name = "..."` argument or else the
  * block's name (then "<block>_1", "<block>_2" for later calls in the same
  * scope); `name = ""` adds nothing.
+ *
+ * Precision: a tensor type written `float[...]` is the model's float storage
+ * type.  A `param` declared `float` is stored in the compute dtype (f32, or
+ * bf16 with train { precision = bf16 }).  In a signature, every `float` port
+ * of one call binds to the same dtype, taken from the arguments (f32 or
+ * bf16; outputs with no float input take the compute dtype); an extern op
+ * whose float ports bind to bf16 calls the `<symbol>_bf16` kernels.  Ports
+ * written `f32` stay f32 whatever the precision (norm statistics, losses,
+ * router probabilities and gates).
  */
 #include "elaborate.h"
 
@@ -27,6 +36,7 @@
 #define EL_MAX_DEPTH 64
 #define EL_MAX_UNROLL 100000
 #define EL_MAX_NUMEL (INT64_C(1) << 48)
+#define EL_FLOAT 100    /* el_dtype of a `float[...]` tensor type: bound per call */
 
 typedef enum { EV_NONE, EV_INT, EV_FLOAT, EV_BOOL, EV_STRING, EV_TENSOR, EV_TUPLE } ev_kind;
 
@@ -64,6 +74,8 @@ typedef struct el_op {
     const ast_node *derived[IR_MAX_SYMS];   /* per dim symbol: expression, or NULL */
     bool saved[IR_MAX_PORTS];
     bool ok;
+    bool generic;                           /* some port is `float`: has a bf16 instance */
+    const ir_opdef *reg_bf16;               /* that instance, registered on first use */
 } el_op;
 
 typedef struct el_decl {
@@ -100,6 +112,7 @@ typedef struct el {
     el_count *counts; int ncounts;            /* default-name counters per scope */
     const ast_node *stack[EL_MAX_DEPTH]; const ast_node *calls[EL_MAX_DEPTH]; int depth;
     const ast_file *main;
+    int compute;                              /* PLAN_F32 or PLAN_BF16: train { precision } */
 } el;
 
 typedef struct el_frame {
@@ -675,13 +688,14 @@ static int el_dtype(el *E, const ast_node *type, bool *tensor)
     if (*tensor) {
         if (strcmp(n, "f32") == 0) return PLAN_F32;
         if (strcmp(n, "i32") == 0) return PLAN_I32;
+        if (strcmp(n, "float") == 0) return EL_FLOAT;
         if (strcmp(n, "bf16") == 0 || strcmp(n, "f16") == 0) {
             ERR(type->span, "use precision = ... in train { }; tensors are declared f32",
                 "dtype `%s` is not supported in declarations", n);
             return -1;
         }
-        static const char *const t[] = {"f32", "i32"};
-        ERR(type->span, el_suggest_list(E, n, t, 2), "unknown dtype `%s`", n);
+        static const char *const t[] = {"f32", "i32", "float"};
+        ERR(type->span, el_suggest_list(E, n, t, 3), "unknown dtype `%s`", n);
         return -1;
     }
     static const char *const s[] = {"int", "float", "bool", "string"};
@@ -702,6 +716,8 @@ typedef struct el_syms {
     int nlead[IR_MAX_SYMS * 2];          /* star symbols: number of leading dims, else -1 */
     int64_t lead[IR_MAX_SYMS * 2][PLAN_MAX_DIMS];
     int n;
+    int float_dt;                        /* dtype `float` ports bound to; 0 = not yet (+1 offset) */
+    int float_from;                      /* the value it was bound from */
 } el_syms;
 
 static int syms_find(const el_syms *s, const char *name)
@@ -735,8 +751,33 @@ static bool el_bind_tensor(el *E, el_frame *scope, el_syms *s, const ast_node *s
     if (dt < 0)
         return false;
     const ir_value *v = &E->g->values[t];
-    if (v->dtype != dt) {
-        ERR(call->span, dt == PLAN_I32 ? "token ids and expert indices are i32" : NULL,
+    if (dt == EL_FLOAT) {
+        if (v->dtype != PLAN_F32 && v->dtype != PLAN_BF16) {
+            ERR(call->span, "token ids and expert indices are i32; `float` ports take f32 or bf16",
+                "dtype mismatch in `%s`: `%s` must be a float tensor, got %s", callee, sig->name,
+                el_shape_str(E, t));
+            if (el_origin(E, t).file)
+                diag_note(E->d, el_origin(E, t), "%s comes from here", el_shape_str(E, t));
+            return false;
+        }
+        if (s->float_dt && s->float_dt - 1 != v->dtype) {
+            ERR(call->span, "every `float` port of one call has the same dtype",
+                "dtype mismatch in `%s`: `%s` is %s but an earlier float argument is %s", callee,
+                sig->name, el_shape_str(E, t), el_shape_str(E, s->float_from));
+            if (el_origin(E, s->float_from).file)
+                diag_note(E->d, el_origin(E, s->float_from), "%s comes from here",
+                          el_shape_str(E, s->float_from));
+            return false;
+        }
+        s->float_dt = v->dtype + 1;
+        s->float_from = t;
+    } else if (v->dtype != dt) {
+        const char *hint = dt == PLAN_I32 ? "token ids and expert indices are i32"
+                         : dt == PLAN_F32 && v->dtype == PLAN_BF16
+                             ? "precision = bf16 stores activations as bf16: declare the port `float` "
+                               "(and give the op a <kernel>_bf16 variant) to accept them"
+                             : NULL;
+        ERR(call->span, hint,
             "dtype mismatch in `%s`: `%s` must be %s, got %s", callee, sig->name, ir_dtype_name(dt),
             el_shape_str(E, t));
         if (el_origin(E, t).file)
@@ -881,6 +922,8 @@ static bool el_bind_args(el *E, const ast_node *call, const char *callee, const 
 
 /* ------------------------------------------------------------ op calls */
 
+static const ir_opdef *el_bf16_def(el *E, el_op *op, const ast_node *call);
+
 static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call, ev *pos, int npos,
                      const ast_node **kwn, ev *kwv, int nkw)
 {
@@ -961,6 +1004,12 @@ static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call,
         }
         node.inputs[ii++] = args[i].t;
     }
+    /* `float` ports bound to bf16: the op's bf16 instance (`<kernel>_bf16`) */
+    int fdt = s.float_dt ? s.float_dt - 1 : E->compute;
+    if (ok && op->generic && fdt == PLAN_BF16) {
+        node.def = el_bf16_def(E, (el_op *)op, call);
+        ok = node.def != NULL;
+    }
     if (!ok) {
         free(attrs.env.vars);
         return ev_none;
@@ -993,6 +1042,8 @@ static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call,
         const ast_node *sp = op->out[o];
         bool tensor;
         int dt = el_dtype(E, sp->a, &tensor);
+        if (dt == EL_FLOAT)
+            dt = fdt;
         int64_t shape[PLAN_MAX_DIMS];
         int nd = 0;
         const ast_list *dims = &sp->a->list;
@@ -1297,10 +1348,12 @@ static void el_param(el *E, el_frame *fr, const ast_node *st)
     int dt = el_dtype(E, st->a, &tensor);
     if (dt < 0)
         return;
-    if (!tensor || dt != PLAN_F32) {
+    if (!tensor || (dt != PLAN_F32 && dt != EL_FLOAT)) {
         ERR(st->a->span, NULL, "parameters are f32 tensors, got `%s`", st->a->name);
         return;
     }
+    /* `float` params follow precision; `f32` ones stay f32 */
+    dt = dt == EL_FLOAT ? E->compute : PLAN_F32;
     int64_t shape[PLAN_MAX_DIMS];
     int nd = 0;
     if (st->a->list.n > PLAN_MAX_DIMS) {
@@ -1372,7 +1425,7 @@ static void el_param(el *E, el_frame *fr, const ast_node *st)
             return;
         }
     }
-    int t = el_value(E, full, PLAN_F32, PLAN_ST_PARAM, nd, shape, st->span);
+    int t = el_value(E, full, dt, PLAN_ST_PARAM, nd, shape, st->span);
     p.loc = el_loc(E, st->span);
     ir_param_add(E->g, t, &p);
     env_set(&fr->env, st->name, ev_tensor(t));
@@ -1499,7 +1552,29 @@ static const el_ksig el_kernels[] = {
     {"moek_dispatch_bwd", "TTTiiii"}, {"moek_grouped_matmul_fwd", "TTTTiiii"},
     {"moek_grouped_matmul_bwd", "TTTTTTiiii"}, {"moek_combine_fwd", "TTTTiiii"},
     {"moek_combine_bwd", "TTTTTTiiii"},
+    /* the bf16 variants (same arguments, moek_bf16 storage; kernels/moek.h) */
+    {"moek_add_fwd_bf16", "TTTi"}, {"moek_scale_fwd_bf16", "TTif"}, {"moek_scale_bwd_bf16", "TTif"},
+    {"moek_gelu_fwd_bf16", "TTi"}, {"moek_gelu_bwd_bf16", "TTTi"}, {"moek_swiglu_fwd_bf16", "TTTi"},
+    {"moek_swiglu_bwd_bf16", "TTTTTi"}, {"moek_embedding_fwd_bf16", "TTTiii"},
+    {"moek_embedding_bwd_bf16", "TTTiii"}, {"moek_matmul_fwd_bf16", "TTTiii"},
+    {"moek_matmul_bwd_bf16", "TTTTTiii"}, {"moek_rmsnorm_fwd_bf16", "TTTTiif"},
+    {"moek_rmsnorm_bwd_bf16", "TTTTTTii"}, {"moek_rope_fwd_bf16", "TTiiiif"},
+    {"moek_rope_bwd_bf16", "TTiiiif"}, {"moek_attention_fwd_bf16", "TTTTTiiii"},
+    {"moek_attention_bwd_bf16", "TTTTTTTTTiiii"}, {"moek_cross_entropy_fwd_bf16", "TTTTii"},
+    {"moek_cross_entropy_bwd_bf16", "TTTTTii"}, {"moek_softmax_fwd_bf16", "TTii"},
+    {"moek_softmax_bwd_bf16", "TTTii"}, {"moek_zloss_fwd_bf16", "TTii"}, {"moek_zloss_bwd_bf16", "TTTii"},
+    {"moek_dispatch_fwd_bf16", "TTTTTiiiii"}, {"moek_dispatch_bwd_bf16", "TTTiiii"},
+    {"moek_grouped_matmul_fwd_bf16", "TTTTiiii"}, {"moek_grouped_matmul_bwd_bf16", "TTTTTTiiii"},
+    {"moek_combine_fwd_bf16", "TTTTiiii"}, {"moek_combine_bwd_bf16", "TTTTTTiiii"},
 };
+
+static const el_ksig *el_kernel_find(const char *sym)
+{
+    for (size_t k = 0; k < sizeof el_kernels / sizeof *el_kernels; k++)
+        if (strcmp(el_kernels[k].sym, sym) == 0)
+            return &el_kernels[k];
+    return NULL;
+}
 
 static void expr_str(const ast_node *x, char *buf, size_t n)
 {
@@ -1654,10 +1729,9 @@ static bool el_lower_call(el *E, el_op *op, const ast_node *call, bool bwd, cons
     *nrefs = n;
     if (op->def.lib)
         return true;   /* a user library: its signature is the user's promise */
-    for (size_t k = 0; k < sizeof el_kernels / sizeof *el_kernels; k++) {
-        if (strcmp(el_kernels[k].sym, call->name) != 0)
-            continue;
-        const char *want = el_kernels[k].kinds;
+    const el_ksig *ks = el_kernel_find(call->name);
+    if (ks) {
+        const char *want = ks->kinds;
         if (strlen(want) != (size_t)n) {
             ERR(call->span, "see kernels/moek.h for its argument list",
                 "kernel `%s` takes %zu arguments after ctx, `%s` passes %d", call->name, strlen(want), opname, n);
@@ -1701,7 +1775,8 @@ static void el_lower_op(el *E, el_op *op)
                 continue;
             }
             op->def.input_names[op->nin] = ir_strdup(E->g, sp->name);
-            op->def.input_diff[op->nin] = dt == PLAN_F32 && !(sp->flags & AST_F_NOGRAD);
+            op->def.input_diff[op->nin] = (dt == PLAN_F32 || dt == EL_FLOAT) && !(sp->flags & AST_F_NOGRAD);
+            op->generic |= dt == EL_FLOAT;
             op->in[op->nin++] = sp;
             const ast_list *dims = &sp->a->list;
             for (int j = 0; j < dims->n; j++) {
@@ -1751,7 +1826,8 @@ static void el_lower_op(el *E, el_op *op)
             continue;
         }
         op->def.output_names[op->nout] = ir_strdup(E->g, sp->name);
-        op->def.output_diff[op->nout] = dt == PLAN_F32 && !(sp->flags & AST_F_NOGRAD);
+        op->def.output_diff[op->nout] = (dt == PLAN_F32 || dt == EL_FLOAT) && !(sp->flags & AST_F_NOGRAD);
+        op->generic |= dt == EL_FLOAT;
         op->saved[op->nout] = sp->flags & AST_F_SAVED;
         op->out[op->nout++] = sp;
     }
@@ -1810,6 +1886,38 @@ static void el_lower_op(el *E, el_op *op)
     }
     op->reg = ir_def_add(E->g, &op->def);
     op->ok = op->reg != NULL;
+}
+
+/* The bf16 instance of a generic op: the same def calling `<symbol>_bf16`,
+ * registered as "<name><bf16>" (no identifier can take that name).  NULL
+ * after an error when the device library has no such kernel. */
+static const ir_opdef *el_bf16_def(el *E, el_op *op, const ast_node *call)
+{
+    if (op->reg_bf16)
+        return op->reg_bf16;
+    ir_opdef d = op->def;
+    d.name = el_fmt(E, "%s<bf16>", op->def.name);
+    d.fwd_symbol = el_fmt(E, "%s_bf16", op->def.fwd_symbol);
+    if (op->def.bwd_symbol)
+        d.bwd_symbol = el_fmt(E, "%s_bf16", op->def.bwd_symbol);
+    const char *missing = NULL;
+    if (!d.lib && !el_kernel_find(d.fwd_symbol))
+        missing = d.fwd_symbol;
+    else if (!d.lib && d.bwd_symbol && !el_kernel_find(d.bwd_symbol))
+        missing = d.bwd_symbol;
+    if (missing) {
+        ERR(call->span, el_fmt(E, "declare the ports of `%s` f32, or use precision = fp32", op->def.name),
+            "op `%s` gets bf16 tensors but kernels/moek.h has no `%s`", op->def.name, missing);
+        ast_span at = op->ast->span;
+        diag_note(E->d, at, "`%s` is declared here with `float` ports", op->def.name);
+        return NULL;
+    }
+    d.name = ir_strdup(E->g, d.name);
+    d.fwd_symbol = ir_strdup(E->g, d.fwd_symbol);
+    if (d.bwd_symbol)
+        d.bwd_symbol = ir_strdup(E->g, d.bwd_symbol);
+    op->reg_bf16 = ir_def_add(E->g, &d);
+    return op->reg_bf16;
 }
 
 /* -------------------------------------------------------- train/parallel */
@@ -2023,12 +2131,16 @@ static void el_train(el *E, const ast_node *model_tokens_type)
     if ((e = el_entry(tr, "precision"))) {
         const char *n = e->a->kind == AST_NAME || e->a->kind == AST_STRING ? e->a->name : NULL;
         static const char *const p[] = {"fp32", "bf16", "fp16"};
-        if (n && (strcmp(n, "bf16") == 0 || strcmp(n, "fp16") == 0))
-            ERR(e->a->span, "use precision = fp32", "precision `%s` is not supported yet by this compiler", n);
+        if (n && strcmp(n, "bf16") == 0)
+            E->compute = PLAN_BF16;
+        else if (n && strcmp(n, "fp16") == 0)
+            ERR(e->a->span, "use precision = bf16 (same memory, no loss scaling) or fp32",
+                "precision `fp16` is not supported yet by this compiler");
         else if (!n || strcmp(n, "fp32") != 0)
             ERR(e->a->span, n ? el_suggest_list(E, n, p, 3) : NULL, "unknown precision%s%s%s", n ? " `" : "",
                 n ? n : "", n ? "`" : "");
     }
+    t->precision = (uint32_t)E->compute;
     if ((e = el_entry(tr, "device"))) {
         const char *n = e->a->kind == AST_NAME || e->a->kind == AST_STRING ? e->a->name : NULL;
         static const char *const dv[] = {"cpu", "cuda"};
@@ -2240,7 +2352,8 @@ static void el_counts(el *E)
     /* 6N + 6LCT (Kaplan): L and C from the attention ops the model runs */
     int64_t layers = 0, width = 0;
     for (int i = 0; i < g->nnodes; i++)
-        if (g->nodes[i].def->fwd_symbol && strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd") == 0) {
+        if (g->nodes[i].def->fwd_symbol && (strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd") == 0 ||
+                                             strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd_bf16") == 0)) {
             layers++;
             width = g->values[g->nodes[i].inputs[0]].shape[2];
         }
@@ -2259,6 +2372,7 @@ ir_graph *elaborate(const char *path, const elab_options *opt, diag_ctx *d)
     E->arena = ast_arena_new();
     E->g = ir_graph_new();
     E->hash = PLAN_FNV_OFFSET;
+    E->compute = PLAN_F32;
     int start = diag_count(d);
     el_load(E, path, opt->text, opt->text_len);
     if (diag_count(d) == start) {

@@ -283,7 +283,8 @@ static int em_params(em_ctx *c)
         row.grad = em_tensor(c, pp->grad);
         row.state0 = em_tensor(c, pp->state0);
         row.state1 = em_tensor(c, pp->state1);
-        row.master = -1;
+        /* a bf16 param's fp32 master copy (optimizer pass); -1 for fp32 params */
+        row.master = g->values[pp->value].dtype == PLAN_BF16 ? em_tensor(c, pp->master) : -1;
         row.init = pp->init;
         row.init_std = pp->init_std;
         row.weight_decay = pp->decay && row.grad >= 0 ? g->train.weight_decay : 0.0f;
@@ -398,6 +399,7 @@ int pass_emit(const ir_graph *g, const char *path, moec_error *err)
     tr.flops_per_token = counts.flops_per_token;
     tr.param_count = counts.params;
     tr.active_param_count = counts.active_params;
+    tr.workspace_bytes = explain_workspace_bytes(g);
 
     /* layout: header, train, then the sections in enum order, each 8-aligned */
     em_buf file = {NULL, 0, 0};

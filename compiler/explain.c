@@ -10,8 +10,10 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "internal_ops.h"
 #include "memplan.h"
 #include "passes.h"
+#include "../kernels/moek.h"
 
 /* A forward attention node: its kernel is moek_attention_fwd or a twin. */
 bool explain_is_attention(const ir_node *n)
@@ -44,7 +46,8 @@ static int64_t ex_arg(const ir_node *n, int a)
 static uint64_t ex_attn_ct(const ir_graph *g, const ir_node *n)
 {
     const ir_opdef *d = n->def;
-    if (strcmp(d->fwd_symbol, "moek_attention_fwd") == 0 && d->nfwd >= 9)
+    if ((strcmp(d->fwd_symbol, "moek_attention_fwd") == 0 ||
+         strcmp(d->fwd_symbol, "moek_attention_fwd_bf16") == 0) && d->nfwd >= 9)
         return (uint64_t)(ex_arg(n, 6) * ex_arg(n, 7) * ex_arg(n, 8));
     if (n->inputs[0] < 0)
         return 0;
@@ -83,6 +86,25 @@ void explain_count(const ir_graph *g, explain_counts *c)
         c->attn_ct += ex_attn_ct(g, n);
     }
     c->flops_per_token = 6 * c->active_params + 6 * c->attn_ct;
+}
+
+uint64_t explain_workspace_bytes(const ir_graph *g)
+{
+    int64_t most = 0;
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        const ir_node *n = &g->nodes[ni];
+        int count;
+        const ir_ref *t = iop_template(n, &count);
+        int64_t elems = 0;
+        for (int a = 0; a < count; a++) {
+            int v = iop_ref_value(n, &t[a]);
+            if (v >= 0 && v < g->nvalues && g->values[v].dtype == PLAN_BF16)
+                elems += ir_value_numel(&g->values[v]);
+        }
+        if (elems > 0 && MOEK_BF16_WORKSPACE_BYTES(elems) > most)
+            most = MOEK_BF16_WORKSPACE_BYTES(elems);
+    }
+    return (uint64_t)most;
 }
 
 /* Tokens of one micro-step: the size of the token-id input. */
@@ -151,7 +173,12 @@ void explain_print(const ir_graph *g, FILE *out)
 {
     explain_counts c;
     explain_count(g, &c);
+    bool bf16 = g->train.precision == PLAN_BF16;
     fprintf(out, "model %s\n\n", g->model_name);
+    if (bf16)
+        fprintf(out, "precision bf16: params, activations and their gradients stored as bf16 "
+                "(2 bytes);\n  fp32 accumulated grads, fp32 master weights and optimizer "
+                "state\n\n");
     fprintf(out, "parameters\n");
     fprintf(out, "  total                %12" PRIu64 "\n", c.params);
     fprintf(out, "  of which experts     %12" PRIu64 "\n", c.expert_params);
@@ -180,6 +207,11 @@ void explain_print(const ir_graph *g, FILE *out)
             fprintf(out, "  %-9s %14" PRId64 "  %10.2f MiB\n", ir_storage_name(s),
                     g->pool_bytes[s], ex_mib((double)g->pool_bytes[s]));
         fprintf(out, "  %-9s %14" PRId64 "  %10.2f MiB\n", "total", total, ex_mib((double)total));
+        if (bf16) {
+            uint64_t ws = explain_workspace_bytes(g);
+            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  (CPU bf16 kernels widen into it; "
+                    "not in the total)\n", ws, ex_mib((double)ws));
+        }
         uint64_t live = memplan_peak_live(g);
         fprintf(out, "  peak live activations %" PRIu64 " bytes (%.2f MiB); the act pool adds "
                 "%" PRId64 " bytes of fragmentation\n\n", live, ex_mib((double)live),
@@ -211,15 +243,26 @@ void explain_print(const ir_graph *g, FILE *out)
             ranks, ep, g->par_zero);
     fprintf(out, "  data-parallel size: dense params %" PRId64 ", expert params %" PRId64
             " (experts split %" PRId64 " ways first)\n", nd, ne, ep);
-    fprintf(out, "model-state bytes per rank, fp32 %s: 4 param + 4 grad + %d %s = %d bytes/param\n",
-            sgd ? "SGD" : "AdamW", (int)st, sgd ? "momentum" : "m,v", 8 + (int)st);
+    /* bf16: a 2-byte working copy; the fp32 master is optimizer state (sharded
+     * with it); grads stay fp32 (accumulated over micro-steps, as Megatron does),
+     * so 4 bytes, not the 2 of the ZeRO paper's mixed-precision formula */
+    double pbytes = bf16 ? 2.0 : 4.0;
+    if (bf16) {
+        st += 4.0;
+        fprintf(out, "model-state bytes per rank, bf16 %s: 2 param + 4 grad (fp32) + 4 master + "
+                "%d %s = %d bytes/param\n", sgd ? "SGD" : "AdamW", (int)st - 4,
+                sgd ? "momentum" : "m,v", 6 + (int)st);
+    } else {
+        fprintf(out, "model-state bytes per rank, fp32 %s: 4 param + 4 grad + %d %s = %d bytes/param\n",
+                sgd ? "SGD" : "AdamW", (int)st, sgd ? "momentum" : "m,v", 8 + (int)st);
+    }
     fprintf(out, "  stage        params         grads      optstate         total\n");
     for (int s = 0; s <= 3; s++) {
         /* stage >= 1 shards optimizer state, >= 2 also grads, 3 also params */
         double dp = s >= 3 ? (double)nd : 1, dpe = s >= 3 ? (double)ne : 1;
         double dg = s >= 2 ? (double)nd : 1, dge = s >= 2 ? (double)ne : 1;
         double dsn = s >= 1 ? (double)nd : 1, dse = s >= 1 ? (double)ne : 1;
-        double pb = 4 * (dense / dp + expert / dpe);
+        double pb = pbytes * (dense / dp + expert / dpe);
         double gb = 4 * (dense / dg + expert / dge);
         double sb = st * (dense / dsn + expert / dse);
         fprintf(out, "  %d%s %14.0f %13.0f %13.0f %13.0f%s\n", s, s == g->par_zero ? " *" : "  ",

@@ -18,6 +18,11 @@ typedef struct explain_counts {
 
 void explain_count(const ir_graph *g, explain_counts *c);
 
+/* Kernel workspace the plan needs (plan_train.workspace_bytes): the CPU bf16
+ * kernels widen their bf16 tensors into ctx->workspace, so the op with the
+ * most bf16 elements decides (MOEK_BF16_WORKSPACE_BYTES); 0 without bf16. */
+uint64_t explain_workspace_bytes(const ir_graph *g);
+
 /* A forward attention node: its kernel symbol contains "attention" (the
  * test the 6LCT term and the recompute policy both use). */
 bool explain_is_attention(const ir_node *n);

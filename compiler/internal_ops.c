@@ -5,7 +5,8 @@
 
 static const char *const iop_names[IOP_COUNT] = {
     "__fill", "__fill_inplace", "__copy", "__add", "__accumulate", "__sumsq_accum",
-    "__adamw", "__sgd",
+    "__adamw", "__sgd", "__fill_bf16", "__add_bf16", "__accumulate_bf16", "__adamw_bf16",
+    "__sgd_bf16",
 };
 
 #define R_IN(i) {IR_REF_IN, (i), 0, 0}
@@ -22,6 +23,45 @@ static void iop_build(ir_opdef *d, iop_kind kind)
     d->dim_names[0] = "n";
     d->bwd_kind = IR_BWD_NONE;
     switch (kind) {
+    case IOP_FILL_BF16:
+    case IOP_ADD_BF16:
+    case IOP_ACCUMULATE_BF16:
+        /* same template as the fp32 op, the _bf16 kernel */
+        iop_build(d, kind == IOP_FILL_BF16 ? IOP_FILL : kind == IOP_ADD_BF16 ? IOP_ADD : IOP_ACCUMULATE);
+        d->name = iop_names[kind];
+        d->fwd_symbol = kind == IOP_FILL_BF16 ? "moek_fill_bf16"
+                      : kind == IOP_ADD_BF16  ? "moek_add_fwd_bf16"
+                                              : "moek_accumulate_bf16";
+        break;
+    case IOP_ADAMW_BF16: {
+        /* moek_adamw_bf16(p, master, g, m, v, n, hyper, norm_sq, weight_decay) */
+        const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_IN(4), R_DIM(0), R_IN(5), R_IN(6),
+                            R_ATTR(0)};
+        static const char *const in[] = {"p", "master", "g", "m", "v", "hyper", "norm_sq"};
+        d->ninputs = 7;
+        memcpy(d->input_names, in, sizeof in);
+        d->nattrs = 1;
+        d->attr_names[0] = "weight_decay";
+        d->attr_kinds[0] = PLAN_ARG_F32;
+        d->fwd_symbol = "moek_adamw_bf16";
+        d->nfwd = 9;
+        memcpy(d->fwd, t, sizeof t);
+        break;
+    }
+    case IOP_SGD_BF16: {
+        /* moek_sgd_bf16(p, master, g, buf, n, hyper, norm_sq, weight_decay) */
+        const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_DIM(0), R_IN(4), R_IN(5), R_ATTR(0)};
+        static const char *const in[] = {"p", "master", "g", "buf", "hyper", "norm_sq"};
+        d->ninputs = 6;
+        memcpy(d->input_names, in, sizeof in);
+        d->nattrs = 1;
+        d->attr_names[0] = "weight_decay";
+        d->attr_kinds[0] = PLAN_ARG_F32;
+        d->fwd_symbol = "moek_sgd_bf16";
+        d->nfwd = 8;
+        memcpy(d->fwd, t, sizeof t);
+        break;
+    }
     case IOP_FILL: {
         const ir_ref t[] = {R_OUT(0), R_DIM(0), R_ATTR(0)};
         d->noutputs = 1;
@@ -122,6 +162,18 @@ const ir_opdef *iop_def(ir_graph *g, iop_kind kind)
     ir_opdef def;
     iop_build(&def, kind);
     return ir_def_add(g, &def);
+}
+
+iop_kind iop_for_dtype(iop_kind kind, int dtype)
+{
+    if (dtype != PLAN_BF16)
+        return kind;
+    switch (kind) {
+    case IOP_FILL: return IOP_FILL_BF16;
+    case IOP_ADD: return IOP_ADD_BF16;
+    case IOP_ACCUMULATE: return IOP_ACCUMULATE_BF16;
+    default: return kind;
+    }
 }
 
 int iop_is_internal(const ir_opdef *def)

@@ -20,8 +20,19 @@ typedef enum iop_kind {
     IOP_SUMSQ_ACCUM,   /* *acc += sum(x^2):                moek_sumsq_accum(IN0, IN1, n) */
     IOP_ADAMW,         /* p, g, m, v, hyper, norm_sq; attr weight_decay */
     IOP_SGD,           /* p, g, buf, hyper, norm_sq; attr weight_decay */
+    /* precision = bf16 (kernels/moek.h "bf16 storage") */
+    IOP_FILL_BF16,       /* moek_fill_bf16(OUT0, n, value) */
+    IOP_ADD_BF16,        /* moek_add_fwd_bf16(IN0, IN1, OUT0, n): bf16 gradient sums */
+    IOP_ACCUMULATE_BF16, /* fp32 dst += bf16 src: moek_accumulate_bf16(IN0, IN1, n) */
+    IOP_ADAMW_BF16,      /* p (bf16), master, g, m, v, hyper, norm_sq; attr weight_decay */
+    IOP_SGD_BF16,        /* p (bf16), master, g, buf, hyper, norm_sq; attr weight_decay */
     IOP_COUNT
 } iop_kind;
+
+/* The variant of kind for values of this dtype: IOP_FILL, IOP_ADD and
+ * IOP_ACCUMULATE (by the source's dtype) have bf16 twins; other kinds and
+ * dtypes map to themselves. */
+iop_kind iop_for_dtype(iop_kind kind, int dtype);
 
 /* The opdef of an internal op, registered in g on first use. */
 const ir_opdef *iop_def(ir_graph *g, iop_kind kind);

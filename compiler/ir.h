@@ -120,6 +120,8 @@ typedef struct ir_param {
     int tied_to;               /* -1, or the param this one shares storage with */
     float active_fraction;     /* share used per token: 1 dense, top_k/E routed experts */
     ir_srcloc loc;
+    int master;                /* bf16 params: the fp32 master copy (OPTSTATE value); -1 if
+                                  none.  Set by the optimizer pass (it resets it first) */
 } ir_param;
 
 typedef struct ir_graph {

@@ -6,6 +6,11 @@
  * squared (one sum over every gradient), one AdamW/SGD update per trainable
  * param (each clips by that norm), then the gradients are zeroed for the
  * next step's accumulation.
+ *
+ * A bf16 param (precision = bf16) gets an fp32 master copy, an OPTSTATE
+ * value "<param>.master": the update runs on the master and rounds it into
+ * the bf16 working copy (moek_adamw_bf16 / moek_sgd_bf16).  Its gradient is
+ * already fp32 (autodiff), so the norm and the zeroing are unchanged.
  */
 #include <string.h>
 
@@ -30,7 +35,7 @@ int pass_optimizer(ir_graph *g, moec_error *err)
     g->values[norm].role = PLAN_ROLE_NORM_SQ;
     ir_srcloc loc = g->train_loc;
     for (int p = 0; p < g->nparams; p++)
-        g->params[p].state0 = g->params[p].state1 = -1;
+        g->params[p].state0 = g->params[p].state1 = g->params[p].master = -1;
 
     iop_node(g, IOP_FILL, NULL, &norm, 1, 0.0, PLAN_PHASE_OPTIMIZER, loc, "grad norm reset");
     for (int p = 0; p < g->nparams; p++) {
@@ -53,10 +58,23 @@ int pass_optimizer(ir_graph *g, moec_error *err)
         if (!sgd)
             s1 = ir_value_add(g, ir_strfmt(g, "%s.adam_v", pv.name), PLAN_F32, PLAN_ST_OPTSTATE,
                               pv.ndim, pv.shape);
+        int master = -1;
+        if (pv.dtype == PLAN_BF16)
+            master = ir_value_add(g, ir_strfmt(g, "%s.master", pv.name), PLAN_F32, PLAN_ST_OPTSTATE,
+                                  pv.ndim, pv.shape);
         ir_param *pp = &g->params[p];
         pp->state0 = s0;
         pp->state1 = s1;
-        if (sgd) {
+        pp->master = master;
+        if (master >= 0 && sgd) {
+            int ins[6] = {pp->value, master, pp->grad, s0, hyper, norm};
+            iop_node(g, IOP_SGD_BF16, ins, NULL, n, wd, PLAN_PHASE_OPTIMIZER, pp->loc,
+                     ir_strfmt(g, "sgd %s", pv.name));
+        } else if (master >= 0) {
+            int ins[7] = {pp->value, master, pp->grad, s0, s1, hyper, norm};
+            iop_node(g, IOP_ADAMW_BF16, ins, NULL, n, wd, PLAN_PHASE_OPTIMIZER, pp->loc,
+                     ir_strfmt(g, "adamw %s", pv.name));
+        } else if (sgd) {
             int ins[5] = {pp->value, pp->grad, s0, hyper, norm};
             iop_node(g, IOP_SGD, ins, NULL, n, wd, PLAN_PHASE_OPTIMIZER, pp->loc,
                      ir_strfmt(g, "sgd %s", pv.name));
@@ -82,6 +100,7 @@ int pass_optimizer(ir_graph *g, moec_error *err)
         if (r >= 0) {
             g->params[p].state0 = g->params[r].state0;
             g->params[p].state1 = g->params[r].state1;
+            g->params[p].master = g->params[r].master;
         }
     }
     return 0;

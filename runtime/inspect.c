@@ -51,6 +51,9 @@ void inspect_plan(const plan_file *pf, FILE *out)
     fprintf(out, "  params %llu (active %llu), %llu FLOPs per token\n",
             (unsigned long long)t->param_count, (unsigned long long)t->active_param_count,
             (unsigned long long)t->flops_per_token);
+    fprintf(out, "  precision %s, kernel workspace %llu bytes\n",
+            t->precision == PLAN_BF16 ? "bf16 (fp32 master weights, grads and optimizer state)"
+                                      : "fp32", (unsigned long long)t->workspace_bytes);
     fprintf(out, "pools (%llu):\n", (unsigned long long)pf->npools);
     for (uint64_t i = 0; i < pf->npools; i++) {
         fprintf(out, "  %llu %-10s %-9s ", (unsigned long long)i, plan_str(pf, pf->pools[i].name),
@@ -117,6 +120,8 @@ void inspect_plan(const plan_file *pf, FILE *out)
             fprintf(out, " state %s", plan_str(pf, pf->tensors[p->state0].name));
         if (p->state1 >= 0)
             fprintf(out, ", %s", plan_str(pf, pf->tensors[p->state1].name));
+        if (p->master >= 0)
+            fprintf(out, " master %s", plan_str(pf, pf->tensors[p->master].name));
         fputc('\n', out);
     }
 }

@@ -216,6 +216,12 @@ static int check_train(const plan_file *pf, char *err, size_t errlen)
         return fail(err, errlen, "corrupt: unknown data format %u; " RECOMPILE, t->data_format);
     if (t->device > 1)
         return fail(err, errlen, "corrupt: unknown device %u; " RECOMPILE, t->device);
+    if (t->precision != PLAN_F32 && t->precision != PLAN_BF16)
+        return fail(err, errlen, "corrupt: train.precision %u is neither f32 nor bf16; " RECOMPILE,
+                    t->precision);
+    if (t->workspace_bytes > (1ull << 40))
+        return fail(err, errlen, "corrupt: train.workspace_bytes %llu implausibly large; " RECOMPILE,
+                    (unsigned long long)t->workspace_bytes);
     if (check_str(pf, t->data_path, "train.data_path", 0, err, errlen))
         return -1;
     return 0;
@@ -278,10 +284,10 @@ static int check_tensor(const plan_file *pf, uint64_t i, const plan_tensor *t, c
             TFAIL("role %s must be one f32", plan_role_name(t->role));
         break;
     case PLAN_ROLE_LOGITS:
-        /* [B*T, V] or [B, T, V]: rows of vocab logits, one per position */
-        if (t->dtype != PLAN_F32 || t->ndim < 1 || t->shape[t->ndim - 1] != pf->train->vocab ||
+        /* [B*T, V] or [B, T, V]: rows of vocab logits, one per position (bf16 plans: bf16) */
+        if ((t->dtype != PLAN_F32 && t->dtype != PLAN_BF16) || t->ndim < 1 || t->shape[t->ndim - 1] != pf->train->vocab ||
             numel != (uint64_t)(pf->train->batch * pf->train->seq) * (uint64_t)pf->train->vocab)
-            TFAIL("role logits must be f32 with batch*seq rows of vocab = %lld",
+            TFAIL("role logits must be f32 with batch*seq rows of vocab = %lld (or bf16)",
                   (long long)pf->train->vocab);
         break;
     default:
@@ -423,7 +429,24 @@ static int check_body(plan_file *pf, char *err, size_t errlen)
         if (p->state1 >= 0 &&
             check_param_ref(pf, i, p->state1, PLAN_ST_OPTSTATE, "state1", t, err, errlen))
             return -1;
-        if (p->grad < -1 || p->state0 < -1 || p->state1 < -1)
+        /* master: -1, or the fp32 OPTSTATE master copy of a bf16 param */
+        if (p->master >= 0) {
+            if (t->dtype != PLAN_BF16)
+                return fail(err, errlen, "corrupt: param %llu '%s' is %s but has a master copy; "
+                            "only bf16 params have one; " RECOMPILE, (unsigned long long)i,
+                            plan_str(pf, t->name), plan_dtype_name(t->dtype));
+            if (check_param_ref(pf, i, p->master, PLAN_ST_OPTSTATE, "master", t, err, errlen))
+                return -1;
+            if (pf->tensors[p->master].dtype != PLAN_F32)
+                return fail(err, errlen, "corrupt: param %llu '%s': master tensor '%s' is %s, "
+                            "not f32; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name),
+                            plan_str(pf, pf->tensors[p->master].name),
+                            plan_dtype_name(pf->tensors[p->master].dtype));
+        } else if (t->dtype == PLAN_BF16 && p->grad >= 0) {
+            return fail(err, errlen, "corrupt: trained bf16 param %llu '%s' has no fp32 master "
+                        "copy; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name));
+        }
+        if (p->grad < -1 || p->state0 < -1 || p->state1 < -1 || p->master < -1)
             return fail(err, errlen, "corrupt: param %llu '%s' has a negative index other than "
                         "-1; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name));
         if (p->init > PLAN_INIT_NORMAL)
@@ -432,9 +455,9 @@ static int check_body(plan_file *pf, char *err, size_t errlen)
         if (!isfinite(p->init_std) || p->init_std < 0 || !isfinite(p->weight_decay))
             return fail(err, errlen, "corrupt: param %llu '%s' has a bad init_std or "
                         "weight_decay; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name));
-        if (p->init != PLAN_INIT_NONE && t->dtype != PLAN_F32)
-            return fail(err, errlen, "corrupt: param %llu '%s' is %s; only f32 params can be "
-                        "initialised; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name),
+        if (p->init != PLAN_INIT_NONE && t->dtype != PLAN_F32 && t->dtype != PLAN_BF16)
+            return fail(err, errlen, "corrupt: param %llu '%s' is %s; only f32 and bf16 params "
+                        "can be initialised; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name),
                         plan_dtype_name(t->dtype));
     }
     static const uint32_t required[] = {PLAN_ROLE_TOKENS, PLAN_ROLE_TARGETS, PLAN_ROLE_LOSS};
