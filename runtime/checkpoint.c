@@ -1,6 +1,8 @@
 /* checkpoint.c - safetensors writer and a bounds-checked reader: the JSON
  * header is untrusted input, so every length and offset is checked before
- * it is used. */
+ * it is used.  A bf16 param with an fp32 master copy is stored as that
+ * master (F32, under the param's name); the master tensor is not stored
+ * under its own name, so a checkpoint does not depend on the precision. */
 #include "checkpoint.h"
 
 #include <errno.h>
@@ -35,6 +37,75 @@ static int saved(const plan_tensor *t, int mode)
 {
     return t->storage == PLAN_ST_PARAM || t->storage == PLAN_ST_BUFFER ||
            (mode == CKPT_FULL && t->storage == PLAN_ST_OPTSTATE);
+}
+
+/* The fp32 master copy stored in place of tensor i, or -1. */
+static int64_t master_of(const plan_file *pf, uint64_t i)
+{
+    for (uint64_t k = 0; k < pf->nparams; k++)
+        if (pf->params[k].tensor == i && pf->params[k].master >= 0)
+            return pf->params[k].master;
+    return -1;
+}
+
+/* Tensor i is some param's master: stored only through that param. */
+static int is_master(const plan_file *pf, uint64_t i)
+{
+    for (uint64_t k = 0; k < pf->nparams; k++)
+        if (pf->params[k].master >= 0 && (uint64_t)pf->params[k].master == i)
+            return 1;
+    return 0;
+}
+
+/* Stored in a checkpoint of this mode under its own name. */
+static int stored(const plan_file *pf, uint64_t i, int mode)
+{
+    return saved(&pf->tensors[i], mode) && !is_master(pf, i);
+}
+
+/* The tensor whose bytes are stored for tensor i: its master, or itself. */
+static uint64_t source(const plan_file *pf, uint64_t i)
+{
+    int64_t m = master_of(pf, i);
+    return m >= 0 ? (uint64_t)m : i;
+}
+
+uint16_t ckpt_bf16_from_f32(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40);   /* NaN: keep it a (quiet) NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);          /* round to nearest, ties to even */
+    return (uint16_t)(u >> 16);
+}
+
+int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char *err,
+                   size_t errlen)
+{
+    const plan_tensor *pt = &ex->pf->tensors[t];
+    if (pt->dtype == PLAN_F32)
+        return exec_write(ex, t, 0, h, n * 4, err, errlen);
+    if (pt->dtype != PLAN_BF16)
+        return fail(err, errlen, "internal: tensor '%s' is %s, not a float tensor",
+                    plan_str(ex->pf, pt->name), st_dtype(pt->dtype));
+    uint16_t *b = malloc(n * 2 + 2);
+    if (!b)
+        return fail(err, errlen, "out of memory writing %s", plan_str(ex->pf, pt->name));
+    for (uint64_t k = 0; k < n; k++)
+        b[k] = ckpt_bf16_from_f32(h[k]);
+    int rc = exec_write(ex, t, 0, b, n * 2, err, errlen);
+    free(b);
+    return rc;
+}
+
+int ckpt_set_param(exec_state *ex, uint64_t i, const float *h, char *err, size_t errlen)
+{
+    const plan_param *p = &ex->pf->params[i];
+    uint64_t n = plan_tensor_numel(&ex->pf->tensors[p->tensor]);
+    if (p->master >= 0 && ckpt_write_f32(ex, (uint64_t)p->master, h, n, err, errlen))
+        return -1;
+    return ckpt_write_f32(ex, p->tensor, h, n, err, errlen);
 }
 
 const char *ckpt_meta_get(const ckpt_meta *meta, int nmeta, const char *key)
@@ -95,8 +166,37 @@ static int write_all(int fd, const void *p, size_t n)
     return 0;
 }
 
+/* Which tensors a file holds and under what name: the checkpoint's state
+ * tensors under their own names, or (grads != 0) every param's gradient
+ * under the param's name, so a reader pairs them without the plan. */
+static const char *pick(const plan_file *pf, uint64_t i, int grads)
+{
+    const plan_tensor *t = &pf->tensors[i];
+    if (!grads)
+        return stored(pf, i, CKPT_FULL) ? plan_str(pf, t->name) : NULL;
+    for (uint64_t k = 0; t->storage == PLAN_ST_GRAD && k < pf->nparams; k++)
+        if (pf->params[k].grad >= 0 && (uint64_t)pf->params[k].grad == i)
+            return plan_str(pf, pf->tensors[pf->params[k].tensor].name);
+    return NULL;
+}
+
+static int save_file(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta,
+                     int grads, char *err, size_t errlen);
+
 int ckpt_save(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta, char *err,
               size_t errlen)
+{
+    return save_file(ex, path, meta, nmeta, 0, err, errlen);
+}
+
+int ckpt_save_grads(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta,
+                    char *err, size_t errlen)
+{
+    return save_file(ex, path, meta, nmeta, 1, err, errlen);
+}
+
+static int save_file(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta,
+                     int grads, char *err, size_t errlen)
 {
     const plan_file *pf = ex->pf;
     sbuf h = {0};
@@ -110,11 +210,13 @@ int ckpt_save(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta
     }
     sb_add(&h, "}");
     for (uint64_t i = 0; i < pf->ntensors; i++) {
-        const plan_tensor *t = &pf->tensors[i];
-        if (!saved(t, CKPT_FULL))
+        const char *name = pick(pf, i, grads);
+        if (!name)
             continue;
+        /* the bytes stored: a bf16 param's fp32 master (same shape) */
+        const plan_tensor *t = &pf->tensors[grads ? i : source(pf, i)];
         sb_add(&h, ",");
-        sb_json_str(&h, plan_str(pf, t->name));
+        sb_json_str(&h, name);
         sb_add(&h, ":{\"dtype\":\"%s\",\"shape\":[", st_dtype(t->dtype));
         for (unsigned d = 0; d < t->ndim; d++)
             sb_add(&h, "%s%lld", d ? "," : "", (long long)t->shape[d]);
@@ -149,10 +251,11 @@ int ckpt_save(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta
     if (rc)
         fail(err, errlen, "cannot write checkpoint %s: %s", tmp, strerror(errno));
     for (uint64_t i = 0; i < pf->ntensors && rc == 0; i++) {
-        const plan_tensor *t = &pf->tensors[i];
-        if (!saved(t, CKPT_FULL))
+        if (!pick(pf, i, grads))
             continue;
-        if (exec_read(ex, i, 0, buf, t->bytes, err, errlen)) {
+        uint64_t si = grads ? i : source(pf, i);
+        const plan_tensor *t = &pf->tensors[si];
+        if (exec_read(ex, si, 0, buf, t->bytes, err, errlen)) {
             rc = -1;
             break;
         }
@@ -407,6 +510,7 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
     uint64_t fsize = 0;
     centry *ents = NULL;
     char *seen = NULL;
+    float *wide = NULL;
     int rc = -1, nm = 0;
     size_t nent = 0, cap = 0;
     if (read_file(path, &file, &fsize, err, errlen))
@@ -491,7 +595,7 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
         centry *e = &ents[k];
         uint64_t ti = pf->ntensors;
         for (uint64_t i = 0; i < pf->ntensors; i++)
-            if (saved(&pf->tensors[i], CKPT_FULL) &&
+            if (stored(pf, i, CKPT_FULL) &&
                 strcmp(plan_str(pf, pf->tensors[i].name), e->name) == 0) {
                 ti = i;
                 break;
@@ -501,7 +605,8 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
                  "another model", path, e->name);
             goto out;
         }
-        const plan_tensor *t = &pf->tensors[ti];
+        /* a bf16 param with a master is stored as its fp32 master */
+        const plan_tensor *t = &pf->tensors[source(pf, ti)];
         if (seen[ti]) {
             fail(err, errlen, "%s: tensor '%s' appears twice; the checkpoint is damaged", path,
                  e->name);
@@ -537,7 +642,7 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
         }
     }
     for (uint64_t i = 0; i < pf->ntensors; i++)
-        if (saved(&pf->tensors[i], mode) && !seen[i]) {
+        if (stored(pf, i, mode) && !seen[i]) {
             fail(err, errlen, "%s: tensor '%s' is missing; use a checkpoint of this model%s",
                  path, plan_str(pf, pf->tensors[i].name),
                  pf->tensors[i].storage == PLAN_ST_OPTSTATE ? " (or --init-from for weights "
@@ -548,9 +653,25 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
     for (size_t k = 0; k < nent; k++) {
         for (uint64_t i = 0; i < pf->ntensors; i++) {
             const plan_tensor *t = &pf->tensors[i];
-            if (!saved(t, mode) || strcmp(plan_str(pf, t->name), ents[k].name) != 0)
+            if (!stored(pf, i, mode) || strcmp(plan_str(pf, t->name), ents[k].name) != 0)
                 continue;
-            if (exec_write(ex, i, 0, data + ents[k].off[0], t->bytes, err, errlen))
+            int64_t m = master_of(pf, i);
+            if (m < 0) {
+                if (exec_write(ex, i, 0, data + ents[k].off[0], t->bytes, err, errlen))
+                    goto out;
+                break;
+            }
+            /* master <- the stored fp32 values; param <- bf16(master) */
+            uint64_t n = plan_tensor_numel(t);
+            free(wide);
+            wide = malloc(n * 4 + 4);
+            if (!wide) {
+                fail(err, errlen, "%s: out of memory", path);
+                goto out;
+            }
+            memcpy(wide, data + ents[k].off[0], n * 4);
+            if (ckpt_write_f32(ex, (uint64_t)m, wide, n, err, errlen) ||
+                ckpt_write_f32(ex, i, wide, n, err, errlen))
                 goto out;
             break;
         }
@@ -561,5 +682,6 @@ out:
     free(file);
     free(ents);
     free(seen);
+    free(wide);
     return rc;
 }

@@ -14,11 +14,27 @@ enum { CKPT_FULL = 0,      /* params, buffers and optimizer state: exact resume 
 /* Refuses (error) to write a non-finite f32 tensor. */
 int ckpt_save(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta, char *err,
               size_t errlen);
+/* Every param's accumulated gradient, under the param's name (run --trace). */
+int ckpt_save_grads(exec_state *ex, const char *path, const ckpt_meta *meta, int nmeta,
+                    char *err, size_t errlen);
 /* Loads every tensor the mode needs; a missing, extra, mis-shaped or
  * mis-typed tensor is an error naming it.  meta receives up to maxmeta
  * entries of __metadata__. */
 int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int maxmeta,
               int *nmeta, char *err, size_t errlen);
 const char *ckpt_meta_get(const ckpt_meta *meta, int nmeta, const char *key);
+
+/* precision = bf16: a bf16 param is checkpointed as its fp32 master copy
+ * (plan_param.master), under the param's name, so a checkpoint is the same
+ * for fp32 and bf16 plans of one model; loading sets the master and then
+ * the param to bf16(master), rounded to nearest even. */
+
+/* Writes n fp32 values into tensor t, rounding to bf16 if t is bf16. */
+int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char *err,
+                   size_t errlen);
+/* Sets param row i from fp32 values: its master (if any) and its tensor. */
+int ckpt_set_param(exec_state *ex, uint64_t i, const float *h, char *err, size_t errlen);
+/* Round to nearest even; NaN stays NaN. */
+uint16_t ckpt_bf16_from_f32(float f);
 
 #endif

@@ -32,7 +32,9 @@ static void *try_open(const char *dir, const char *name, char *found_dir, char *
     char path[PATH_MAX];
     if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path)
         return NULL;
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    /* NODELETE: dlclose must not unmap a library whose thread pools (OpenMP,
+     * OpenBLAS) may still be running; that crashed ./run at exit on 16 cores */
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
     if (!h) {
         const char *e = dlerror();
         /* a library that exists but fails to load is worth reporting */
@@ -116,6 +118,17 @@ static int load_device(exec_state *ex, const exec_opts *o, char *err, size_t err
             return fail(err, errlen, "kernel library %s/libmoek_%s.so lacks %s; rebuild it from "
                         "this source tree", ex->kernel_dir, ex->device, svc[i].name);
     }
+    /* graphs are optional: without them every phase simply runs eagerly */
+    struct { const char *name; void **slot; } gsvc[] = {
+        {"moek_graph_begin", (void **)&ex->dev.graph_begin},
+        {"moek_graph_end", (void **)&ex->dev.graph_end},
+        {"moek_graph_launch", (void **)&ex->dev.graph_launch},
+        {"moek_graph_free", (void **)&ex->dev.graph_free}};
+    int ngraph = 0;
+    for (size_t i = 0; i < sizeof gsvc / sizeof gsvc[0]; i++)
+        ngraph += (*gsvc[i].slot = dlsym(ex->devlib, gsvc[i].name)) != NULL;
+    if (ngraph != 4)
+        ex->dev.graph_begin = NULL;
     if (o->log)
         fprintf(o->log, "run: device %s: loaded %s/libmoek_%s.so\n", ex->device, ex->kernel_dir,
                 ex->device);
@@ -152,7 +165,7 @@ static int load_user_lib(exec_state *ex, const exec_opts *o, const char *name, v
             char areal[PATH_MAX];
             if (!realpath(a, areal) || strcmp(areal, realdir) != 0)
                 continue;
-            void *h = dlopen(real, RTLD_NOW | RTLD_LOCAL);
+            void *h = dlopen(real, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
             if (!h)
                 return fail(err, errlen, "cannot load user library %s: %s; rebuild it", real,
                             dlerror());
@@ -207,7 +220,11 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
             goto fail;
     }
     char e[512];
-    if (ex->dev.init(&ex->ctx, 0, o->workspace_bytes, e, sizeof e) != 0) {
+    /* the plan's need (CPU bf16 kernels widen into it) or the user's, the larger */
+    int64_t ws = o->workspace_bytes;
+    if ((uint64_t)ws < pf->train->workspace_bytes)
+        ws = (int64_t)pf->train->workspace_bytes;
+    if (ex->dev.init(&ex->ctx, 0, ws, e, sizeof e) != 0) {
         fail(err, errlen, "device %s failed to start: %s; check the device or use --device cpu",
              ex->device, e);
         goto fail;
@@ -297,6 +314,8 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
         }
     }
     ex->phase_begin[3] = n;
+    ex->warn = ex->log = o->log;
+    exec_set_graphs(ex, 1, o->log);
     return 0;
 fail:
     exec_close(ex);
@@ -325,6 +344,137 @@ int exec_phase(exec_state *ex, uint32_t phase, char *err, size_t errlen)
     ex->status = 0;
     return fail(err, errlen, "kernel error in %s: %s (status %d); check the data and the model",
                 where, st >= 0 && st <= 3 ? why[st] : "unknown error", st);
+}
+
+static void free_graphs(exec_state *ex);
+
+void exec_set_graphs(exec_state *ex, int on, FILE *warn)
+{
+    ex->warn = warn;
+    if (!on)
+        free_graphs(ex);
+    ex->graphs_on = on && ex->dev.graph_begin && strcmp(ex->device, "cuda") == 0;
+}
+
+static const char *phase_range(uint32_t first, uint32_t last, char *buf, size_t n)
+{
+    if (first == last)
+        snprintf(buf, n, "the %s phase", plan_phase_name(first));
+    else
+        snprintf(buf, n, "the %s..%s phases", plan_phase_name(first), plan_phase_name(last));
+    return buf;
+}
+
+static int run_eager(exec_state *ex, uint32_t first, uint32_t last, char *err, size_t errlen)
+{
+    for (uint32_t ph = first; ph <= last; ph++)
+        if (exec_phase(ex, ph, err, errlen))
+            return -1;
+    return 0;
+}
+
+static void free_graphs(exec_state *ex)
+{
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) {
+            if (ex->graphs[i][j].graph && ex->dev.graph_free)
+                ex->dev.graph_free(ex->graphs[i][j].graph);
+            ex->graphs[i][j].graph = NULL;
+        }
+}
+
+/* Records first..last into a graph; on failure returns -1 with why in e.
+ * Nothing runs while capturing, so a failed capture has changed no tensor. */
+static int capture(exec_state *ex, uint32_t first, uint32_t last, void **graph, char *e,
+                   size_t en)
+{
+    *graph = NULL;
+    if (ex->dev.graph_begin(&ex->ctx, e, (int64_t)en))
+        return -1;
+    char perr[1024] = "";
+    int prc = run_eager(ex, first, last, perr, sizeof perr);
+    /* end the capture even after a failed op, so the stream is usable again */
+    int erc = ex->dev.graph_end(&ex->ctx, graph, e, (int64_t)en);
+    ex->status = 0;
+    if (prc) {
+        snprintf(e, en, "%s", perr);
+        if (*graph)
+            ex->dev.graph_free(*graph);
+        *graph = NULL;
+        return -1;
+    }
+    return erc ? -1 : 0;
+}
+
+int exec_run(exec_state *ex, uint32_t first, uint32_t last, char *err, size_t errlen)
+{
+    if (first > last || last > PLAN_PHASE_OPTIMIZER)
+        return fail(err, errlen, "internal: bad phase range %u..%u; report this bug", first, last);
+    if (!ex->graphs_on)
+        return run_eager(ex, first, last, err, errlen);
+    exec_graph *g = &ex->graphs[first][last];
+    char e[1024], what[64];
+    if (!g->graph) {
+        if (g->runs++ == 0)
+            return run_eager(ex, first, last, err, errlen);   /* warm-up */
+        if (capture(ex, first, last, &g->graph, e, sizeof e)) {
+            /* not fatal: the same ops run eagerly; said once, not silently */
+            if (ex->warn)
+                fprintf(ex->warn, "run: CUDA graph capture of %s failed (%s); running every "
+                        "phase eagerly from now on\n", phase_range(first, last, what,
+                        sizeof what), e);
+            free_graphs(ex);
+            ex->graphs_on = 0;
+            return run_eager(ex, first, last, err, errlen);
+        }
+        if (ex->log)
+            fprintf(ex->log, "run: captured %s as a CUDA graph (%llu ops); replaying it\n",
+                    phase_range(first, last, what, sizeof what),
+                    (unsigned long long)(ex->phase_begin[last + 1] - ex->phase_begin[first]));
+    }
+    if (ex->dev.graph_launch(&ex->ctx, g->graph, e, sizeof e))
+        return fail(err, errlen, "launching the CUDA graph of %s failed: %s; retry with "
+                    "--no-graph", phase_range(first, last, what, sizeof what), e);
+    return 0;
+}
+
+/* Re-runs first..last eagerly with a device sync after every op; names the
+ * first op that fails. */
+static int locate(exec_state *ex, uint32_t first, uint32_t last, char *where, size_t n)
+{
+    const exec_call *c = ex->calls + ex->phase_begin[first];
+    const exec_call *end = ex->calls + ex->phase_begin[last + 1];
+    char e[512];
+    for (; c < end; c++) {
+        ffi_call(c->cif, c->fn, NULL, c->avalues);
+        if (ex->status || ex->dev.sync(&ex->ctx, e, sizeof e)) {
+            exec_describe_op(ex->pf, c->op, where, n);
+            ex->status = 0;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int exec_check(exec_state *ex, const char *what, uint32_t first, uint32_t last, char *err,
+               size_t errlen)
+{
+    char e[512];
+    ex->status = 0;
+    if (ex->dev.sync(&ex->ctx, e, sizeof e) == 0 && !ex->status)
+        return 0;
+    int st = ex->status;
+    ex->status = 0;
+    if (st != MOEK_E_INDEX && st != MOEK_E_SHAPE)
+        /* a failed device call can leave the device unusable: no re-run */
+        return fail(err, errlen, "%s: %s; rerun with --no-graph and CUDA_LAUNCH_BLOCKING=1 to "
+                    "name the op", what, e);
+    char where[512];
+    if (first > last || last > PLAN_PHASE_OPTIMIZER || locate(ex, first, last, where, sizeof where))
+        return fail(err, errlen, "%s: %s (an eager re-run did not repeat it); check the data "
+                    "and the model", what, e);
+    return fail(err, errlen, "%s: %s, first raised by %s; check the data and the model", what,
+                e, where);
 }
 
 static int check_range(exec_state *ex, uint64_t t, uint64_t off, uint64_t n, char *err,
@@ -366,6 +516,8 @@ int exec_write(exec_state *ex, uint64_t t, uint64_t off, const void *host, uint6
 
 void exec_close(exec_state *ex)
 {
+    if (ex->dev_ready)
+        free_graphs(ex);
     if (ex->arena && ex->dev_ready)
         for (uint64_t i = 0; i < ex->pf->npools; i++)
             if (ex->arena[i])

@@ -30,7 +30,18 @@ typedef struct exec_dev {
     void (*free)(const moek_ctx *, void *);
     int (*copy)(const moek_ctx *, void *, const void *, int64_t, int64_t, char *, int64_t);
     int (*sync)(const moek_ctx *, char *, int64_t);
+    /* CUDA graphs; NULL when the library lacks them */
+    int (*graph_begin)(const moek_ctx *, char *, int64_t);
+    int (*graph_end)(const moek_ctx *, void **, char *, int64_t);
+    int (*graph_launch)(const moek_ctx *, void *, char *, int64_t);
+    void (*graph_free)(void *);
 } exec_dev;
+
+/* One captured range of phases (first..last) and how often it has run. */
+typedef struct exec_graph {
+    void *graph;                  /* instantiated graph; NULL until captured */
+    int64_t runs;
+} exec_graph;
 
 /* One prepared kernel call: everything ffi_call needs, bound at load. */
 typedef struct exec_call {
@@ -60,11 +71,30 @@ typedef struct exec_state {
     uint64_t phase_begin[4];
     void **avalues;
     exec_slot *slots;
+    int graphs_on;                /* cuda, not --no-graph, no capture has failed */
+    FILE *warn, *log;
+    exec_graph graphs[3][3];      /* [first phase][last phase] */
 } exec_state;
 
 int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err, size_t errlen);
 /* Runs every op of one phase; a kernel error names the op and its .moe line. */
 int exec_phase(exec_state *ex, uint32_t phase, char *err, size_t errlen);
+/* CUDA graphs are on by default on cuda; on = 0 (--no-graph) turns them off.
+ * warn gets the one "capture failed" line (default: opts.log). */
+void exec_set_graphs(exec_state *ex, int on, FILE *warn);
+/* Runs phases first..last (FORWARD..BACKWARD is one micro-step). On CUDA
+ * the first run of a range is eager (the warm-up: lazy module loading,
+ * cuBLAS's choices), the second captures the range as one CUDA graph and
+ * launches it, later runs only launch it.  Inputs (tokens, targets, hyper,
+ * loss_seed) are written with exec_write before the call, outside the graph:
+ * the graph reads them at their fixed addresses.  A failed capture prints one
+ * line on opts.warn and the run continues eagerly. */
+int exec_run(exec_state *ex, uint32_t first, uint32_t last, char *err, size_t errlen);
+/* Waits for the device and reports asynchronous errors and data errors the
+ * kernels flagged (moek_device_sync), as "<what>: ...".  A data error is
+ * traced to its op by re-running first..last eagerly, syncing after each op. */
+int exec_check(exec_state *ex, const char *what, uint32_t first, uint32_t last, char *err,
+               size_t errlen);
 /* Host <-> tensor copies (bytes [off, off+n) of tensor t). */
 int exec_read(exec_state *ex, uint64_t t, uint64_t off, void *host, uint64_t n, char *err,
               size_t errlen);

@@ -32,7 +32,10 @@ static void usage(FILE *f)
           "  --resume PATH          continue exactly from a checkpoint\n"
           "  --init-from PATH       load weights only, then train from step 1\n"
           "  --allow-lib DIR        also load user kernel libraries from DIR\n"
+          "  --trace DIR            write a replay trace (config, batches, losses, initial\n"
+          "                         weights, step 1 gradients) for tests/parity\n"
           "  --workspace-mb N       kernel workspace (default 64)\n"
+          "  --no-graph             on cuda, run every op eagerly (no CUDA graph replay)\n"
           "  --sample               generate text: --prompt S --tokens N --temperature T\n"
           "                         --top-k K --seed S, weights from --checkpoint/--resume\n"
           "  -q, --quiet            no per-step lines\n", f);
@@ -42,8 +45,9 @@ int main(int argc, char **argv)
 {
     const char *plan_path = NULL, *device = NULL, *data = NULL, *metrics = "metrics.jsonl";
     const char *ckpt = NULL, *resume = NULL, *init_from = NULL, *prompt = "";
+    const char *trace = NULL;
     const char *allow[64];
-    int nallow = 0, inspect = 0, sample = 0, quiet = 0;
+    int nallow = 0, inspect = 0, sample = 0, quiet = 0, no_graph = 0;
     int64_t steps = -1, tokens = 200, top_k = 0, workspace_mb = 64;
     double temperature = 0.8;
     uint64_t seed = 1;
@@ -55,6 +59,7 @@ int main(int argc, char **argv)
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) { usage(stdout); return 0; }
         else if (strcmp(a, "--inspect") == 0) inspect = 1;
         else if (strcmp(a, "--sample") == 0) sample = 1;
+        else if (strcmp(a, "--no-graph") == 0) no_graph = 1;
         else if (strcmp(a, "-q") == 0 || strcmp(a, "--quiet") == 0) quiet = 1;
         else if (OPT("--device")) device = v;
         else if (OPT("--data")) data = v;
@@ -62,6 +67,7 @@ int main(int argc, char **argv)
         else if (OPT("--checkpoint")) ckpt = v;
         else if (OPT("--resume")) resume = v;
         else if (OPT("--init-from")) init_from = v;
+        else if (OPT("--trace")) trace = v;
         else if (OPT("--prompt")) prompt = v;
         else if (OPT("--allow-lib")) {
             if (nallow == 64) { fprintf(stderr, "run: too many --allow-lib\n"); return 2; }
@@ -114,6 +120,7 @@ int main(int argc, char **argv)
         plan_close(&pf);
         return 1;
     }
+    exec_set_graphs(&ex, !no_graph, stderr);   /* a failed capture is said even with -q */
     int rc;
     if (sample) {
         sample_opts so = {ckpt ? ckpt : resume, prompt, tokens, temperature, top_k, seed};
@@ -125,7 +132,7 @@ int main(int argc, char **argv)
         sigaction(SIGINT, &sa, NULL);
         train_opts to = {steps, data, exe_dir, *metrics ? metrics : NULL, ckpt ? ckpt : "checkpoint.safetensors",
                          resume, init_from, &interrupted, quiet ? NULL : stdout};
-        rc = train_run(&ex, &to, err, sizeof err);
+        rc = train_run_trace(&ex, &to, trace, err, sizeof err);
     }
     if (rc)
         fprintf(stderr, "run: %s\n", err);

@@ -3,11 +3,13 @@
  * optimizer phase, then metrics, validation and checkpoints. */
 #include "train.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -59,7 +61,9 @@ int train_init_params(exec_state *ex, char *err, size_t errlen)
             h[k] = p->init == PLAN_INIT_ZEROS  ? 0.0f
                  : p->init == PLAN_INIT_ONES   ? 1.0f
                  : (float)(rng_normal(&r) * p->init_std);
-        int rc = exec_write(ex, p->tensor, 0, h, t->bytes, err, errlen);
+        /* the same fp32 values in any precision: a bf16 param's master gets
+         * them and the param their bf16 rounding */
+        int rc = ckpt_set_param(ex, i, h, err, errlen);
         free(h);
         if (rc)
             return -1;
@@ -127,8 +131,8 @@ static int micro_step(exec_state *ex, const roles *r, const data_file *d, int sp
     if (data_batch(d, split, g, t->batch, t->seq, t->vocab, tok, tgt, err, errlen) ||
         exec_write(ex, (uint64_t)r->tokens, 0, tok, bytes, err, errlen) ||
         exec_write(ex, (uint64_t)r->targets, 0, tgt, bytes, err, errlen) ||
-        exec_phase(ex, PLAN_PHASE_FORWARD, err, errlen) ||
-        (backward && exec_phase(ex, PLAN_PHASE_BACKWARD, err, errlen)) ||
+        exec_run(ex, PLAN_PHASE_FORWARD, backward ? PLAN_PHASE_BACKWARD : PLAN_PHASE_FORWARD,
+                 err, errlen) ||
         exec_read(ex, (uint64_t)r->loss, 0, loss, 4, err, errlen))
         return -1;
     for (int m = 0; metrics && m < r->nmetric; m++) {
@@ -149,7 +153,8 @@ static int evaluate(exec_state *ex, const roles *r, const data_file *d, int32_t 
     double sum = 0;
     for (int64_t b = 0; b < t->eval_batches; b++) {
         float l;
-        if (micro_step(ex, r, d, DATA_VAL, &g, tok, tgt, 0, &l, NULL, err, errlen))
+        if (micro_step(ex, r, d, DATA_VAL, &g, tok, tgt, 0, &l, NULL, err, errlen) ||
+            exec_check(ex, "evaluation", PLAN_PHASE_FORWARD, PLAN_PHASE_FORWARD, err, errlen))
             return -1;
         sum += l;
     }
@@ -197,8 +202,101 @@ static void fmt_eta(double s, char *buf, size_t n)
         snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
 }
 
+/* ---- --trace DIR: what an independent reimplementation (tests/parity)
+ * needs to replay a run exactly: the config and per-param weight decay, the
+ * weights before step 1, every micro-batch, each step's loss and lr, and
+ * step 1's accumulated gradients before the optimizer touches them. */
+typedef struct trace {
+    char dir[3072];
+    FILE *log, *batches;
+} trace;
+
+static int trace_fail(const char *dir, const char *file, char *err, size_t errlen)
+{
+    return fail(err, errlen, "cannot write trace file %s/%s: %s; check the --trace directory",
+                dir, file, strerror(errno));
+}
+
+static int trace_open(trace *tr, const char *dir, exec_state *ex, int64_t start, const rng *g,
+                      char *err, size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    const plan_train *t = pf->train;
+    static const char *const opt[] = {"adamw", "sgd"};
+    static const char *const sched[] = {"constant", "cosine", "linear"};
+    char path[4096];
+    snprintf(tr->dir, sizeof tr->dir, "%s", dir);
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return fail(err, errlen, "cannot create trace directory %s: %s; check the path", dir,
+                    strerror(errno));
+    snprintf(path, sizeof path, "%s/trace.jsonl", dir);
+    if (!(tr->log = fopen(path, "w")))
+        return trace_fail(dir, "trace.jsonl", err, errlen);
+    snprintf(path, sizeof path, "%s/batches.bin", dir);
+    if (!(tr->batches = fopen(path, "wb")))
+        return trace_fail(dir, "batches.bin", err, errlen);
+    fprintf(tr->log, "{\"model\":");
+    json_name(tr->log, plan_str(pf, pf->hdr->model_name));
+    fprintf(tr->log, ",\"batch\":%" PRId64 ",\"seq\":%" PRId64 ",\"grad_accum\":%" PRId64
+            ",\"steps\":%" PRId64 ",\"vocab\":%" PRId64 ",\"start\":%" PRId64
+            ",\"optimizer\":\"%s\",\"schedule\":\"%s\",\"warmup\":%" PRId64
+            ",\"lr\":%.9g,\"min_lr\":%.9g,\"beta1\":%.9g,\"beta2\":%.9g,\"eps\":%.9g"
+            ",\"momentum\":%.9g,\"clip_grad\":%.9g,\"precision\":%u,\"params\":[",
+            t->batch, t->seq, t->grad_accum, t->steps, t->vocab, start,
+            opt[t->optimizer < 2 ? t->optimizer : 0], sched[t->schedule < 3 ? t->schedule : 0],
+            t->warmup, (double)t->lr, (double)t->min_lr, (double)t->beta1, (double)t->beta2,
+            (double)t->eps, (double)t->momentum, (double)t->clip_grad, t->precision);
+    for (uint64_t i = 0; i < pf->nparams; i++) {
+        fprintf(tr->log, "%s{\"name\":", i ? "," : "");
+        json_name(tr->log, plan_str(pf, pf->tensors[pf->params[i].tensor].name));
+        fprintf(tr->log, ",\"weight_decay\":%.9g,\"trained\":%s}",
+                (double)pf->params[i].weight_decay, pf->params[i].grad >= 0 ? "true" : "false");
+    }
+    fprintf(tr->log, "]}\n");
+    snprintf(path, sizeof path, "%s/init.safetensors", dir);
+    if (fflush(tr->log) != 0)
+        return trace_fail(dir, "trace.jsonl", err, errlen);
+    return save(ex, path, start, g, err, errlen);
+}
+
+static int trace_batch(trace *tr, const int32_t *tok, const int32_t *tgt, size_t n, char *err,
+                       size_t errlen)
+{
+    if (fwrite(tok, 4, n, tr->batches) != n || fwrite(tgt, 4, n, tr->batches) != n)
+        return trace_fail(tr->dir, "batches.bin", err, errlen);
+    return 0;
+}
+
+static int trace_grads(trace *tr, exec_state *ex, int64_t step, char *err, size_t errlen)
+{
+    char path[4096];
+    ckpt_meta m[1];
+    memset(m, 0, sizeof m);
+    snprintf(m[0].key, sizeof m[0].key, "step");
+    snprintf(m[0].val, sizeof m[0].val, "%" PRId64, step);
+    snprintf(path, sizeof path, "%s/grads.safetensors", tr->dir);
+    return ckpt_save_grads(ex, path, m, 1, err, errlen);
+}
+
+static int trace_step(trace *tr, int64_t step, double loss, float lr, double norm, char *err,
+                      size_t errlen)
+{
+    fprintf(tr->log, "{\"step\":%" PRId64 ",\"loss\":%.9g,\"lr\":%.9g,\"norm\":%.9g}\n",
+            step, loss, (double)lr, isfinite(norm) ? norm : -1.0);
+    if (fflush(tr->log) != 0 || fflush(tr->batches) != 0)
+        return trace_fail(tr->dir, "trace.jsonl", err, errlen);
+    return 0;
+}
+
 int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
 {
+    return train_run_trace(ex, o, NULL, err, errlen);
+}
+
+int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, char *err,
+                    size_t errlen)
+{
+    trace tr = {.log = NULL, .batches = NULL};
     const plan_file *pf = ex->pf;
     const plan_train *t = pf->train;
     roles r;
@@ -253,6 +351,8 @@ int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
         goto out;
     }
     int64_t total = o->steps >= 0 ? o->steps : t->steps;
+    if (trace_dir && trace_open(&tr, trace_dir, ex, start, &g, err, errlen))
+        goto out;
     if (o->metrics_path && !(mf = fopen(o->metrics_path, o->resume_path ? "a" : "w"))) {
         fail(err, errlen, "cannot write metrics file %s; check the directory or pass --metrics",
              o->metrics_path);
@@ -286,7 +386,11 @@ int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
         memset(metrics, 0, ((size_t)r.nmetric + 1) * sizeof *metrics);
         for (int64_t a = 0; a < t->grad_accum; a++) {
             float l;
-            if (micro_step(ex, &r, &d, DATA_TRAIN, &g, tok, tgt, 1, &l, metrics, err, errlen))
+            char what[48];   /* device errors surface here, once per micro-step */
+            snprintf(what, sizeof what, "step %lld", (long long)step);
+            if (micro_step(ex, &r, &d, DATA_TRAIN, &g, tok, tgt, 1, &l, metrics, err, errlen) ||
+                exec_check(ex, what, PLAN_PHASE_FORWARD, PLAN_PHASE_BACKWARD, err, errlen) ||
+                (tr.batches && trace_batch(&tr, tok, tgt, (size_t)(t->batch * t->seq), err, errlen)))
                 goto out;
             loss += l;
         }
@@ -296,7 +400,8 @@ int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
                  "saved); lower the learning rate or check the data", loss, (long long)step);
             goto out;
         }
-        if (exec_phase(ex, PLAN_PHASE_OPTIMIZER, err, errlen))
+        if ((tr.log && step == start + 1 && trace_grads(&tr, ex, step, err, errlen)) ||
+            exec_run(ex, PLAN_PHASE_OPTIMIZER, PLAN_PHASE_OPTIMIZER, err, errlen))
             goto out;
         double norm = NAN;
         if (r.norm >= 0) {
@@ -311,6 +416,8 @@ int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
                 goto out;
             }
         }
+        if (tr.log && trace_step(&tr, step, loss, hyper[MOEK_HYPER_LR], norm, err, errlen))
+            goto out;
         double te = now_s(), ms = (te - ts) * 1e3;
         double tps = (double)(t->batch * t->seq * t->grad_accum) / (te - ts);
         char eta[32];
@@ -369,6 +476,10 @@ int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
 out:
     if (mf)
         fclose(mf);
+    if (tr.log)
+        fclose(tr.log);
+    if (tr.batches)
+        fclose(tr.batches);
     free(tok);
     free(tgt);
     free(metrics);
@@ -453,6 +564,7 @@ int train_sample(exec_state *ex, const sample_opts *o, FILE *out, char *err, siz
     tgt = calloc((size_t)(B * T), 4);
     ctx = malloc((size_t)cap * 4);
     row = malloc((size_t)V * 4);
+    uint64_t esz = plan_dtype_size(pf->tensors[r.logits].dtype);   /* f32 or bf16 logits */
     if (!tok || !tgt || !ctx || !row) {
         fail(err, errlen, "out of memory");
         goto out;
@@ -478,9 +590,16 @@ int train_sample(exec_state *ex, const sample_opts *o, FILE *out, char *err, siz
         if (exec_write(ex, (uint64_t)r.tokens, 0, tok, (uint64_t)(B * T) * 4, err, errlen) ||
             exec_write(ex, (uint64_t)r.targets, 0, tgt, (uint64_t)(B * T) * 4, err, errlen) ||
             exec_phase(ex, PLAN_PHASE_FORWARD, err, errlen) ||
-            exec_read(ex, (uint64_t)r.logits, (uint64_t)((len - 1) * V) * 4, row,
-                      (uint64_t)V * 4, err, errlen))
+            exec_read(ex, (uint64_t)r.logits, (uint64_t)((len - 1) * V) * esz, row,
+                      (uint64_t)V * esz, err, errlen))
             goto out;
+        if (esz == 2) {   /* bf16 logits: widen in place, last first (exact) */
+            const uint16_t *b = (const uint16_t *)row;
+            for (int64_t v = V - 1; v >= 0; v--) {
+                uint32_t u = (uint32_t)b[v] << 16;
+                memcpy(&row[v], &u, 4);
+            }
+        }
         int next = sample_next(row, V, o->temperature, o->top_k, &g);
         ctx[n++] = next;
         fputc(next, out);

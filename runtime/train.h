@@ -41,6 +41,11 @@ int train_init_params(exec_state *ex, char *err, size_t errlen);
 int train_data_path(const plan_file *pf, const char *opt, const char *exe_dir, char *out,
                     size_t n, char *err, size_t errlen);
 int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen);
+/* train_run that also writes a replay trace into trace_dir (created if
+ * missing; NULL = none): trace.jsonl, batches.bin, init.safetensors,
+ * grads.safetensors (docs/runtime.md, "--trace"). */
+int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, char *err,
+                    size_t errlen);
 int train_sample(exec_state *ex, const sample_opts *o, FILE *out, char *err, size_t errlen);
 
 #endif
