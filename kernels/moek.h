@@ -54,6 +54,7 @@ enum moek_hyper {
     MOEK_HYPER_BC2,        /* 1 - beta2^t */
     MOEK_HYPER_MAX_NORM,   /* global-norm clip threshold; <= 0 disables clipping */
     MOEK_HYPER_MOMENTUM,   /* SGD momentum */
+    MOEK_HYPER_STEP,       /* optimizer step number (router jitter's counter) */
     MOEK_HYPER_COUNT
 };
 
@@ -289,5 +290,75 @@ int moek_graph_begin(const moek_ctx *ctx, char *err, int64_t errlen);
 int moek_graph_end(const moek_ctx *ctx, void **graph, char *err, int64_t errlen);
 int moek_graph_launch(const moek_ctx *ctx, void *graph, char *err, int64_t errlen);
 void moek_graph_free(void *graph);
+
+/* ---- routing, issue 4 (fp32 always; kernels/cpu/routing.c) ----------------
+ * Selection order everywhere: key descending, expert index ascending, NaN
+ * below everything.  Kernels needing a per-row or per-sequence table keep it
+ * on the stack and accept at most MOEK_ROUTE_MAX_E experts (else
+ * MOEK_E_SHAPE). */
+#define MOEK_ROUTE_MAX_E 256
+
+/* scores[N,E] = sigmoid(logits) (DeepSeek-V3); dlogits = ds * s * (1 - s) */
+void moek_sigmoid_fwd(const moek_ctx *ctx, const float *logits, float *scores, int64_t N, int64_t E);
+void moek_sigmoid_bwd(const moek_ctx *ctx, const float *dscores, const float *scores, float *dlogits,
+                      int64_t N, int64_t E);
+/* Aux-loss-free selection: idx = top-k of scores + bias[E] (bias may be
+ * NULL); gates = the UNBIASED scores of the chosen experts, divided by their
+ * sum when renorm != 0, times scale.  k > E: MOEK_E_SHAPE. */
+void moek_topk_biased_fwd(const moek_ctx *ctx, const float *scores, const float *bias, int32_t *idx,
+                          float *gates, int64_t N, int64_t E, int64_t k, int64_t renorm, float scale);
+/* backward of topk_biased and topk_grouped (the bias gets no gradient):
+ * dscores zero outside the chosen experts; scale * dg without renorm, else
+ * scale * (dg_i - sum_j dg_j s_j / S) / S */
+void moek_topk_biased_bwd(const moek_ctx *ctx, const float *dgates, const float *scores,
+                          const int32_t *idx, float *dscores, int64_t N, int64_t E, int64_t k,
+                          int64_t renorm, float scale);
+/* Group-limited routing: E experts in `groups` equal groups; a group's
+ * score is the sum of its top-2 biased scores (its max when a group has one
+ * expert); the best topk_groups groups are kept, then top-k among their
+ * experts as topk_biased.  Backward: moek_topk_biased_bwd.  MOEK_E_SHAPE
+ * when groups does not divide E, topk_groups is not in [1, groups],
+ * k > topk_groups * E / groups, or E > MOEK_ROUTE_MAX_E. */
+void moek_topk_grouped_fwd(const moek_ctx *ctx, const float *scores, const float *bias, int32_t *idx,
+                           float *gates, int64_t N, int64_t E, int64_t k, int64_t groups,
+                           int64_t topk_groups, int64_t renorm, float scale);
+/* Top-k of the logits, then gates = softmax over the k chosen logits;
+ * dlogits zero outside the chosen, g_j (dg_j - sum_i dg_i g_i) on them. */
+void moek_topk_softmax_fwd(const moek_ctx *ctx, const float *logits, int32_t *idx, float *gates,
+                           int64_t N, int64_t E, int64_t k);
+void moek_topk_softmax_bwd(const moek_ctx *ctx, const float *dgates, const float *gates,
+                           const int32_t *idx, float *dlogits, int64_t N, int64_t E, int64_t k);
+/* Router jitter: y = x * u, u ~ U(1-eps, 1+eps) from a counter-based hash of
+ * (seed, step = hyper[MOEK_HYPER_STEP], element index): no state, the same
+ * bits on CPU and CUDA, recomputed by the backward (dx = dy * u). */
+void moek_jitter_fwd(const moek_ctx *ctx, const float *x, float *y, int64_t n, float eps,
+                     const float *hyper, int64_t seed);
+void moek_jitter_bwd(const moek_ctx *ctx, const float *dy, float *dx, int64_t n, float eps,
+                     const float *hyper, int64_t seed);
+/* Sequence-wise balance loss (DeepSeek-V3): tokens are B sequences of T;
+ * loss = mean over sequences of E sum_i f_i P_i, f_i = share of the
+ * sequence's T k slots routed to i (constant for the gradient), P_i = mean
+ * of probs[., i] over its T tokens.  E > MOEK_ROUTE_MAX_E: MOEK_E_SHAPE. */
+void moek_seq_balance_loss_fwd(const moek_ctx *ctx, const float *probs, const int32_t *idx,
+                               float *loss, int64_t B, int64_t T, int64_t E, int64_t k);
+void moek_seq_balance_loss_bwd(const moek_ctx *ctx, const float *dloss, const float *probs,
+                               const int32_t *idx, float *dprobs, int64_t B, int64_t T, int64_t E,
+                               int64_t k);
+/* Expert load (no gradient): load[e] = slots routed to e before capacity,
+ * load[E] = slots dropped (slot_row == -1; slot_row may be NULL: 0). */
+void moek_expert_load(const moek_ctx *ctx, const int32_t *idx, const int32_t *slot_row, float *load,
+                      int64_t N, int64_t E, int64_t k);
+/* Aux-loss-free bias step (optimizer phase, no gradient):
+ * bias[e] += rate * sign(mean_e load[e] - load[e]); load from moek_expert_load. */
+void moek_router_bias_update(const moek_ctx *ctx, float *bias, const float *load, int64_t E,
+                             float rate);
+/* Capacity drop by score: moek_dispatch_fwd with C > 0 (C <= 0:
+ * MOEK_E_SHAPE), except that an expert over capacity keeps its C slots with
+ * the highest gate (ties: lower slot index, i.e. token then choice); kept
+ * rows stay in slot order inside the block.  Backward: moek_dispatch_bwd. */
+void moek_dispatch_by_score_fwd(const moek_ctx *ctx, const float *x, const int32_t *idx,
+                                const float *gates, float *xs, int32_t *slot_row,
+                                int32_t *expert_rows, int64_t N, int64_t D, int64_t E, int64_t k,
+                                int64_t C);
 
 #endif
