@@ -97,7 +97,7 @@ endif
 cuda:
 
 # --- tests: every tests/unit/x.c is a program printing PASS/FAIL/SKIP lines
-$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libmoec_front.a $(BUILD)/libmoec_runtime.a $(BUILD)/libmoek_cpu.a tests/unit/check.h
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libmoec_front.a $(BUILD)/libmoec_runtime.a $(BUILD)/libmoek_cpu.a $(wildcard tests/unit/*.h) kernels/moek.h runtime/plan.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -fopenmp -Ilang -I$(BUILD)/lang -o $@ $< $(BUILD)/libmoec_front.a \
 	    $(BUILD)/libmoec_runtime.a $(BUILD)/libmoek_cpu.a $(OPENBLAS_LIBS) $(HOST_LIBS)
@@ -128,3 +128,10 @@ $(BUILD)/bench/kernels_cpu: bench/kernels_cpu.c $(BUILD)/libmoek_cpu.a kernels/m
 	$(CC) $(CFLAGS) -fopenmp -o $@ $< $(BUILD)/libmoek_cpu.a $(OPENBLAS_LIBS) -lm
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+# --- the custom-op example (examples/custom_op): a user kernel library that
+# ./run loads for `extern op ... from "libmyops.so"`; built as part of `all`.
+all: $(BUILD)/examples/libmyops.so
+$(BUILD)/examples/libmyops.so: examples/custom_op/myops.c kernels/moek.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ikernels -shared $(LDFLAGS) -o $@ $<

@@ -378,6 +378,7 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
         hyper[MOEK_HYPER_BC2] = (float)(1.0 - pow(t->beta2, (double)step));
         hyper[MOEK_HYPER_MAX_NORM] = t->clip_grad;
         hyper[MOEK_HYPER_MOMENTUM] = t->momentum;
+        hyper[MOEK_HYPER_STEP] = (float)step;   /* exact below 2^24 steps */
         float seed = (float)(1.0 / (double)t->grad_accum);
         if ((r.hyper >= 0 && exec_write(ex, (uint64_t)r.hyper, 0, hyper, sizeof hyper, err, errlen)) ||
             (r.seed >= 0 && exec_write(ex, (uint64_t)r.seed, 0, &seed, 4, err, errlen)))

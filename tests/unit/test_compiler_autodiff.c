@@ -3,6 +3,7 @@
  * nodes exist, where gradients are summed, what frozen and tied params get,
  * and every error message of the two passes. */
 #include "check.h"
+#include "../../kernels/moek.h"
 #include "test_compiler_graphs.h"
 
 /* the node producing value v */
@@ -127,7 +128,7 @@ static void test_fanout_same_value(void)
     const ir_node *hn = aw >= 0 ? &g->nodes[aw] : NULL;
     CHECK("optimizer: hyper and norm inputs", hn &&
           g->values[hn->inputs[4]].role == PLAN_ROLE_HYPER &&
-          g->values[hn->inputs[4]].shape[0] == 8 &&
+          g->values[hn->inputs[4]].shape[0] == MOEK_HYPER_COUNT &&
           g->values[hn->inputs[5]].role == PLAN_ROLE_NORM_SQ, "wrong structure");
     /* order in the optimizer phase: fill(norm), sumsq x3, adamw x3, zero x3 */
     int first_opt = -1;

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "../../runtime/plan.h"
+#include "../../kernels/moek.h"
 
 #define PB_MAX 64
 
@@ -141,6 +142,7 @@ static inline void pb_param(pb *b, uint32_t tensor, int32_t grad, int32_t s0, in
     memset(p, 0, sizeof *p);
     p->tensor = tensor; p->grad = grad; p->state0 = s0; p->state1 = s1;
     p->init = init; p->init_std = std;
+    p->master = -1;   /* fp32 params have no master copy */
 }
 
 static inline void pb_put(unsigned char *buf, uint64_t *at, const void *p, uint64_t n)
@@ -287,7 +289,7 @@ static inline void pb_bigram(pb *b, int64_t grad_accum)
     int64_t B = t->batch, T = t->seq, V = 256, N = B * T;
     uint32_t tok = pb_tensor(b, "tokens", PLAN_I32, PLAN_ST_INPUT, PLAN_ROLE_TOKENS, 2, B, T);
     uint32_t tgt = pb_tensor(b, "targets", PLAN_I32, PLAN_ST_INPUT, PLAN_ROLE_TARGETS, 2, B, T);
-    uint32_t hyp = pb_tensor(b, "hyper", PLAN_F32, PLAN_ST_INPUT, PLAN_ROLE_HYPER, 1, (int64_t)8);
+    uint32_t hyp = pb_tensor(b, "hyper", PLAN_F32, PLAN_ST_INPUT, PLAN_ROLE_HYPER, 1, (int64_t)MOEK_HYPER_COUNT);
     uint32_t seed = pb_tensor(b, "loss_seed", PLAN_F32, PLAN_ST_INPUT, PLAN_ROLE_LOSS_SEED, 1, (int64_t)1);
     uint32_t w = pb_tensor(b, "bigram.weight", PLAN_F32, PLAN_ST_PARAM, 0, 2, V, V);
     uint32_t gw = pb_tensor(b, "bigram.weight.grad", PLAN_F32, PLAN_ST_GRAD, 0, 2, V, V);
