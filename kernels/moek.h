@@ -40,6 +40,7 @@ typedef struct moek_ctx {
     int64_t workspace_bytes;
     int *status;               /* first error wins: kernels set it only if it is 0 */
     int num_threads;           /* CPU: OpenMP threads to use (0 = default) */
+    void *comm;                /* the communication backend's handle (collective ops only) */
 } moek_ctx;
 
 /* Optimizer hyper-parameters, written by the runtime once per step into a

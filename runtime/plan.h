@@ -160,6 +160,9 @@ typedef struct plan_train {
     uint32_t precision;               /* enum plan_dtype of activations: PLAN_F32 or PLAN_BF16 */
     uint32_t pad0;
     uint64_t workspace_bytes;         /* kernel workspace the plan needs (CPU bf16 widening) */
+    int64_t par_ranks;                /* parallel { ranks }: the world size the plan was made for */
+    int64_t par_expert;               /* parallel { expert }: expert-parallel group size */
+    int64_t par_zero;                 /* parallel { zero }: ZeRO stage 0-3 */
 } plan_train;
 
 /* The file: plan_header, plan_train, then the sections. */

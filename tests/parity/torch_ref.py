@@ -1,14 +1,25 @@
-"""PyTorch reference for moec's stdlib transformer blocks.
+"""PyTorch reference for moec's stdlib transformer (tests/parity/test_parity.sh).
 
-An independent implementation of the same maths in plain PyTorch (fp32, CPU),
-used by tests/parity/test_parity.sh: it loads the weights the runtime wrote
-(safetensors), replays the runtime's batches, and compares loss, every
-parameter's gradient after one step, and the loss curve under AdamW.
+An independent implementation of the maths of stdlib/nn.moe in plain PyTorch
+(fp32, CPU, autograd).  It reads the trace that `run --trace DIR` writes:
 
-Nothing here reads the plan's op list: the model structure is written out by
-hand below, from the same description as the .moe example, so a wrong
-compiler lowering or a wrong kernel shows up as a mismatch.
+  DIR/trace.jsonl        line 1: training config and each param's weight
+                         decay; then one line per step: loss, lr, grad norm
+  DIR/batches.bin        int32 tokens[B*T] then targets[B*T], per micro-step
+  DIR/init.safetensors   the weights before step 1
+  DIR/grads.safetensors  step 1's accumulated gradients (param names)
+
+and checks (a) the step-1 loss, (b) every parameter's gradient after step 1,
+(c) the loss (and lr, grad norm) of every traced step under torch's own AdamW
+with the plan's hyper-parameters, warmup + cosine schedule and
+clip_grad_norm_.
+
+Nothing here reads the plan's op list: the model is written out by hand from
+the .moe description (the command line says which block and its options), so
+a wrong compiler lowering, gradient rule or kernel shows up as a mismatch.
+Prints PASS/FAIL lines and a final `RESULT {json}` line with the worst errors.
 """
+import argparse
 import json
 import math
 import struct
@@ -27,94 +38,257 @@ def load_safetensors(path):
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     base = 8 + n
-    out = {}
     meta = header.pop("__metadata__", {})
+    out = {}
     for name, info in header.items():
-        dt, size = DTYPES[info["dtype"]]
+        dt, _ = DTYPES[info["dtype"]]
         b, e = info["data_offsets"]
         t = torch.frombuffer(bytearray(raw[base + b:base + e]), dtype=dt)
         out[name] = t.reshape(info["shape"]).clone()
     return out, meta
 
 
-def rmsnorm(x, w, eps):
+# ---- the blocks of stdlib/nn.moe ------------------------------------------
+def rmsnorm(x, w, eps=1e-5):
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return x * rstd * w
 
 
-def rope(x, B, T, H, Dh, theta):
-    # pairs (2i, 2i+1) rotated by pos * theta^(-2i/Dh)
+def rope(x, B, T, H, theta):
+    """Rotate interleaved pairs (2i, 2i+1) of each head by t * theta^(-2i/Dh)."""
+    Dh = x.shape[-1] // H
     x = x.view(B, T, H, Dh // 2, 2)
     i = torch.arange(Dh // 2, dtype=torch.float64)
-    freq = theta ** (-2.0 * i / Dh)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-2.0 * i / Dh)[None, :]
     cos = torch.cos(ang).float()[None, :, None, :]
     sin = torch.sin(ang).float()[None, :, None, :]
     x0, x1 = x[..., 0], x[..., 1]
-    y0 = x0 * cos - x1 * sin
-    y1 = x0 * sin + x1 * cos
-    return torch.stack([y0, y1], dim=-1).view(B * T, H * Dh)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).view(B * T, H * Dh)
 
 
-def attention(x, wq, wk, wv, wo, B, T, H, use_rope, theta):
-    D = wq.shape[0]
+def attention(x, p, pre, B, T, H, theta=10000.0):
+    D = x.shape[-1]
     Dh = D // H
-    q, k, v = x @ wq.T, x @ wk.T, x @ wv.T
-    if use_rope:
-        q, k = rope(q, B, T, H, Dh, theta), rope(k, B, T, H, Dh, theta)
-    q, k, v = (t.view(B, T, H, Dh).transpose(1, 2) for t in (q, k, v))
+    q = x @ p[pre + "wq.weight"].T
+    k = x @ p[pre + "wk.weight"].T
+    v = x @ p[pre + "wv.weight"].T
+    q, k = rope(q, B, T, H, theta), rope(k, B, T, H, theta)
+    q, k, v = (t.reshape(B, T, H, Dh).transpose(1, 2) for t in (q, k, v))
     s = (q @ k.transpose(-1, -2)) / math.sqrt(Dh)
-    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
-    s = s.masked_fill(mask, float("-inf"))
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     o = torch.softmax(s, dim=-1) @ v
-    return o.transpose(1, 2).reshape(B * T, D) @ wo.T
+    return o.transpose(1, 2).reshape(B * T, D) @ p[pre + "wo.weight"].T
 
 
-def swiglu_mlp(x, w_gate, w_up, w_down):
-    return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+def swiglu_mlp(x, w1, w3, w2):
+    """w2(silu(w1 x) * w3 x), weights [out, in]."""
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
-def moe(x, w_router, w1, w3, w2, top_k, capacity_rows, balance_coef, zloss_coef, aux):
-    """Top-k softmax routing with renormalised gates, optional capacity
-    (slots beyond C dropped in token order), SwiGLU experts w1 gate, w3 up,
-    w2 down ([E, out, in]).  aux collects (name, value) losses."""
-    N, D = x.shape
+def moe(x, p, pre, top_k, capacity, balance, zloss, aux, stats):
+    """Softmax router, top-k of the probabilities (ties to the lower expert),
+    gates renormalised over the k chosen; capacity > 0 keeps the first
+    ceil(capacity N k / E) slots of each expert in (token, choice) order and
+    drops the rest; SwiGLU experts w1 (gate), w3 (up), w2 (down), [E, out, in].
+    Balance loss E sum_i f_i P_i (f_i = share of all N k routed slots, a
+    constant), z-loss mean(logsumexp(logits)^2); both scaled and appended to aux."""
+    N, _ = x.shape
+    w_router = p[pre + "router.weight"]
+    w1, w3, w2 = p[pre + "w1"], p[pre + "w3"], p[pre + "w2"]
     E = w_router.shape[0]
     logits = x @ w_router.T
-    probs = torch.softmax(logits.float(), dim=-1)
-    # top-k with ties to the lower index: a stable descending sort
-    vals, idx = torch.sort(probs.detach(), dim=-1, descending=True, stable=True)
-    idx = idx[:, :top_k]
-    gates = torch.gather(probs, 1, idx)
-    gates = gates / gates.sum(-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)
+    _, order = torch.sort(probs.detach(), dim=-1, descending=True, stable=True)
+    idx = order[:, :top_k]
+    chosen = torch.gather(probs, 1, idx)
+    gates = chosen / chosen.sum(-1, keepdim=True)
+    cap = math.ceil(capacity * N * top_k / E) if capacity > 0 else 0
     out = torch.zeros_like(x)
-    counts = torch.zeros(E, dtype=torch.int64)
-    # token order within each expert: t ascending, then choice j
     for e in range(E):
-        sel = (idx == e).nonzero(as_tuple=False)  # rows sorted by (t, j)
-        if capacity_rows > 0:
-            sel = sel[:capacity_rows]
-        counts[e] = (idx == e).sum()
-        if sel.numel() == 0:
+        sel = (idx == e).nonzero(as_tuple=False)   # rows in (token, choice) order
+        if cap > 0 and sel.shape[0] > cap:
+            stats["dropped"] = stats.get("dropped", 0) + sel.shape[0] - cap
+            sel = sel[:cap]
+        if sel.shape[0] == 0:
             continue
         t, j = sel[:, 0], sel[:, 1]
-        h = x[t]
-        y = (F.silu(h @ w1[e].T) * (h @ w3[e].T)) @ w2[e].T
+        y = swiglu_mlp(x[t], w1[e], w3[e], w2[e])
         out = out.index_add(0, t, y * gates[t, j][:, None])
-    if balance_coef != 0:
-        f = counts.float() / (N * top_k)
-        P = probs.mean(0)
-        bal = E * (f * P).sum()
-        aux.append(("balance", bal))
-        out_loss = balance_coef * bal
-    else:
-        out_loss = None
-    if zloss_coef != 0:
-        z = torch.logsumexp(logits, -1).pow(2).mean()
-        aux.append(("zloss", z))
-        out_loss = zloss_coef * z if out_loss is None else out_loss + zloss_coef * z
-    return out, out_loss
+    if balance > 0:
+        f = torch.bincount(idx.reshape(-1), minlength=E).float() / (N * top_k)
+        aux.append(balance * (E * (f * probs.mean(0)).sum()))
+    if zloss > 0:
+        aux.append(zloss * torch.logsumexp(logits, -1).pow(2).mean())
+    return out
 
 
-def cross_entropy(logits, targets):
-    return F.cross_entropy(logits, targets.long().view(-1))
+def forward(p, tokens, targets, cfg, stats):
+    """The total training loss: cross entropy + every add_loss term."""
+    B, T = tokens.shape
+    H = cfg.heads
+    aux = []
+    x = p["embed.weight"][tokens.long().reshape(-1)]
+    for l in range(cfg.layers):
+        pre = "layers.%d." % l
+        x = x + attention(rmsnorm(x, p[pre + "attn_norm.weight"]), p, pre + "attn.", B, T, H)
+        h = rmsnorm(x, p[pre + "ffn_norm.weight"])
+        if cfg.experts > 0:
+            x = x + moe(h, p, pre + "moe.", cfg.top_k, cfg.capacity, cfg.balance, cfg.zloss,
+                        aux, stats)
+        else:
+            x = x + swiglu_mlp(h, p[pre + "mlp.w1.weight"], p[pre + "mlp.w3.weight"],
+                               p[pre + "mlp.w2.weight"])
+    logits = rmsnorm(x, p["final_norm.weight"]) @ p["lm_head.weight"].T
+    loss = F.cross_entropy(logits, targets.long().reshape(-1))
+    for a in aux:
+        loss = loss + a
+    return loss
+
+
+def expected_names(cfg):
+    names = ["embed.weight", "final_norm.weight", "lm_head.weight"]
+    for l in range(cfg.layers):
+        pre = "layers.%d." % l
+        names += [pre + "attn_norm.weight", pre + "ffn_norm.weight"]
+        names += [pre + "attn.w%s.weight" % w for w in "qkvo"]
+        if cfg.experts > 0:
+            names += [pre + "moe.router.weight"] + [pre + "moe.w%d" % i for i in (1, 2, 3)]
+        else:
+            names += [pre + "mlp.w%d.weight" % i for i in (1, 2, 3)]
+    return sorted(names)
+
+
+def lr_at(h, step):
+    """The schedule as docs/runtime.md states it (1-based step)."""
+    s = step - 1
+    lr, min_lr, warm = h["lr"], h["min_lr"], h["warmup"]
+    if s < warm:
+        return lr * (s + 1) / warm
+    if h["schedule"] == "constant":
+        return lr
+    span = h["steps"] - warm
+    q = min(1.0, (s - warm) / span) if span > 0 else 1.0
+    if h["schedule"] == "cosine":
+        return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * q))
+    return lr + (min_lr - lr) * q
+
+
+def rel(a, b):
+    d = float(torch.linalg.vector_norm((a.double() - b.double())))
+    n = float(torch.linalg.vector_norm(b.double()))
+    return d / n if n > 0 else d
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--label", default="parity")
+    ap.add_argument("--layers", type=int, required=True)
+    ap.add_argument("--heads", type=int, required=True)
+    ap.add_argument("--experts", type=int, default=0)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--capacity", type=float, default=0.0)
+    ap.add_argument("--balance", type=float, default=0.0)
+    ap.add_argument("--zloss", type=float, default=0.0)
+    ap.add_argument("--expect-drops", action="store_true")
+    ap.add_argument("--loss-tol", type=float, default=1e-5)
+    ap.add_argument("--grad-tol", type=float, default=1e-4)
+    ap.add_argument("--curve-tol", type=float, default=1e-4)
+    cfg = ap.parse_args()
+    torch.manual_seed(0)
+    L = cfg.label
+    ok = True
+
+    def check(name, good, msg):
+        nonlocal ok
+        print(("PASS %s.%s" % (L, name)) if good else ("FAIL %s.%s: %s" % (L, name, msg)))
+        ok = ok and good
+
+    with open(cfg.trace + "/trace.jsonl") as f:
+        lines = [json.loads(s) for s in f if s.strip()]
+    h, steps = lines[0], lines[1:]
+    B, T, A = h["batch"], h["seq"], h["grad_accum"]
+    raw = open(cfg.trace + "/batches.bin", "rb").read()
+    bt = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(-1, 2, B, T)
+    init, _ = load_safetensors(cfg.trace + "/init.safetensors")
+    grads, _ = load_safetensors(cfg.trace + "/grads.safetensors")
+    pnames = [q["name"] for q in h["params"]]
+    decay = {q["name"]: q["weight_decay"] for q in h["params"]}
+    check("names", sorted(pnames) == expected_names(cfg) and sorted(grads) == sorted(pnames),
+          "plan params %s, grads %s, expected %s" % (sorted(pnames), sorted(grads),
+                                                    expected_names(cfg)))
+    check("batches", bt.shape[0] == A * len(steps) and h["optimizer"] == "adamw" and
+          h["start"] == 0 and h["precision"] == 0 and len(steps) >= 2,
+          "%d micro-batches for %d steps x grad_accum %d (optimizer %s, start %d, precision %d); "
+          "trace a fresh fp32 AdamW run of 2+ steps"
+          % (bt.shape[0], len(steps), A, h["optimizer"], h["start"], h["precision"]))
+    if not ok:
+        return 1
+    p = {n: init[n].clone().requires_grad_(True) for n in pnames}
+    groups = {}
+    for n in pnames:
+        groups.setdefault(decay[n], []).append(p[n])
+    opt = torch.optim.AdamW([{"params": v, "weight_decay": wd} for wd, v in groups.items()],
+                            lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"])
+    res = {"label": L}
+    worst_curve, worst_lr, worst_norm = 0.0, 0.0, 0.0
+    for i, st in enumerate(steps):
+        step = st["step"]
+        stats = {}
+        loss_sum = 0.0
+        opt.zero_grad(set_to_none=True)
+        for a in range(A):
+            tok, tgt = bt[i * A + a, 0], bt[i * A + a, 1]
+            loss = forward(p, tok, tgt, cfg, stats)
+            (loss / A).backward()
+            loss_sum += float(loss)
+        loss_t = loss_sum / A
+        err = abs(loss_t - st["loss"]) / abs(loss_t)
+        if i == 0:
+            res["loss1"] = loss_t
+            res["loss1_rel"] = err
+            res["dropped_slots_step1"] = stats.get("dropped", 0)
+            check("step1_loss", err <= cfg.loss_tol,
+                  "moec %.9g torch %.9g rel %.3g > %g" % (st["loss"], loss_t, err, cfg.loss_tol))
+            if cfg.expect_drops:
+                check("capacity_drops", stats.get("dropped", 0) > 0,
+                      "no slot was dropped at step 1; the capacity path is not covered")
+            worst, wname, bad = 0.0, "", []
+            for n in pnames:
+                r = rel(grads[n], p[n].grad)
+                if r > worst:
+                    worst, wname = r, n
+                if not r <= cfg.grad_tol:
+                    bad.append("%s %.3g" % (n, r))
+            res["grad_worst_rel"], res["grad_worst_param"] = worst, wname
+            res["nparams"] = len(pnames)
+            check("step1_grads", not bad,
+                  "relative gradient error > %g: %s" % (cfg.grad_tol, ", ".join(bad)))
+        else:
+            worst_curve = max(worst_curve, err)
+        lr = lr_at(h, step)
+        worst_lr = max(worst_lr, abs(lr - st["lr"]) / lr)
+        lr32 = float(torch.tensor(lr, dtype=torch.float32))  # the runtime's hyper is fp32
+        for g in opt.param_groups:
+            g["lr"] = lr32
+        max_norm = h["clip_grad"] if h["clip_grad"] > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(list(p.values()), max_norm))
+        if st["norm"] >= 0:
+            worst_norm = max(worst_norm, abs(norm - st["norm"]) / norm)
+        opt.step()
+    res["steps"] = len(steps)
+    res["curve_worst_rel"] = worst_curve
+    res["lr_worst_rel"] = worst_lr
+    res["norm_worst_rel"] = worst_norm
+    check("lr_schedule", worst_lr <= 1e-6, "lr differs from warmup+cosine by %.3g" % worst_lr)
+    check("loss_curve", worst_curve <= cfg.curve_tol,
+          "steps 2..%d: worst relative loss error %.3g > %g" % (len(steps), worst_curve,
+                                                                cfg.curve_tol))
+    check("grad_norm", worst_norm <= cfg.curve_tol,
+          "worst relative grad-norm error %.3g > %g" % (worst_norm, cfg.curve_tol))
+    print("RESULT " + json.dumps(res))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
