@@ -151,7 +151,7 @@ static int em_kernel(em_ctx *c, const ir_node *n, uint32_t *out)
     for (size_t i = 0; i < nk; i++) {
         if (all[i].symbol != k.symbol || all[i].lib != k.lib)
             continue;
-        if (all[i].nargs != k.nargs || memcmp(all[i].arg_kinds, k.arg_kinds, sizeof k.arg_kinds))
+        if (all[i].nargs != k.nargs || memcmp(all[i].arg_kinds, k.arg_kinds, sizeof k.arg_kinds) != 0)
             return em_fail(c, d->loc, "every declaration of a kernel symbol must pass the same "
                            "argument types", "kernel '%s' is called with two different argument "
                            "lists (op '%s')", sym, d->name);

@@ -190,14 +190,12 @@ int main(int argc, char **argv)
     memset(&err, 0, sizeof err);
     if (!g) {
         rc = 1;
-    } else if (run_pipeline(g, &err)) {
+    } else if (run_pipeline(g, &err) || (!dump && !explain && pass_emit(g, out_path, &err))) {
         rc = report(d, &err);
     } else if (dump) {
         ir_dump(g, stdout);
     } else if (explain) {
         explain_print(g, stdout);
-    } else if (pass_emit(g, out_path, &err)) {
-        rc = report(d, &err);
     }
     if (rc && diag_count(d))
         fprintf(stderr, "moec: %d error%s\n", diag_count(d), diag_count(d) == 1 ? "" : "s");

@@ -194,7 +194,7 @@ typedef uint16_t moek_bf16;
 /* Workspace the CPU bf16 variants need for one call whose float tensor
  * arguments total `elems` elements: the compiler records the maximum in the
  * plan and the runtime allocates it. */
-#define MOEK_BF16_WORKSPACE_BYTES(elems) ((int64_t)(elems) * 4 + 64 * 16)
+#define MOEK_BF16_WORKSPACE_BYTES(elems) ((int64_t)(elems) * 4 + (int64_t)64 * 16)
 
 void moek_cast_f32_bf16(const moek_ctx *ctx, const float *x, moek_bf16 *y, int64_t n);
 void moek_cast_bf16_f32(const moek_ctx *ctx, const moek_bf16 *x, float *y, int64_t n);

@@ -32,7 +32,7 @@
 static int64_t kcpu_att_blk(int64_t Dh)
 {
     int64_t blk = KCPU_ATT_MAXBLK;
-    while (blk > 4 && blk * blk * Dh >= 65536 * 4)
+    while (blk > 4 && blk * blk * Dh >= (int64_t)65536 * 4)
         blk /= 2;
     return blk;
 }
