@@ -15,8 +15,11 @@
  * only its own rows, so there are no atomics and the result is
  * deterministic: dq (a warp per query row, over keys j <= t) and dk/dv (a
  * warp per key row, over queries i >= j, recomputing D_i per pair rather
- * than storing it).  Correct rather than fast; the GPU performance issue
- * brings tiles and tensor cores. */
+ * than storing it).  Correct rather than fast.  The bf16 forward has a
+ * tensor-core kernel (k_fa_fwd, below) for the common head sizes; the
+ * backward still runs here. */
+#include <mma.h>
+
 #include "kcuda.cuh"
 
 #define AT_WARPS 4
@@ -257,6 +260,196 @@ static void kc_attention_bwd(const moek_ctx *ctx, const S *dout, const S *q, con
     kc_launched(ctx);
 }
 
+/* ---- bf16 forward on the tensor cores (flash-attention-2 shape) ----------
+ * A block per (b, h, 64-query tile), 4 warps of 16 query rows.  For each
+ * 64-key tile at or before the diagonal: K and V go to shared memory (16-byte
+ * cp.async), each warp computes S = Q K^T with WMMA (bf16 in, fp32
+ * accumulate), takes the online softmax in fp32 (two lanes per row), writes
+ * P as bf16 and adds P V into its fp32 output rows.  WMMA's accumulator
+ * layout is opaque, so the output rows live in shared memory, where the
+ * softmax rescales them; P rounded to bf16 is the one extra rounding (about
+ * 2^-9 of each weight), while l sums the fp32 P as the CPU does.  Heads of
+ * 16, 32, 64 or 128 with H*Dh a multiple of 8 and 16-byte aligned bases take
+ * this path; the rest the warp-per-row kernel above. */
+#define FA_BQ 64
+#define FA_BK 64
+#define FA_SLD (FA_BK + 4)   /* fp32 score row stride (pad: fewer bank conflicts) */
+#define FA_PLD (FA_BK + 8)   /* bf16 P row stride */
+
+template <int D> struct fa_lay {
+    static constexpr int ld = D + 8;   /* bf16 row stride of Q, K, V tiles */
+    static constexpr int old = D + 4;  /* fp32 output row stride */
+    static constexpr size_t q = 0, k = q + (size_t)FA_BQ * ld * 2, v = k + (size_t)FA_BK * ld * 2,
+                            s = v + (size_t)FA_BK * ld * 2, p = s + (size_t)FA_BQ * FA_SLD * 4,
+                            o = p + (size_t)FA_BQ * FA_PLD * 2, bytes = o + (size_t)FA_BQ * old * 4;
+};
+
+__device__ inline void fa_cp16(void *dst, const void *src, int n)
+{
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+}
+
+/* rows [t0, t0+64) of one head into a [64][D+8] tile; rows >= T are zeros */
+template <int D>
+__device__ inline void fa_load(kc_bf16 *dst, const kc_bf16 *src, const at_dims &a, int64_t b,
+                               int64_t h, int64_t t0)
+{
+    constexpr int CH = D / 8;   /* 16-byte chunks per row */
+    for (int c = threadIdx.x; c < 64 * CH; c += 128) {
+        int r = c / CH, d = (c % CH) * 8;
+        bool ok = t0 + r < a.T;
+        fa_cp16(dst + r * fa_lay<D>::ld + d, ok ? src + at_off(a, b, t0 + r, h) + d : src,
+                ok ? 16 : 0);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int D>
+__global__ void __launch_bounds__(128) k_fa_fwd(const kc_bf16 *q, const kc_bf16 *k,
+                                                const kc_bf16 *v, kc_bf16 *o, float *lse,
+                                                at_dims a)
+{
+    using namespace nvcuda;
+    typedef fa_lay<D> L;
+    extern __shared__ __align__(128) unsigned char fa_shm[];
+    kc_bf16 *qs = reinterpret_cast<kc_bf16 *>(fa_shm + L::q);
+    kc_bf16 *ks = reinterpret_cast<kc_bf16 *>(fa_shm + L::k);
+    kc_bf16 *vs = reinterpret_cast<kc_bf16 *>(fa_shm + L::v);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *ss = reinterpret_cast<float *>(fa_shm + L::s) + warp * 16 * FA_SLD;
+    kc_bf16 *ps = reinterpret_cast<kc_bf16 *>(fa_shm + L::p) + warp * 16 * FA_PLD;
+    float *os = reinterpret_cast<float *>(fa_shm + L::o) + warp * 16 * L::old;
+
+    /* the longest rows (last query tiles) start first */
+    int64_t ntile = (a.T + FA_BQ - 1) / FA_BQ;
+    int64_t qt = ntile - 1 - (int64_t)blockIdx.x % ntile, bh = (int64_t)blockIdx.x / ntile;
+    int64_t h = bh % a.H, b = bh / a.H, q0 = qt * FA_BQ;
+
+    fa_load<D>(qs, q, a, b, h, q0);
+    int r = lane >> 1, half = lane & 1;   /* this lane's row in the warp, and its half */
+    for (int d = half; d < D; d += 2)
+        os[r * L::old + d] = 0.0f;
+    int64_t gi = q0 + warp * 16 + r;
+    float m = -INFINITY, l = 0.0f;
+
+    for (int64_t j0 = 0; j0 <= q0; j0 += FA_BK) {
+        __syncthreads();   /* every warp is done with the previous K, V */
+        fa_load<D>(ks, k, a, b, h, j0);
+        fa_load<D>(vs, v, a, b, h, j0);
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        __syncthreads();
+        /* S = Q K^T for this warp's 16 rows */
+#pragma unroll
+        for (int n = 0; n < FA_BK / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+            wmma::fill_fragment(sf, 0.0f);
+#pragma unroll
+            for (int kd = 0; kd < D; kd += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> qf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::col_major> kf;
+                wmma::load_matrix_sync(qf, qs + warp * 16 * L::ld + kd, L::ld);
+                wmma::load_matrix_sync(kf, ks + n * 16 * L::ld + kd, L::ld);
+                wmma::mma_sync(sf, qf, kf, sf);
+            }
+            wmma::store_matrix_sync(ss + n * 16, sf, FA_SLD, wmma::mem_row_major);
+        }
+        __syncwarp();
+        /* online softmax: this lane takes columns half, half+2, ... of row r */
+        float mx = -INFINITY;
+#pragma unroll 8
+        for (int c = half; c < FA_BK; c += 2) {
+            int64_t j = j0 + c;
+            float sv = j <= gi ? ss[r * FA_SLD + c] * a.scale : -INFINITY;
+            ss[r * FA_SLD + c] = sv;
+            mx = fmaxf(mx, sv);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        float mn = fmaxf(m, mx);
+        float cf = mn == -INFINITY ? 1.0f : expf(m - mn);   /* 0 on the first tile */
+        float ls = 0.0f;
+#pragma unroll 8
+        for (int c = half; c < FA_BK; c += 2) {
+            float sv = ss[r * FA_SLD + c];
+            float pv = sv == -INFINITY ? 0.0f : expf(sv - mn);
+            ls += pv;
+            ps[r * FA_PLD + c] = __float2bfloat16_rn(pv);
+        }
+        ls += __shfl_xor_sync(0xffffffffu, ls, 1);
+        l = l * cf + ls;
+        m = mn;
+        for (int d = half; d < D; d += 2)
+            os[r * L::old + d] *= cf;
+        __syncwarp();
+        /* O += P V */
+#pragma unroll
+        for (int dn = 0; dn < D; dn += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
+            wmma::load_matrix_sync(of, os + dn, L::old, wmma::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < FA_BK; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> pf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::row_major> vf;
+                wmma::load_matrix_sync(pf, ps + kk, FA_PLD);
+                wmma::load_matrix_sync(vf, vs + kk * L::ld + dn, L::ld);
+                wmma::mma_sync(of, pf, vf, of);
+            }
+            wmma::store_matrix_sync(os + dn, of, L::old, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    if (gi < a.T) {
+        float inv = 1.0f / l;
+        kc_bf16 *ot = o + at_off(a, b, gi, h);
+        for (int d = half * 2; d < D; d += 4) {
+            __nv_bfloat162 v2 = __floats2bfloat162_rn(os[r * L::old + d] * inv,
+                                                      os[r * L::old + d + 1] * inv);
+            *reinterpret_cast<__nv_bfloat162 *>(ot + d) = v2;
+        }
+        if (half == 0)
+            lse[bh * a.T + gi] = m + logf(l);
+    }
+}
+
+template <int D>
+static void fa_launch(const moek_ctx *ctx, const kc_bf16 *q, const kc_bf16 *k, const kc_bf16 *v,
+                      kc_bf16 *o, float *lse, const at_dims &a)
+{
+    size_t shm = fa_lay<D>::bytes;
+    if (!kc_ok(ctx, cudaFuncSetAttribute((const void *)k_fa_fwd<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shm)))
+        return;
+    unsigned blocks = (unsigned)(a.B * a.H * ((a.T + FA_BQ - 1) / FA_BQ));
+    k_fa_fwd<D><<<blocks, 128, shm, kc_stream(ctx)>>>(q, k, v, o, lse, a);
+    kc_launched(ctx);
+}
+
+/* true when the tensor-core kernel took the call */
+static bool fa_fwd_bf16(const moek_ctx *ctx, const kc_bf16 *q, const kc_bf16 *k, const kc_bf16 *v,
+                        kc_bf16 *o, float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh)
+{
+    if (B <= 0 || T <= 0 || H <= 0 || (H * Dh) % 8 != 0 ||
+        B * H * ((T + FA_BQ - 1) / FA_BQ) > INT32_MAX)
+        return false;
+    uintptr_t al = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)o;
+    if (al & 15)
+        return false;
+    at_dims a;
+    a.B = B;
+    a.T = T;
+    a.H = H;
+    a.Dh = Dh;
+    a.W = H * Dh;
+    a.scale = 1.0f / sqrtf((float)Dh);
+    switch (Dh) {
+    case 16: fa_launch<16>(ctx, q, k, v, o, lse, a); return true;
+    case 32: fa_launch<32>(ctx, q, k, v, o, lse, a); return true;
+    case 64: fa_launch<64>(ctx, q, k, v, o, lse, a); return true;
+    case 128: fa_launch<128>(ctx, q, k, v, o, lse, a); return true;
+    default: return false;
+    }
+}
+
 extern "C" {
 
 void moek_attention_fwd(const moek_ctx *ctx, const float *q, const float *k, const float *v,
@@ -277,7 +470,8 @@ void moek_attention_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *q, const moek
                              const moek_bf16 *v, moek_bf16 *o, float *lse, int64_t B, int64_t T,
                              int64_t H, int64_t Dh)
 {
-    kc_attention_fwd(ctx, kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, B, T, H, Dh);
+    if (!fa_fwd_bf16(ctx, kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, B, T, H, Dh))
+        kc_attention_fwd(ctx, kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, B, T, H, Dh);
 }
 
 void moek_attention_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const moek_bf16 *q,

@@ -7,6 +7,8 @@
  * column-major [c, r] one, so row-major C = A . B is column-major
  * C^T = B^T . A^T and every call below swaps its operands. */
 #include <limits.h>
+#include <mma.h>
+#include <type_traits>
 
 #include "kcuda.cuh"
 
@@ -255,6 +257,299 @@ static void kc_grouped_bwd(const moek_ctx *ctx, const T *dys, const T *xs, const
     }
 }
 
+/* ---- grouped product on the tensor cores (bf16 storage only) -------------
+ * Same block layout as above (blockIdx.y walks the row tiles of all experts,
+ * blockIdx.z the expert for dw), but the body is WMMA 16x16x16 bf16 with fp32
+ * accumulation: a 128x128 tile per block, 8 warps of 64x32, K steps of 32
+ * through a 3-stage cp.async ring in shared memory.  Tiles are copied in the
+ * operand's own memory order (16-byte chunks along its contiguous dimension),
+ * and WMMA reads them as row- or column-major, so one body serves the
+ * forward (A row, B col), dxs (A row, B row) and dw (A col, B row).  It needs
+ * K and M multiples of 8 and 16-byte aligned bases, so every chunk is either
+ * wholly inside the matrix or wholly outside it (zero-filled); other shapes
+ * take the fp32-FMA kernel above.  fp32 accumulation rounded once to bf16, as
+ * the FMA kernel does; only the summation order differs. */
+#define TC_BM 128
+#define TC_BN 128
+#define TC_BK 32
+#define TC_STAGES 3
+#define TC_PAD 8   /* bf16 elements: 16 bytes, so 8 rows of an ldmatrix hit 8 bank groups */
+
+template <bool COL> struct tc_a_shape {   /* A tile [BM x BK], stored as in memory */
+    static constexpr int elems = COL ? TC_BK * (TC_BM + TC_PAD) : TC_BM * (TC_BK + TC_PAD);
+};
+template <bool COL> struct tc_b_shape {   /* B tile [BK x BN] */
+    static constexpr int elems = COL ? TC_BN * (TC_BK + TC_PAD) : TC_BK * (TC_BN + TC_PAD);
+};
+
+static constexpr size_t tc_smem_bytes(bool acol, bool bcol)
+{
+    return (size_t)TC_STAGES * 2 *
+           ((acol ? TC_BK * (TC_BM + TC_PAD) : TC_BM * (TC_BK + TC_PAD)) +
+            (bcol ? TC_BN * (TC_BK + TC_PAD) : TC_BK * (TC_BN + TC_PAD)));
+}
+
+/* 16-byte asynchronous copy; n = 0 writes zeros and reads nothing */
+__device__ inline void tc_cp16(void *dst, const void *src, int n)
+{
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+}
+__device__ inline void tc_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ inline void tc_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* element (r, c) of A at A[r*lda + c] (row) or A[c*lda + r] (col); same for B
+ * with (depth, col).  rows/cols/depth bound the product. */
+template <bool ACOL, bool BCOL>
+__device__ void tc_tile(const kc_bf16 *A, int64_t lda, const kc_bf16 *B, int64_t ldb, kc_bf16 *C,
+                        int64_t ldc, int64_t rows, int64_t cols, int64_t depth, int64_t i0,
+                        int64_t j0)
+{
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char tc_shm[];
+    constexpr int AE = tc_a_shape<ACOL>::elems, BE = tc_b_shape<BCOL>::elems;
+    kc_bf16 *sa = reinterpret_cast<kc_bf16 *>(tc_shm), *sb = sa + TC_STAGES * AE;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int wm = warp >> 2, wn = warp & 3;   /* 2 x 4 warps, 64 x 32 each */
+
+    auto load = [&](int slot, int64_t k0) {
+        kc_bf16 *as = sa + slot * AE, *bs = sb + slot * BE;
+#pragma unroll
+        for (int l = 0; l < 2; l++) {   /* 512 chunks of 8 per operand */
+            int c = tid + l * 256;
+            if (!ACOL) {
+                int i = c >> 2, kk = (c & 3) * 8;
+                bool ok = i0 + i < rows && k0 + kk < depth;
+                tc_cp16(as + i * (TC_BK + TC_PAD) + kk, ok ? A + (i0 + i) * lda + k0 + kk : A,
+                        ok ? 16 : 0);
+            } else {
+                int kk = c >> 4, i = (c & 15) * 8;
+                bool ok = i0 + i < rows && k0 + kk < depth;
+                tc_cp16(as + kk * (TC_BM + TC_PAD) + i, ok ? A + (k0 + kk) * lda + i0 + i : A,
+                        ok ? 16 : 0);
+            }
+            if (!BCOL) {
+                int kk = c >> 4, j = (c & 15) * 8;
+                bool ok = j0 + j < cols && k0 + kk < depth;
+                tc_cp16(bs + kk * (TC_BN + TC_PAD) + j, ok ? B + (k0 + kk) * ldb + j0 + j : B,
+                        ok ? 16 : 0);
+            } else {
+                int j = c >> 2, kk = (c & 3) * 8;
+                bool ok = j0 + j < cols && k0 + kk < depth;
+                tc_cp16(bs + j * (TC_BK + TC_PAD) + kk, ok ? B + (j0 + j) * ldb + k0 + kk : B,
+                        ok ? 16 : 0);
+            }
+        }
+    };
+
+    using ALay = typename std::conditional<ACOL, wmma::col_major, wmma::row_major>::type;
+    using BLay = typename std::conditional<BCOL, wmma::col_major, wmma::row_major>::type;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+            wmma::fill_fragment(acc[a][b], 0.0f);
+
+    int64_t nk = (depth + TC_BK - 1) / TC_BK;
+#pragma unroll
+    for (int s = 0; s < TC_STAGES - 1; s++) {
+        if (s < nk)
+            load(s, s * TC_BK);
+        tc_commit();
+    }
+    for (int64_t kt = 0; kt < nk; kt++) {
+        tc_wait<TC_STAGES - 2>();
+        __syncthreads();   /* tile kt landed; every warp is done with tile kt-1 */
+        if (kt + TC_STAGES - 1 < nk)
+            load((int)((kt + TC_STAGES - 1) % TC_STAGES), (kt + TC_STAGES - 1) * TC_BK);
+        tc_commit();
+        const kc_bf16 *as = sa + (kt % TC_STAGES) * AE, *bs = sb + (kt % TC_STAGES) * BE;
+#pragma unroll
+        for (int kk = 0; kk < TC_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, ALay> af[4];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, BLay> bf[2];
+#pragma unroll
+            for (int a = 0; a < 4; a++) {
+                int r = wm * 64 + a * 16;
+                if (!ACOL)
+                    wmma::load_matrix_sync(af[a], as + r * (TC_BK + TC_PAD) + kk, TC_BK + TC_PAD);
+                else
+                    wmma::load_matrix_sync(af[a], as + kk * (TC_BM + TC_PAD) + r, TC_BM + TC_PAD);
+            }
+#pragma unroll
+            for (int b = 0; b < 2; b++) {
+                int c = wn * 32 + b * 16;
+                if (!BCOL)
+                    wmma::load_matrix_sync(bf[b], bs + kk * (TC_BN + TC_PAD) + c, TC_BN + TC_PAD);
+                else
+                    wmma::load_matrix_sync(bf[b], bs + c * (TC_BK + TC_PAD) + kk, TC_BK + TC_PAD);
+            }
+#pragma unroll
+            for (int a = 0; a < 4; a++)
+#pragma unroll
+                for (int b = 0; b < 2; b++)
+                    wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
+        }
+    }
+    tc_wait<0>();
+    __syncthreads();   /* the ring is free: reuse it as per-warp 16x16 fp32 staging */
+    float *st = reinterpret_cast<float *>(tc_shm) + warp * 256;
+    int r = lane >> 1, c8 = (lane & 1) * 8;
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            wmma::store_matrix_sync(st, acc[a][b], 16, wmma::mem_row_major);
+            __syncwarp();
+            int64_t gi = i0 + wm * 64 + a * 16 + r, gj = j0 + wn * 32 + b * 16 + c8;
+            if (gi < rows && gj < cols) {   /* cols % 8 == 0: the 8 columns are all in */
+                const float *sv = st + r * 16 + c8;
+                __nv_bfloat162 h[4];
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    h[q] = __floats2bfloat162_rn(sv[2 * q], sv[2 * q + 1]);
+                *reinterpret_cast<uint4 *>(C + gi * ldc + gj) = *reinterpret_cast<uint4 *>(h);
+            }
+            __syncwarp();
+        }
+}
+
+template <bool ACOL, bool BCOL>
+__global__ void __launch_bounds__(256, 2) k_tc_rows(const kc_bf16 *X, int64_t ldx, const kc_bf16 *W,
+                                                 int64_t ldw, int64_t wstride,
+                                                 const int32_t *expert_rows, kc_bf16 *Y, int64_t ldy,
+                                                 int64_t R, int64_t cols, int64_t depth, int64_t E,
+                                                 int *st)
+{
+    int64_t t = blockIdx.y;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0, cnt;
+        if (!gm_block(expert_rows, e, R, st, &r0, &cnt))
+            return;
+        int64_t tiles = (cnt + TC_BM - 1) / TC_BM;
+        if (t < tiles) {
+            tc_tile<ACOL, BCOL>(X + r0 * ldx, ldx, W + e * wstride, ldw, Y + r0 * ldy, ldy, cnt,
+                                cols, depth, t * TC_BM, (int64_t)blockIdx.x * TC_BN);
+            return;
+        }
+        t -= tiles;
+    }
+}
+
+/* dw[e] = dys[e rows]^T . xs[e rows]: A(m, r) = dys[r][m] (col), B(r, k) = xs[r][k] (row) */
+__global__ void __launch_bounds__(256, 2) k_tc_dw(const kc_bf16 *dys, const kc_bf16 *xs,
+                                               const int32_t *expert_rows, kc_bf16 *dw, int64_t R,
+                                               int64_t K, int64_t M, int *st)
+{
+    int64_t e = blockIdx.z, r0, cnt;
+    if (!gm_block(expert_rows, e, R, st, &r0, &cnt))
+        r0 = cnt = 0;   /* still overwrite dw[e] */
+    tc_tile<true, false>(dys + r0 * M, M, xs + r0 * K, K, dw + e * M * K, K, M, K, cnt,
+                         (int64_t)blockIdx.y * TC_BM, (int64_t)blockIdx.x * TC_BN);
+}
+
+/* rows of Y that no expert block covers get zeros (the product never writes
+ * them); one warp per row, nothing written in dropless routing */
+template <typename T>
+__global__ void k_zero_uncovered(T *Y, int64_t ld, int64_t R, const int32_t *expert_rows, int64_t E)
+{
+    int64_t row = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= R)
+        return;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = expert_rows[2 * e], cnt = expert_rows[2 * e + 1];
+        if (row >= r0 && row < r0 + cnt)
+            return;
+    }
+    for (int64_t c = threadIdx.x & 31; c < ld; c += 32)
+        kc_st(Y + row * ld + c, 0.0f);
+}
+
+static bool tc_al(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+/* the tensor-core path applies: bf16 storage, 16-byte chunks everywhere */
+static bool tc_fits(int64_t K, int64_t M, const void *a, const void *b, const void *c)
+{
+    return K % 8 == 0 && M % 8 == 0 && tc_al(a) && tc_al(b) && tc_al(c);
+}
+
+template <bool ACOL, bool BCOL>
+static bool tc_smem(const moek_ctx *ctx, const void *kernel)
+{
+    return kc_ok(ctx, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)tc_smem_bytes(ACOL, BCOL)));
+}
+
+/* true when it handled the call (launched or failed with a recorded error) */
+static bool tc_rows(const moek_ctx *ctx, const kc_bf16 *X, int64_t ldx, const kc_bf16 *W,
+                    bool wcol, int64_t ldw, int64_t wstride, const int32_t *expert_rows,
+                    kc_bf16 *Y, int64_t ldy, int64_t R, int64_t cols, int64_t depth, int64_t E)
+{
+    if (!kc_shape(ctx, (R + TC_BM - 1) / TC_BM + E <= 65535 && (cols + TC_BN - 1) / TC_BN <= INT_MAX))
+        return true;
+    k_zero_uncovered<kc_bf16><<<(unsigned)((R + 7) / 8), 256, 0, kc_stream(ctx)>>>(Y, ldy, R,
+                                                                                 expert_rows, E);
+    if (!kc_launched(ctx))
+        return true;
+    dim3 grid((unsigned)((cols + TC_BN - 1) / TC_BN), (unsigned)((R + TC_BM - 1) / TC_BM + E));
+    if (wcol) {
+        if (!tc_smem<false, true>(ctx, (const void *)k_tc_rows<false, true>))
+            return true;
+        k_tc_rows<false, true><<<grid, 256, tc_smem_bytes(false, true), kc_stream(ctx)>>>(
+            X, ldx, W, ldw, wstride, expert_rows, Y, ldy, R, cols, depth, E, kc_dev_status(ctx));
+    } else {
+        if (!tc_smem<false, false>(ctx, (const void *)k_tc_rows<false, false>))
+            return true;
+        k_tc_rows<false, false><<<grid, 256, tc_smem_bytes(false, false), kc_stream(ctx)>>>(
+            X, ldx, W, ldw, wstride, expert_rows, Y, ldy, R, cols, depth, E, kc_dev_status(ctx));
+    }
+    kc_launched(ctx);
+    return true;
+}
+
+static void tc_grouped_fwd(const moek_ctx *ctx, const kc_bf16 *xs, const kc_bf16 *w,
+                           const int32_t *expert_rows, kc_bf16 *ys, int64_t R, int64_t K,
+                           int64_t M, int64_t E)
+{
+    if (!kc_shape(ctx, R >= 0 && K >= 0 && M >= 0 && E >= 0) || R == 0 || M == 0)
+        return;
+    if (E == 0 || K == 0 || !tc_fits(K, M, xs, w, ys)) {
+        kc_grouped_fwd(ctx, xs, w, expert_rows, ys, R, K, M, E);
+        return;
+    }
+    /* ys[r, m] = sum_k xs[r, k] w[e][m][k]: B(k, m) = w[m*K + k], column-major */
+    tc_rows(ctx, xs, K, w, true, K, M * K, expert_rows, ys, M, R, M, K, E);
+}
+
+static void tc_grouped_bwd(const moek_ctx *ctx, const kc_bf16 *dys, const kc_bf16 *xs,
+                           const kc_bf16 *w, const int32_t *expert_rows, kc_bf16 *dxs, kc_bf16 *dw,
+                           int64_t R, int64_t K, int64_t M, int64_t E)
+{
+    if (!kc_shape(ctx, R >= 0 && K >= 0 && M >= 0 && E >= 0) || K == 0)
+        return;
+    if (E == 0 || M == 0 || !tc_fits(K, M, dys, xs, w) || (dxs && !tc_al(dxs)) ||
+        (dw && !tc_al(dw))) {
+        kc_grouped_bwd(ctx, dys, xs, w, expert_rows, dxs, dw, R, K, M, E);
+        return;
+    }
+    /* dxs[r, k] = sum_m dys[r, m] w[e][m][k]: B(m, k) = w[m*K + k], row-major */
+    if (dxs && R > 0)
+        tc_rows(ctx, dys, M, w, false, K, M * K, expert_rows, dxs, K, R, K, M, E);
+    if (dw) {
+        if (!kc_shape(ctx, E <= 65535 && (M + TC_BM - 1) / TC_BM <= 65535))
+            return;
+        if (!tc_smem<true, false>(ctx, (const void *)k_tc_dw))
+            return;
+        dim3 grid((unsigned)((K + TC_BN - 1) / TC_BN), (unsigned)((M + TC_BM - 1) / TC_BM),
+                  (unsigned)E);
+        k_tc_dw<<<grid, 256, tc_smem_bytes(true, false), kc_stream(ctx)>>>(dys, xs, expert_rows, dw,
+                                                                            R, K, M,
+                                                                            kc_dev_status(ctx));
+        kc_launched(ctx);
+    }
+}
+
 /* ---- the exported symbols: fp32 and bf16 storage ------------------------ */
 extern "C" {
 
@@ -298,20 +593,21 @@ void moek_matmul_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_b
                   M);
 }
 
-/* bf16 loads into the same fp32-FMA tiles (no tensor cores yet): each
- * output is one fp32 sum rounded once */
+/* bf16: tensor cores (tc_grouped_*) when K and M are multiples of 8 and the
+ * bases 16-byte aligned, else the fp32-FMA tiles; each output is one fp32 sum
+ * rounded once */
 void moek_grouped_matmul_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *xs, const moek_bf16 *w,
                                   const int32_t *expert_rows, moek_bf16 *ys, int64_t R, int64_t K,
                                   int64_t M, int64_t E)
 {
-    kc_grouped_fwd(ctx, kc_bf(xs), kc_bf(w), expert_rows, kc_bf(ys), R, K, M, E);
+    tc_grouped_fwd(ctx, kc_bf(xs), kc_bf(w), expert_rows, kc_bf(ys), R, K, M, E);
 }
 
 void moek_grouped_matmul_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dys, const moek_bf16 *xs,
                                   const moek_bf16 *w, const int32_t *expert_rows, moek_bf16 *dxs,
                                   moek_bf16 *dw, int64_t R, int64_t K, int64_t M, int64_t E)
 {
-    kc_grouped_bwd(ctx, kc_bf(dys), kc_bf(xs), kc_bf(w), expert_rows, kc_bf(dxs), kc_bf(dw),
+    tc_grouped_bwd(ctx, kc_bf(dys), kc_bf(xs), kc_bf(w), expert_rows, kc_bf(dxs), kc_bf(dw),
                    R, K, M, E);
 }
 
