@@ -22,8 +22,10 @@
  * router probabilities and gates).
  */
 #include "elaborate.h"
+#include "../kernels/moek.h"
 
 #include <errno.h>
+#include <fnmatch.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -76,6 +78,10 @@ typedef struct el_op {
     bool ok;
     bool generic;                           /* some port is `float`: has a bf16 instance */
     const ir_opdef *reg_bf16;               /* that instance, registered on first use */
+    bool update;                            /* `phase = optimizer`: runs once per step, after
+                                               the optimizer (e.g. a router bias step) */
+    const ast_node *fwd16, *bwd16;          /* `forward_bf16`/`backward_bf16`: the bf16
+                                               instance's calls when not `<symbol>_bf16` */
 } el_op;
 
 typedef struct el_decl {
@@ -113,6 +119,7 @@ typedef struct el {
     const ast_node *stack[EL_MAX_DEPTH]; const ast_node *calls[EL_MAX_DEPTH]; int depth;
     const ast_file *main;
     int compute;                              /* PLAN_F32 or PLAN_BF16: train { precision } */
+    ir_node *updates; int nupdates;           /* optimizer-phase calls, appended after the model */
 } el;
 
 typedef struct el_frame {
@@ -428,7 +435,8 @@ static const char *el_suggest(el *E, const char *name, const el_env *env, bool c
             c[n++] = E->globals.vars[i].name;
     if (callables) {
         static const char *const builtins[] = {"ceil", "floor", "min", "max", "int", "float",
-                                               "add_loss", "shared", "error"};
+                                               "add_loss", "shared", "error",
+                                               "add_expert_load", "hyper", "one_of"};
         for (size_t i = 0; i < sizeof builtins / sizeof *builtins; i++)
             c[n++] = builtins[i];
         for (int i = 0; i < E->nops && n < 500; i++)
@@ -1079,6 +1087,15 @@ static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call,
     node.loc = el_loc(E, call->span);
     node.what = ir_strdup(E->g, what);
     node.phase = PLAN_PHASE_FORWARD;
+    if (op->update) {
+        /* appended after every forward op (el_model), run in the optimizer phase */
+        node.phase = PLAN_PHASE_OPTIMIZER;
+        E->updates = realloc(E->updates, (size_t)(E->nupdates + 1) * sizeof *E->updates);
+        if (!E->updates)
+            abort();
+        E->updates[E->nupdates++] = node;
+        return (ev){.k = EV_TUPLE, .n = 0};
+    }
     ir_node_add(E->g, &node);
     if (nres == 1)
         return res[0];
@@ -1295,6 +1312,79 @@ static ev el_builtin(el *E, el_frame *fr, const ast_node *x, ev *pos, int npos, 
         E->losses[E->nlosses++] = l;
         return ev_none;
     }
+    if (strcmp(n, "add_expert_load") == 0) {
+        /* per-expert load of one MoE layer, read by the runtime's statistics */
+        if (npos != 1 || nkw || pos[0].k != EV_TENSOR) {
+            ERR(x->span, "add_expert_load(expert_load(idx, slot_row, experts))",
+                "`add_expert_load` takes one tensor");
+            return ev_none;
+        }
+        ir_value *v = &E->g->values[pos[0].t];
+        if (v->ndim != 1 || v->dtype != PLAN_F32 || v->shape[0] < 2 || v->role != PLAN_ROLE_NONE ||
+            v->storage != PLAN_ST_ACT) {
+            ERR(x->span, "its last element counts the dropped slots", "`add_expert_load` needs a computed f32[experts + 1] tensor, got %s",
+                el_shape_str(E, pos[0].t));
+            return ev_none;
+        }
+        v->role = PLAN_ROLE_EXPERT_LOAD;
+        v->name = ir_strdup(E->g, fr && fr->prefix[0] ? el_fmt(E, "%s.load", fr->prefix) : "load");
+        for (int i = 0; i < E->g->nvalues; i++)
+            if (i != pos[0].t && E->g->values[i].role == PLAN_ROLE_EXPERT_LOAD &&
+                strcmp(E->g->values[i].name, v->name) == 0) {
+                ERR(x->span, "one expert load per block call", "a second expert load named `%s`", v->name);
+                return ev_none;
+            }
+        return ev_none;
+    }
+    if (strcmp(n, "one_of") == 0) {
+        /* one_of(value, "keyword", "choice", ...): a block checks a string
+         * keyword; the error points at that keyword in the call into the block */
+        bool ok = npos >= 3 && !nkw;
+        for (int i = 0; i < npos && ok; i++)
+            ok = pos[i].k == EV_STRING;
+        if (!ok) {
+            ERR(x->span, "one_of(router, \"router\", \"softmax\", \"sigmoid\")",
+                "`one_of` takes a string value, its keyword and the allowed strings");
+            return ev_none;
+        }
+        const char *c[62];
+        for (int i = 2; i < npos; i++) {
+            c[i - 2] = pos[i].s;
+            if (strcmp(pos[0].s, pos[i].s) == 0)
+                return ev_none;
+        }
+        ast_span at = x->span;
+        if (E->depth) {
+            const ast_node *call = E->calls[E->depth - 1];
+            at = call->span;
+            for (int i = 0; i < call->list.n; i++)
+                if (call->list.items[i]->name && strcmp(call->list.items[i]->name, pos[1].s) == 0)
+                    at = call->list.items[i]->span;
+        }
+        char all[512] = "";
+        for (int i = 0; i < npos - 2; i++)
+            snprintf(all + strlen(all), sizeof all - strlen(all), "%s\"%s\"", i ? ", " : "", c[i]);
+        const char *hint = el_suggest_list(E, pos[0].s, c, npos - 2);
+        ERR(at, hint ? hint : el_fmt(E, "%s is one of %s", pos[1].s, all), "unknown %s \"%s\"%s%s", pos[1].s,
+            pos[0].s, E->depth ? " for " : "", E->depth ? el_fmt(E, "`%s`", E->stack[E->depth - 1]->name) : "");
+        if (fr)
+            fr->returned = true;
+        return ev_none;
+    }
+    if (strcmp(n, "hyper") == 0) {
+        /* the per-step numbers the runtime writes (enum moek_hyper): one tensor */
+        if (npos || nkw) {
+            ERR(x->span, NULL, "`hyper` takes no arguments");
+            return ev_none;
+        }
+        for (int i = 0; i < E->g->nvalues; i++)
+            if (E->g->values[i].role == PLAN_ROLE_HYPER)
+                return ev_tensor(i);
+        int64_t nh = MOEK_HYPER_COUNT;
+        int t = el_value(E, "hyper", PLAN_F32, PLAN_ST_INPUT, 1, &nh, x->span);
+        E->g->values[t].role = PLAN_ROLE_HYPER;
+        return ev_tensor(t);
+    }
     *handled = false;
     return ev_none;
 }
@@ -1374,6 +1464,22 @@ static void el_param(el *E, el_frame *fr, const ast_node *st)
     ir_param p = {.grad = -1, .state0 = -1, .state1 = -1, .expert_axis = -1, .tied_to = -1,
                   .active_fraction = 1.0f, .decay = nd >= 2};
     const ast_node *init = st->b;
+    int storage = PLAN_ST_PARAM;
+    if (init->kind == AST_CALL && strcmp(init->name, "buffer") == 0) {
+        /* buffer(zeros): checkpointed, never trained (a router bias) */
+        if (init->list.n != 1 || init->list.items[0]->name || init->list.items[0]->a->kind == AST_CALL) {
+            ERR(init->span, "param bias: f32[E] = buffer(zeros)", "`buffer` takes one initializer: zeros, ones");
+            return;
+        }
+        if (dt != PLAN_F32) {
+            ERR(st->a->span, "declare it f32[...]", "a buffer is f32 in every precision");
+            return;
+        }
+        init = init->list.items[0]->a;
+        storage = PLAN_ST_BUFFER;
+        p.frozen = true;
+        p.decay = false;
+    }
     if (init->kind == AST_NAME && strcmp(init->name, "zeros") == 0) {
         p.init = PLAN_INIT_ZEROS;
     } else if (init->kind == AST_NAME && strcmp(init->name, "ones") == 0) {
@@ -1425,7 +1531,7 @@ static void el_param(el *E, el_frame *fr, const ast_node *st)
             return;
         }
     }
-    int t = el_value(E, full, dt, PLAN_ST_PARAM, nd, shape, st->span);
+    int t = el_value(E, full, dt, storage, nd, shape, st->span);
     p.loc = el_loc(E, st->span);
     ir_param_add(E->g, t, &p);
     env_set(&fr->env, st->name, ev_tensor(t));
@@ -1552,6 +1658,15 @@ static const el_ksig el_kernels[] = {
     {"moek_dispatch_bwd", "TTTiiii"}, {"moek_grouped_matmul_fwd", "TTTTiiii"},
     {"moek_grouped_matmul_bwd", "TTTTTTiiii"}, {"moek_combine_fwd", "TTTTiiii"},
     {"moek_combine_bwd", "TTTTTTiiii"},
+    {"moek_copy", "TTi"}, {"moek_cast_bf16_f32", "TTi"}, {"moek_cast_f32_bf16", "TTi"},
+    /* routing, issue 4 (fp32 only) */
+    {"moek_sigmoid_fwd", "TTii"}, {"moek_sigmoid_bwd", "TTTii"},
+    {"moek_topk_biased_fwd", "TTTTiiiif"}, {"moek_topk_biased_bwd", "TTTTiiiif"},
+    {"moek_topk_grouped_fwd", "TTTTiiiiiif"}, {"moek_topk_softmax_fwd", "TTTiii"},
+    {"moek_topk_softmax_bwd", "TTTTiii"}, {"moek_jitter_fwd", "TTifTi"}, {"moek_jitter_bwd", "TTifTi"},
+    {"moek_seq_balance_loss_fwd", "TTTiiii"}, {"moek_seq_balance_loss_bwd", "TTTTiiii"},
+    {"moek_expert_load", "TTTiii"}, {"moek_router_bias_update", "TTif"},
+    {"moek_dispatch_by_score_fwd", "TTTTTTiiiii"},
     /* the bf16 variants (same arguments, moek_bf16 storage; kernels/moek.h) */
     {"moek_add_fwd_bf16", "TTTi"}, {"moek_scale_fwd_bf16", "TTif"}, {"moek_scale_bwd_bf16", "TTif"},
     {"moek_gelu_fwd_bf16", "TTi"}, {"moek_gelu_bwd_bf16", "TTTi"}, {"moek_swiglu_fwd_bf16", "TTTi"},
@@ -1566,6 +1681,14 @@ static const el_ksig el_kernels[] = {
     {"moek_dispatch_fwd_bf16", "TTTTTiiiii"}, {"moek_dispatch_bwd_bf16", "TTTiiii"},
     {"moek_grouped_matmul_fwd_bf16", "TTTTiiii"}, {"moek_grouped_matmul_bwd_bf16", "TTTTTTiiii"},
     {"moek_combine_fwd_bf16", "TTTTiiii"}, {"moek_combine_bwd_bf16", "TTTTTTiiii"},
+    /* issue 2 stdlib ops: layernorm, silu, repeat_kv, bias_add (and _bf16) */
+    {"moek_layernorm_fwd", "TTTTTTiif"}, {"moek_layernorm_bwd", "TTTTTTTTii"},
+    {"moek_silu_fwd", "TTi"}, {"moek_silu_bwd", "TTTi"}, {"moek_repeat_kv_fwd", "TTiiii"},
+    {"moek_repeat_kv_bwd", "TTiiii"}, {"moek_bias_add_fwd", "TTTii"}, {"moek_bias_add_bwd", "TTTii"},
+    {"moek_layernorm_fwd_bf16", "TTTTTTiif"}, {"moek_layernorm_bwd_bf16", "TTTTTTTTii"},
+    {"moek_silu_fwd_bf16", "TTi"}, {"moek_silu_bwd_bf16", "TTTi"}, {"moek_repeat_kv_fwd_bf16", "TTiiii"},
+    {"moek_repeat_kv_bwd_bf16", "TTiiii"}, {"moek_bias_add_fwd_bf16", "TTTii"},
+    {"moek_bias_add_bwd_bf16", "TTTii"},
 };
 
 static const el_ksig *el_kernel_find(const char *sym)
@@ -1831,18 +1954,20 @@ static void el_lower_op(el *E, el_op *op)
         op->saved[op->nout] = sp->flags & AST_F_SAVED;
         op->out[op->nout++] = sp;
     }
-    if (a->list2.n == 0)
-        ERR(a->span, NULL, "op `%s` has no outputs", a->name);
     op->def.ninputs = op->nin;
     op->def.noutputs = op->nout;
     op->def.nattrs = op->nattr;
-    const ast_node *fwd = NULL, *bwd = NULL;
+    const ast_node *fwd = NULL, *bwd = NULL, *phase = NULL;
     for (int i = 0; i < a->list3.n; i++) {
         const ast_node *e = a->list3.items[i];
-        const ast_node **slot = strcmp(e->name, "forward") == 0 ? &fwd : strcmp(e->name, "backward") == 0 ? &bwd : NULL;
+        static const char *const keys[] = {"forward", "backward", "phase", "forward_bf16", "backward_bf16"};
+        const ast_node **slots[] = {&fwd, &bwd, &phase, &op->fwd16, &op->bwd16};
+        const ast_node **slot = NULL;
+        for (int k = 0; k < 5; k++)
+            if (strcmp(e->name, keys[k]) == 0)
+                slot = slots[k];
         if (!slot) {
-            const char *keys[] = {"forward", "backward"};
-            ERR(e->span, el_suggest_list(E, e->name, keys, 2), "unknown key `%s` in extern op `%s`", e->name, a->name);
+            ERR(e->span, el_suggest_list(E, e->name, keys, 5), "unknown key `%s` in extern op `%s`", e->name, a->name);
             continue;
         }
         if (*slot) {
@@ -1851,6 +1976,22 @@ static void el_lower_op(el *E, el_op *op)
         }
         *slot = e;
     }
+    if (phase) {
+        /* `phase = optimizer`: a stateful update with no outputs and no gradient */
+        const char *pv = phase->a->kind == AST_NAME || phase->a->kind == AST_STRING ? phase->a->name : NULL;
+        if (pv && strcmp(pv, "optimizer") == 0) {
+            op->update = true;
+        } else if (!(pv && strcmp(pv, "forward") == 0)) {
+            static const char *const ph[] = {"forward", "optimizer"};
+            ERR(phase->a->span, pv ? el_suggest_list(E, pv, ph, 2) : "phase = forward or phase = optimizer",
+                "unknown phase%s%s%s for extern op `%s`", pv ? " `" : "", pv ? pv : "", pv ? "`" : "", a->name);
+        }
+    }
+    if (a->list2.n == 0 && !op->update)
+        ERR(a->span, "only a `phase = optimizer` op may have no outputs", "op `%s` has no outputs", a->name);
+    if (op->update && (a->list2.n != 0 || (bwd && !(bwd->a->kind == AST_NAME && strcmp(bwd->a->name, "none") == 0))))
+        ERR(phase->span, "an optimizer-phase op writes its inputs in place: -> () and no backward",
+            "op `%s` runs in the optimizer phase, so it has no outputs and no backward", a->name);
     if (diag_count(E->d) != before)
         return;
     if (!fwd || fwd->a->kind != AST_CALL) {
@@ -1900,6 +2041,13 @@ static const ir_opdef *el_bf16_def(el *E, el_op *op, const ast_node *call)
     d.fwd_symbol = el_fmt(E, "%s_bf16", op->def.fwd_symbol);
     if (op->def.bwd_symbol)
         d.bwd_symbol = el_fmt(E, "%s_bf16", op->def.bwd_symbol);
+    /* explicit bf16 calls (a cast is not `<symbol>_bf16` of its fp32 copy) */
+    if (op->fwd16 && (op->fwd16->a->kind != AST_CALL ||
+                      !el_lower_call(E, op, op->fwd16->a, false, &d.fwd_symbol, d.fwd, &d.nfwd)))
+        return NULL;
+    if (op->bwd16 && (op->bwd16->a->kind != AST_CALL || !d.bwd_symbol ||
+                      !el_lower_call(E, op, op->bwd16->a, true, &d.bwd_symbol, d.bwd, &d.nbwd)))
+        return NULL;
     const char *missing = NULL;
     if (!d.lib && !el_kernel_find(d.fwd_symbol))
         missing = d.fwd_symbol;
@@ -2020,7 +2168,8 @@ static void el_train(el *E, const ast_node *model_tokens_type)
     static const char *const keys[] = {
         "batch", "seq", "grad_accum", "steps", "seed", "lr", "min_lr", "warmup", "schedule", "optimizer",
         "clip_grad", "eval_every", "eval_batches", "checkpoint_every", "log_every", "val_fraction", "data",
-        "data_format", "device", "precision", "global_batch", "weight_decay", "recompute"};
+        "data_format", "device", "precision", "global_batch", "weight_decay", "recompute",
+        "freeze"};
     el_check_keys(E, tr, "train", keys, (int)(sizeof keys / sizeof *keys));
     t->batch = 0;
     t->seq = 0;
@@ -2193,6 +2342,53 @@ static void el_train(el *E, const ast_node *model_tokens_type)
         E->g->train_loc = el_loc(E, tr->span);
 }
 
+/* train { freeze = "layers.0.*" | ("embed.*", "layers.0.*") }: the params
+ * whose names match a pattern (fnmatch; `*` also crosses dots) are frozen,
+ * as `param ... frozen` is (docs/passes.md).  Runs after the model, when
+ * every param has its name. */
+static void el_freeze(el *E)
+{
+    const ast_node *e = el_entry(E->train, "freeze");
+    if (!e)
+        return;
+    const ast_node *one[1] = {e->a};
+    const ast_node *const *pats = one;
+    int npat = 1;
+    if (e->a->kind == AST_TUPLE) {
+        pats = (const ast_node *const *)e->a->list.items;
+        npat = e->a->list.n;
+    }
+    for (int k = 0; k < npat; k++) {
+        const ast_node *pat = pats[k];
+        if (pat->kind != AST_STRING) {
+            ERR(pat->span, "write freeze = \"layers.0.*\" or freeze = (\"embed.*\", \"layers.0.*\")",
+                "freeze takes parameter name patterns in quotes");
+            continue;
+        }
+        int hits = 0;
+        for (int p = 0; p < E->g->nparams; p++) {
+            ir_param *pp = &E->g->params[p];
+            const ir_value *v = &E->g->values[pp->value];
+            if (v->storage == PLAN_ST_PARAM && fnmatch(pat->name, v->name, 0) == 0) {
+                pp->frozen = true;
+                hits++;
+            }
+        }
+        if (hits == 0) {
+            const char *names[64];
+            int n = 0;
+            for (int p = 0; p < E->g->nparams && n < 64; p++)
+                names[n++] = E->g->values[E->g->params[p].value].name;
+            const char *near = diag_closest(pat->name, names, n);
+            char hint[256];
+            snprintf(hint, sizeof hint, "parameter names look like `%s`%s%s%s",
+                     n ? names[0] : "embed.weight", near ? "; did you mean `" : "", near ? near : "",
+                     near ? "`?" : "");
+            ERR(pat->span, hint, "freeze pattern `%s` matches no parameter", pat->name);
+        }
+    }
+}
+
 static void el_parallel(el *E)
 {
     const ast_node *p = E->parallel;
@@ -2328,6 +2524,8 @@ static void el_model(el *E, const ast_node *m)
     }
     g->loss = total;
     g->values[total].role = PLAN_ROLE_LOSS;
+    for (int i = 0; i < E->nupdates; i++)
+        ir_node_add(g, &E->updates[i]);
     if (logits.k == EV_TENSOR) {
         g->logits = logits.t;
         g->values[logits.t].role = PLAN_ROLE_LOGITS;
@@ -2343,6 +2541,8 @@ static void el_counts(el *E)
     ir_graph *g = E->g;
     double total = 0, active = 0;
     for (int i = 0; i < g->nparams; i++) {
+        if (g->values[g->params[i].value].storage == PLAN_ST_BUFFER)
+            continue;   /* state, not weights */
         double n = (double)ir_value_numel(&g->values[g->params[i].value]);
         total += n;
         active += n * g->params[i].active_fraction;
@@ -2397,6 +2597,8 @@ ir_graph *elaborate(const char *path, const elab_options *opt, diag_ctx *d)
                        "no model in %s", E->main->path);
         else if (model && diag_count(d) == start)
             el_model(E, model);
+        if (model && diag_count(d) == start)
+            el_freeze(E);
         if (diag_count(d) == start) {
             const ast_node *ga = el_entry(E->train, "global_batch");
             double gb;
@@ -2450,6 +2652,7 @@ ir_graph *elaborate(const char *path, const elab_options *opt, diag_ctx *d)
     free(E->globals.vars);
     free(E->origin);
     free(E->losses);
+    free(E->updates);
     free(E->counts);
     ast_arena_free(E->arena);
     return g;

@@ -8,10 +8,14 @@
 #include "explain.h"
 
 #include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "diag.h"
 #include "internal_ops.h"
 #include "memplan.h"
+#include "pass_util.h"
 #include "passes.h"
 #include "../kernels/moek.h"
 
@@ -171,6 +175,11 @@ static double ex_mib(double bytes)
 
 void explain_print(const ir_graph *g, FILE *out)
 {
+    explain_print_layout(g, NULL, out);
+}
+
+void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *out)
+{
     explain_counts c;
     explain_count(g, &c);
     bool bf16 = g->train.precision == PLAN_BF16;
@@ -230,8 +239,11 @@ void explain_print(const ir_graph *g, FILE *out)
                 "element)\n\n", rc.flops_elementwise);
     }
 
-    int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;
-    int64_t ep = g->par_expert > 0 ? g->par_expert : 1;
+    /* --layout replaces parallel { } here only: the plan keeps its own */
+    int64_t ranks = lay ? lay->ranks : g->par_ranks > 0 ? g->par_ranks : 1;
+    int64_t ep = lay ? lay->expert : g->par_expert > 0 ? g->par_expert : 1;
+    int64_t zero = lay ? lay->zero : g->par_zero;
+    const char *from = lay ? "--layout" : "parallel { }";
     if (ranks % ep)
         ep = 1;
     int64_t nd = ranks, ne = ranks / ep;
@@ -239,8 +251,8 @@ void explain_print(const ir_graph *g, FILE *out)
     double st = sgd ? 4.0 : 8.0;
     double dense = (double)(c.params - c.expert_params);
     double expert = (double)c.expert_params / (double)ep;
-    fprintf(out, "parallel layout: ranks=%" PRId64 " expert=%" PRId64 " zero=%" PRId64 "\n",
-            ranks, ep, g->par_zero);
+    fprintf(out, "parallel layout (%s): ranks=%" PRId64 " expert=%" PRId64 " zero=%" PRId64 "\n",
+            from, ranks, ep, zero);
     fprintf(out, "  data-parallel size: dense params %" PRId64 ", expert params %" PRId64
             " (experts split %" PRId64 " ways first)\n", nd, ne, ep);
     /* bf16: a 2-byte working copy; the fp32 master is optimizer state (sharded
@@ -265,7 +277,165 @@ void explain_print(const ir_graph *g, FILE *out)
         double pb = pbytes * (dense / dp + expert / dpe);
         double gb = 4 * (dense / dg + expert / dge);
         double sb = st * (dense / dsn + expert / dse);
-        fprintf(out, "  %d%s %14.0f %13.0f %13.0f %13.0f%s\n", s, s == g->par_zero ? " *" : "  ",
-                pb, gb, sb, pb + gb + sb, s == g->par_zero ? "  <- parallel { zero }" : "");
+        fprintf(out, "  %d%s %14.0f %13.0f %13.0f %13.0f%s%s\n", s, s == zero ? " *" : "  ",
+                pb, gb, sb, pb + gb + sb, s == zero ? "  <- zero in " : "", s == zero ? from : "");
     }
+}
+
+/* ---- the per-pass table ------------------------------------------------ */
+
+/* Elements the template writes (outputs, or gradients for a backward op). */
+static double ex_written(const ir_graph *g, const ir_node *n)
+{
+    int count;
+    const ir_ref *t = iop_template(n, &count);
+    double e = 0;
+    for (int a = 0; a < count; a++) {
+        int v = iop_ref_value(n, &t[a]);
+        if (v >= 0 && v < g->nvalues && pu_writes(n, &t[a]))
+            e += (double)ir_value_numel(&g->values[v]);
+    }
+    return e;
+}
+
+double explain_node_flops(const ir_graph *g, const ir_node *n)
+{
+    const ir_opdef *d = n->def;
+    double mul = n->is_backward ? 2.0 : 1.0;
+    if (d->fwd_symbol && strstr(d->fwd_symbol, "attention") && n->inputs[0] >= 0) {
+        /* 2 matmuls of B x T x T x C each way (QK^T, PV), 2 FLOPs per MAC */
+        const ir_value *q = &g->values[n->inputs[0]];
+        double ct = (double)ex_attn_ct(g, n);
+        double tokens = q->ndim >= 1 && q->shape[q->ndim - 1] > 0
+                            ? (double)ir_value_numel(q) / (double)q->shape[q->ndim - 1] : 0;
+        return mul * 4.0 * ct * tokens;
+    }
+    bool weight = false;
+    for (int i = 0; i < d->ninputs; i++) {
+        int v = n->inputs[i];
+        weight |= v >= 0 && (g->values[v].storage == PLAN_ST_PARAM || g->values[v].storage == PLAN_ST_BUFFER) &&
+                  g->values[v].ndim >= 2 && g->values[v].dtype != PLAN_I32;
+    }
+    int x = d->ninputs > 0 ? n->inputs[0] : -1;
+    int y = d->noutputs > 0 ? n->outputs[0] : -1;
+    if (weight && x >= 0 && y >= 0 && g->values[x].dtype != PLAN_I32 && g->values[x].ndim >= 1 &&
+        g->values[x].storage == PLAN_ST_ACT) {
+        const ir_value *xv = &g->values[x];
+        return mul * 2.0 * (double)ir_value_numel(&g->values[y]) * (double)xv->shape[xv->ndim - 1];
+    }
+    return ex_written(g, n);
+}
+
+void explain_pass_fill(const ir_graph *g, const char *pass, explain_pass_row *r)
+{
+    memset(r, 0, sizeof *r);
+    r->pass = pass;
+    r->ops = g->nnodes;
+    uint64_t accum = g->train.grad_accum > 0 ? (uint64_t)g->train.grad_accum : 1;
+    for (int i = 0; i < g->nnodes; i++) {
+        const ir_node *n = &g->nodes[i];
+        uint64_t times = n->phase == PLAN_PHASE_OPTIMIZER ? 1 : accum;
+        r->launches += times;
+        r->flops += (double)times * explain_node_flops(g, n);
+    }
+    r->peak_act = pu_peak_bytes(g);
+    bool planned = false;
+    for (int s = 0; s < PLAN_ST_COUNT; s++)
+        planned |= g->pool_bytes[s] != 0;
+    r->act_pool = planned ? g->pool_bytes[PLAN_ST_ACT] : -1;
+}
+
+void explain_pass_table(const explain_pass_row *rows, int n, FILE *out)
+{
+    if (!rows || n <= 0)
+        return;
+    fprintf(out, "\npasses (in order; peak live = activation bytes live at once, act pool after memplan)\n");
+    fprintf(out, "  %-12s %6s %10s %14s %14s %12s\n", "pass", "ops", "launches", "peak live",
+            "act pool", "MFLOP/step");
+    for (int i = 0; i < n; i++) {
+        const explain_pass_row *r = &rows[i];
+        char pool[32];
+        if (r->act_pool < 0)
+            snprintf(pool, sizeof pool, "-");
+        else
+            snprintf(pool, sizeof pool, "%" PRId64, r->act_pool);
+        fprintf(out, "  %-12s %6d %10" PRIu64 " %14" PRIu64 " %14s %12.1f\n", r->pass, r->ops,
+                r->launches, r->peak_act, pool, r->flops / 1e6);
+    }
+}
+
+/* ---- --layout: explain another parallel layout ---------------------------- */
+
+int explain_layout_parse(const char *spec, explain_layout *lay, char *err, size_t errlen)
+{
+    static const char *const keys[] = {"ranks", "expert", "zero"};
+    lay->ranks = lay->expert = lay->zero = -1;
+    const char *p = spec;
+    if (!*p) {
+        snprintf(err, errlen, "--layout needs ranks=R,expert=E,zero=Z (any of the three)");
+        return -1;
+    }
+    while (*p) {
+        const char *eq = strchr(p, '='), *end = strchr(p, ',');
+        if (!end)
+            end = p + strlen(p);
+        size_t klen = eq && eq < end ? (size_t)(eq - p) : (size_t)(end - p);
+        int k = -1;
+        for (int i = 0; i < 3; i++)
+            if (strlen(keys[i]) == klen && strncmp(p, keys[i], klen) == 0)
+                k = i;
+        if (k < 0) {
+            char key[64];
+            snprintf(key, sizeof key, "%.*s", (int)(klen < 60 ? klen : 60), p);
+            const char *near = diag_closest(key, keys, 3);
+            snprintf(err, errlen, "--layout: unknown field `%s`%s%s%s; the fields are ranks, expert, zero",
+                     key, near ? " (did you mean `" : "", near ? near : "", near ? "`?)" : "");
+            return -1;
+        }
+        char *stop = NULL;
+        long long v = eq && eq < end ? strtoll(eq + 1, &stop, 10) : 0;
+        if (!eq || eq > end || stop == eq + 1 || stop != end || v < 0 || v > (1 << 20)) {
+            snprintf(err, errlen, "--layout: `%s` needs a whole number, got `%.*s`", keys[k],
+                     (int)(end - p), p);
+            return -1;
+        }
+        if (k == 2 && v > 3) {
+            snprintf(err, errlen, "--layout: `zero` must be a ZeRO stage 0-3, got %lld", v);
+            return -1;
+        }
+        if (k < 2 && v < 1) {
+            snprintf(err, errlen, "--layout: `%s` must be at least 1, got %lld", keys[k], v);
+            return -1;
+        }
+        int64_t *slot = k == 0 ? &lay->ranks : k == 1 ? &lay->expert : &lay->zero;
+        *slot = (int64_t)v;
+        p = *end ? end + 1 : end;
+    }
+    return 0;
+}
+
+int explain_layout_resolve(const ir_graph *g, explain_layout *lay, char *err, size_t errlen)
+{
+    if (lay->ranks < 0)
+        lay->ranks = g->par_ranks > 0 ? g->par_ranks : 1;
+    if (lay->expert < 0)
+        lay->expert = g->par_expert > 0 ? g->par_expert : 1;
+    if (lay->zero < 0)
+        lay->zero = g->par_zero;
+    if (lay->ranks % lay->expert != 0) {
+        snprintf(err, errlen, "--layout: impossible layout: `ranks` = %" PRId64 " is not divisible by "
+                 "`expert` = %" PRId64 " (the expert-parallel size must divide the ranks)",
+                 lay->ranks, lay->expert);
+        return -1;
+    }
+    for (int i = 0; i < g->nparams; i++) {
+        const ir_param *p = &g->params[i];
+        const ir_value *v = &g->values[p->value];
+        if (p->expert_axis >= 0 && p->expert_axis < v->ndim && v->shape[p->expert_axis] % lay->expert != 0) {
+            snprintf(err, errlen, "--layout: impossible layout: %" PRId64 " experts of `%s` are not "
+                     "divisible by `expert` = %" PRId64, v->shape[p->expert_axis], v->name, lay->expert);
+            return -1;
+        }
+    }
+    return 0;
 }

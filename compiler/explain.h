@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "ir.h"
 
@@ -36,5 +37,40 @@ typedef struct explain_recompute {
 } explain_recompute;
 
 void explain_recompute_cost(const ir_graph *g, explain_recompute *r);
+
+/* One row of the per-pass table `moec --explain` ends with: the plan as it
+ * stands after one pass of the pipeline (compiler/main.c). */
+typedef struct explain_pass_row {
+    const char *pass;
+    int ops;                  /* nodes */
+    uint64_t launches;        /* kernel calls per optimizer step: forward + backward ops
+                                 x grad_accum, + optimizer ops */
+    uint64_t peak_act;        /* live activation bytes at the worst op, current order */
+    int64_t act_pool;         /* the act pool, -1 before memplan */
+    double flops;             /* per optimizer step (explain_node_flops) */
+} explain_pass_row;
+
+/* FLOPs of one op: 2 x output elements x K for an op with a weight matrix
+ * (matmul, grouped matmul), 4 x B x T x T x C for attention, one per
+ * element written otherwise; a backward op twice its forward's. */
+double explain_node_flops(const ir_graph *g, const ir_node *n);
+void explain_pass_fill(const ir_graph *g, const char *pass, explain_pass_row *r);
+void explain_pass_table(const explain_pass_row *rows, int n, FILE *out);
+
+/* --layout ranks=R,expert=E,zero=Z: --explain for a parallel layout other
+ * than parallel { }'s (the plan itself keeps parallel { }'s). */
+typedef struct explain_layout {
+    int64_t ranks, expert, zero;   /* -1 after parse: not given, parallel { }'s */
+} explain_layout;
+
+/* 0, or -1 with a one-line message naming the bad field in err. */
+int explain_layout_parse(const char *spec, explain_layout *lay, char *err, size_t errlen);
+/* Fills the fields not given from parallel { } and checks the layout
+ * against the model as elaboration does (ranks % expert, experts % expert);
+ * 0, or -1 with a message in err. */
+int explain_layout_resolve(const ir_graph *g, explain_layout *lay, char *err, size_t errlen);
+/* explain_print with lay's layout in the per-rank model-state table (NULL:
+ * parallel { }'s). */
+void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *out);
 
 #endif

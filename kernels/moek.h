@@ -362,4 +362,53 @@ void moek_dispatch_by_score_fwd(const moek_ctx *ctx, const float *x, const int32
                                 int32_t *expert_rows, int64_t N, int64_t D, int64_t E, int64_t k,
                                 int64_t C);
 
+/* ---- issue 2 stdlib ops (kernels/cpu/layer_ops.c, kernels/cuda/layer_ops.cu)
+ * LayerNorm with bias, SiLU, the grouped-query head expansion and a row
+ * bias; each with its _bf16 variant (same arguments, moek_bf16 storage for
+ * the arguments so typed, fp32 maths; mean and rstd stay fp32). */
+/* y = (x - mean) * rstd * w + b over the last dim D; mean[N], rstd[N] =
+ * 1/sqrt(var + eps) (biased variance) saved for backward.  Backward, with
+ * xh = (x - mean) rstd and g = dy w:  dx = rstd (g - mean(g) - xh mean(g xh)),
+ * dw = sum_n dy xh, db = sum_n dy (dx, dw or db may be NULL). */
+void moek_layernorm_fwd(const moek_ctx *ctx, const float *x, const float *w, const float *b, float *y,
+                        float *mean, float *rstd, int64_t N, int64_t D, float eps);
+void moek_layernorm_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w,
+                        const float *mean, const float *rstd, float *dx, float *dw, float *db,
+                        int64_t N, int64_t D);
+/* y = x sigmoid(x);  dx = dy s (1 + x (1 - s)) */
+void moek_silu_fwd(const moek_ctx *ctx, const float *x, float *y, int64_t n);
+void moek_silu_bwd(const moek_ctx *ctx, const float *dy, const float *x, float *dx, int64_t n);
+/* Grouped-query attention: x[N, Hkv*Dh] -> y[N, H*Dh], query head h reads
+ * kv head h / (H / Hkv) (consecutive groups, as repeat_interleave); the
+ * backward sums each group's H / Hkv gradients in head order.  Hkv <= 0 or
+ * H % Hkv != 0: MOEK_E_SHAPE. */
+void moek_repeat_kv_fwd(const moek_ctx *ctx, const float *x, float *y, int64_t N, int64_t Hkv,
+                        int64_t H, int64_t Dh);
+void moek_repeat_kv_bwd(const moek_ctx *ctx, const float *dy, float *dx, int64_t N, int64_t Hkv,
+                        int64_t H, int64_t Dh);
+/* y[N,D] = x + b[D] (a linear layer's bias); dx = dy, db = column sums of dy
+ * (dx or db may be NULL) */
+void moek_bias_add_fwd(const moek_ctx *ctx, const float *x, const float *b, float *y, int64_t N,
+                       int64_t D);
+void moek_bias_add_bwd(const moek_ctx *ctx, const float *dy, float *dx, float *db, int64_t N,
+                       int64_t D);
+
+void moek_layernorm_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w,
+                             const moek_bf16 *b, moek_bf16 *y, float *mean, float *rstd, int64_t N,
+                             int64_t D, float eps);
+void moek_layernorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                             const moek_bf16 *w, const float *mean, const float *rstd,
+                             moek_bf16 *dx, moek_bf16 *dw, moek_bf16 *db, int64_t N, int64_t D);
+void moek_silu_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y, int64_t n);
+void moek_silu_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x, moek_bf16 *dx,
+                        int64_t n);
+void moek_repeat_kv_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y, int64_t N,
+                             int64_t Hkv, int64_t H, int64_t Dh);
+void moek_repeat_kv_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 *dx, int64_t N,
+                             int64_t Hkv, int64_t H, int64_t Dh);
+void moek_bias_add_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *b,
+                            moek_bf16 *y, int64_t N, int64_t D);
+void moek_bias_add_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 *dx, moek_bf16 *db,
+                            int64_t N, int64_t D);
+
 #endif
