@@ -72,10 +72,24 @@ $(BUILD)/libmoec_runtime.a: $(RUNTIME_OBJ)
 $(BUILD)/libmoek_cpu.a: $(KCPU_OBJ)
 	ar rcs $@ $^
 
+# The two programs live at the top level (moec model.moe && ./run plan.bin);
+# a sanitizer build puts its own pair in its build folder instead.
+MOEC_BIN ?= moec
+RUN_BIN  ?= run
+.PHONY: moec run
+moec: $(MOEC_BIN)
+run: $(RUN_BIN)
+ifneq ($(MOEC_BIN),moec)
+$(MOEC_BIN): $(BUILD)/compiler/main.o $(BUILD)/libmoec_front.a
+	$(CC) $(LDFLAGS) -o $@ $^ -lm
+$(RUN_BIN): $(BUILD)/runtime/main.o $(BUILD)/libmoec_runtime.a
+	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(HOST_LIBS)
+else
 moec: $(BUILD)/compiler/main.o $(BUILD)/libmoec_front.a
 	$(CC) $(LDFLAGS) -o $@ $^ -lm
 run: $(BUILD)/runtime/main.o $(BUILD)/libmoec_runtime.a
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(HOST_LIBS)
+endif
 
 $(BUILD)/libmoek_cpu.so: $(KCPU_OBJ)
 	$(CC) $(LDFLAGS) -shared -fopenmp -o $@ $^ $(OPENBLAS_LIBS) -lm
@@ -107,8 +121,11 @@ test: all
 
 # AddressSanitizer + UBSan build of everything, tests included, in its own folder
 test-asan:
-	$(MAKE) BUILD=build-asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" moec run build-asan/libmoek_cpu.so $(TEST_SRC:tests/unit/%.c=build-asan/tests/%)
-	MOEC_BUILD=build-asan bash tests/run.sh build-asan
+	$(MAKE) BUILD=build-asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" \
+	    MOEC_BIN=build-asan/moec RUN_BIN=build-asan/run build-asan/moec build-asan/run \
+	    build-asan/libmoek_cpu.so build-asan/data/default.txt $(TEST_SRC:tests/unit/%.c=build-asan/tests/%)
+	MOEC_BUILD=build-asan MOEC=$(CURDIR)/build-asan/moec RUN=$(CURDIR)/build-asan/run \
+	    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 bash tests/run.sh build-asan
 
 install: all
 	install -d $(PREFIX)/bin $(PREFIX)/lib/moec $(PREFIX)/share/moec/stdlib
@@ -135,3 +152,17 @@ all: $(BUILD)/examples/libmyops.so
 $(BUILD)/examples/libmyops.so: examples/custom_op/myops.c kernels/moek.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Ikernels -shared $(LDFLAGS) -o $@ $<
+
+# --- communication backends (docs/parallel.md): shared libraries that ./run
+# dlopens for --comm mpi / nccl, so run itself never links MPI or NCCL.
+# Built as part of `all` when mpicc (Open MPI) is found; NCCL when nccl.h is.
+MPICC ?= $(shell command -v mpicc 2>/dev/null)
+CUDA_HOME ?= /usr/local/cuda
+.PHONY: comm-mpi comm-nccl
+ifneq ($(MPICC),)
+all: $(BUILD)/libmoec_comm_mpi.so
+comm-mpi: $(BUILD)/libmoec_comm_mpi.so
+$(BUILD)/libmoec_comm_mpi.so: runtime/comm_backends/mpi.c runtime/comm.h kernels/moek.h
+	@mkdir -p $(dir $@)
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -shared $(LDFLAGS) -o $@ $<
+endif

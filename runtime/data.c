@@ -112,6 +112,17 @@ int data_has_split(const data_file *d, int split, int64_t T)
 int data_batch(const data_file *d, int split, rng *r, int64_t B, int64_t T, int64_t vocab,
                int32_t *tokens, int32_t *targets, char *err, size_t errlen)
 {
+    return data_batch_shard(d, split, r, B, T, vocab, 0, 1, tokens, targets, err, errlen);
+}
+
+/* Every shard draws all nshards x B offsets, in the same order, and keeps
+ * rows [shard*B, (shard+1)*B): the shards of one call are disjoint and
+ * together are exactly the batch one rank would draw with nshards x B rows,
+ * and the generator ends in the same state on every rank. */
+int data_batch_shard(const data_file *d, int split, rng *r, int64_t B, int64_t T, int64_t vocab,
+                     int64_t shard, int64_t nshards, int32_t *tokens, int32_t *targets,
+                     char *err, size_t errlen)
+{
     uint64_t begin = d->split[split][0], end = d->split[split][1];
     if (!data_has_split(d, split, T))
         return fail(err, errlen, "the %s split has %llu tokens, fewer than seq + 1 = %lld; use "
@@ -119,8 +130,11 @@ int data_batch(const data_file *d, int split, rng *r, int64_t B, int64_t T, int6
                     (unsigned long long)(end - begin), (long long)T + 1,
                     split == DATA_VAL ? " or a larger val_fraction" : "");
     uint64_t span = end - begin - (uint64_t)T;   /* valid start offsets */
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t row = 0; row < nshards * B; row++) {
         uint64_t at = begin + rng_below(r, span);
+        if (row / B != shard)
+            continue;
+        int64_t b = row - shard * B;
         for (int64_t t = 0; t <= T; t++) {
             uint32_t tok = data_token(d, at + (uint64_t)t);
             if ((int64_t)tok >= vocab)

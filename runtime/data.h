@@ -29,6 +29,11 @@ uint32_t data_token(const data_file *d, uint64_t i);
  * random offset; a token >= vocab is an error. */
 int data_batch(const data_file *d, int split, rng *r, int64_t B, int64_t T, int64_t vocab,
                int32_t *tokens, int32_t *targets, char *err, size_t errlen);
+/* Data parallelism: shard (0-based) of nshards takes its B rows of the
+ * nshards x B rows drawn; nshards = 1 is data_batch. */
+int data_batch_shard(const data_file *d, int split, rng *r, int64_t B, int64_t T, int64_t vocab,
+                     int64_t shard, int64_t nshards, int32_t *tokens, int32_t *targets,
+                     char *err, size_t errlen);
 int data_has_split(const data_file *d, int split, int64_t T);
 void data_close(data_file *d);
 

@@ -3,6 +3,8 @@
  * exec_phase is then only ffi_call over a flat array. */
 #include "exec.h"
 
+#include "comm.h"
+
 #include <dlfcn.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -216,6 +218,8 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
         const char *path = plan_str(pf, pf->libs[i].path);
         if (!*path)
             ex->libs[i] = ex->devlib;
+        else if (strcmp(path, COMM_LIB) == 0)
+            ex->libs[i] = NULL;   /* collectives: built into run (comm.h) */
         else if (load_user_lib(ex, o, path, &ex->libs[i], err, errlen))
             goto fail;
     }
@@ -277,7 +281,7 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
                 continue;
             const plan_kernel *kn = &pf->kernels[op->kernel];
             const char *sym = plan_str(pf, kn->symbol);
-            void *fn = dlsym(ex->libs[kn->lib], sym);
+            void *fn = ex->libs[kn->lib] ? dlsym(ex->libs[kn->lib], sym) : comm_symbol(sym);
             if (!fn) {
                 char where[512];
                 exec_describe_op(pf, i, where, sizeof where);

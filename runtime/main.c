@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "comm.h"
 #include "exec.h"
 #include "inspect.h"
 #include "plan_load.h"
@@ -36,18 +37,24 @@ static void usage(FILE *f)
           "                         weights, step 1 gradients) for tests/parity\n"
           "  --workspace-mb N       kernel workspace (default 64)\n"
           "  --no-graph             on cuda, run every op eagerly (no CUDA graph replay)\n"
+          "  --routing-stats        one forward pass on a batch, then each MoE layer's\n"
+          "                         per-expert token counts (weights: --checkpoint/--resume)\n"
           "  --sample               generate text: --prompt S --tokens N --temperature T\n"
           "                         --top-k K --seed S, weights from --checkpoint/--resume\n"
-          "  -q, --quiet            no per-step lines\n", f);
+          "  -q, --quiet            no per-step lines\n"
+          "  --comm auto|single|mpi|nccl  communication backend (default auto: mpi when\n"
+          "                         started by mpirun, else single); see docs/parallel.md\n"
+          "  --comm-timeout SEC     deadline of every collective (default 300)\n", f);
 }
 
 int main(int argc, char **argv)
 {
     const char *plan_path = NULL, *device = NULL, *data = NULL, *metrics = "metrics.jsonl";
     const char *ckpt = NULL, *resume = NULL, *init_from = NULL, *prompt = "";
-    const char *trace = NULL;
+    const char *trace = NULL, *comm_name = NULL;
+    double comm_timeout = 300;
     const char *allow[64];
-    int nallow = 0, inspect = 0, sample = 0, quiet = 0, no_graph = 0;
+    int nallow = 0, inspect = 0, sample = 0, quiet = 0, no_graph = 0, routing_stats = 0;
     int64_t steps = -1, tokens = 200, top_k = 0, workspace_mb = 64;
     double temperature = 0.8;
     uint64_t seed = 1;
@@ -59,6 +66,7 @@ int main(int argc, char **argv)
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) { usage(stdout); return 0; }
         else if (strcmp(a, "--inspect") == 0) inspect = 1;
         else if (strcmp(a, "--sample") == 0) sample = 1;
+        else if (strcmp(a, "--routing-stats") == 0) routing_stats = 1;
         else if (strcmp(a, "--no-graph") == 0) no_graph = 1;
         else if (strcmp(a, "-q") == 0 || strcmp(a, "--quiet") == 0) quiet = 1;
         else if (OPT("--device")) device = v;
@@ -69,6 +77,8 @@ int main(int argc, char **argv)
         else if (OPT("--init-from")) init_from = v;
         else if (OPT("--trace")) trace = v;
         else if (OPT("--prompt")) prompt = v;
+        else if (OPT("--comm")) comm_name = v;
+        else if (OPT("--comm-timeout")) { comm_timeout = strtod(v, &end); if (*end || !(comm_timeout > 0)) goto bad; }
         else if (OPT("--allow-lib")) {
             if (nallow == 64) { fprintf(stderr, "run: too many --allow-lib\n"); return 2; }
             allow[nallow++] = v;
@@ -101,6 +111,11 @@ int main(int argc, char **argv)
     }
     if (inspect) {
         inspect_plan(&pf, stdout);
+        const plan_train *pt = pf.train;
+        int64_t nr = pt->par_ranks > 0 ? pt->par_ranks : 1, ne = pt->par_expert > 0 ? pt->par_expert : 1;
+        printf("parallel: ranks %lld, expert %lld, zero %lld; process groups:\n", (long long)nr,
+               (long long)ne, (long long)pt->par_zero);
+        comm_print_layout(nr, ne, stdout);
         plan_close(&pf);
         return 0;
     }
@@ -112,17 +127,63 @@ int main(int argc, char **argv)
         if (s)
             *s = '\0';
     }
-    exec_opts eo = {device, plan_path, exe_dir, allow, nallow, workspace_mb << 20,
-                    quiet ? NULL : stderr};
-    exec_state ex;
-    if (exec_open(&ex, &pf, &eo, err, sizeof err)) {
+    /* communication first: MPI must start before any rank does real work */
+    int64_t want_ranks = pf.train->par_ranks > 0 ? pf.train->par_ranks : 1;
+    comm_opts co = {comm_name, exe_dir, pf.train->par_expert, comm_timeout,
+                    device && strcmp(device, "cuda") == 0};
+    comm *cm = comm_open(&co, err, sizeof err);
+    if (!cm) {
         fprintf(stderr, "run: %s: %s\n", plan_path, err);
         plan_close(&pf);
         return 1;
     }
+    int rank = comm_rank(cm), world = comm_world(cm);
+    if (world != want_ranks) {
+        if (world == 1)
+            fprintf(stderr, "run: %s: the plan was compiled for %lld ranks (parallel { ranks = "
+                    "%lld }) but this is a single process; start it with mpirun -np %lld\n",
+                    plan_path, (long long)want_ranks, (long long)want_ranks, (long long)want_ranks);
+        else
+            fprintf(stderr, "run: %s: the plan was compiled for %lld rank%s (parallel { ranks "
+                    "}) but %d were started (rank %d); start it with mpirun -np %lld or recompile "
+                    "with parallel { ranks = %d }\n", plan_path, (long long)want_ranks,
+                    want_ranks == 1 ? "" : "s", world, rank, (long long)want_ranks, world);
+        comm_close(cm);
+        plan_close(&pf);
+        return 1;
+    }
+    if (rank > 0) {
+        /* rank 0 speaks for the job: one log, one metrics file, one trace */
+        quiet = 1;
+        metrics = "";
+        trace = NULL;
+    }
+    exec_opts eo = {device, plan_path, exe_dir, allow, nallow, workspace_mb << 20,
+                    quiet ? NULL : stderr};
+    exec_state ex;
+    if (exec_open(&ex, &pf, &eo, err, sizeof err)) {
+        if (world > 1)
+            fprintf(stderr, "run: %s: rank %d: %s\n", plan_path, rank, err);
+        else
+            fprintf(stderr, "run: %s: %s\n", plan_path, err);
+        comm_abort(cm, 1);
+        comm_close(cm);
+        plan_close(&pf);
+        return 1;
+    }
+    ex.ctx.comm = cm;   /* the collective ops reach the backend through ctx */
+    if (world > 1 && !quiet)
+        fprintf(stderr, "run: %d ranks, communication backend %s\n", world, comm_backend_name(cm));
     exec_set_graphs(&ex, !no_graph, stderr);   /* a failed capture is said even with -q */
     int rc;
-    if (sample) {
+    if (routing_stats) {
+        train_opts to = {0};
+        to.data_path = data;
+        to.exe_dir = exe_dir;
+        to.resume_path = resume;
+        to.init_from = init_from ? init_from : ckpt;
+        rc = train_routing_stats(&ex, &to, stdout, err, sizeof err);
+    } else if (sample) {
         sample_opts so = {ckpt ? ckpt : resume, prompt, tokens, temperature, top_k, seed};
         rc = train_sample(&ex, &so, stdout, err, sizeof err);
     } else {
@@ -134,9 +195,18 @@ int main(int argc, char **argv)
                          resume, init_from, &interrupted, quiet ? NULL : stdout};
         rc = train_run_trace(&ex, &to, trace, err, sizeof err);
     }
-    if (rc)
+    if (rc && *comm_error(cm))
+        /* a failed collective names the rank and the collective; the kernel
+         * status it raised only says "a device call failed" */
+        fprintf(stderr, "run: %s\n", comm_error(cm));
+    else if (rc && world > 1)
+        fprintf(stderr, "run: rank %d: %s\n", rank, err);
+    else if (rc)
         fprintf(stderr, "run: %s\n", err);
+    if (rc)
+        comm_abort(cm, 1);   /* the other ranks would wait for this one until the deadline */
     exec_close(&ex);
+    comm_close(cm);
     plan_close(&pf);
     return rc ? 1 : 0;
 }

@@ -1,0 +1,153 @@
+/* parallel.c - the collectives of a multi-rank plan (docs/parallel.md).
+ *
+ * Runs after autodiff and before the optimizer pass, so the ops it appends to
+ * the optimizer phase run before the gradient norm and the updates.  Data
+ * parallelism: every rank computes gradients on its own share of the global
+ * batch (the runtime seeds the loss with 1 / (grad_accum x ranks)); the
+ * gradients are then summed over the data-parallel group - the dense params'
+ * group, or for expert params the group that holds the same expert shard -
+ * in buckets: up to COMM_MULTI_MAX tensors and PARALLEL_BUCKET_BYTES per
+ * all-reduce op.  The norm that follows is then computed from identical
+ * summed gradients on every rank, so each parameter counts exactly once and
+ * every rank takes the same clipping and the same finite-or-not decision.
+ *
+ * The collective ops come from the plan library "@comm" (runtime/comm.h), so
+ * every rank runs the same collectives in the same order, fixed here: no
+ * rank can skip one because of its data (a rank whose experts got no token
+ * still reduces their zero gradients).  A one-rank plan gets no op at all.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "passes.h"
+#include "../runtime/comm.h"
+
+#define PARALLEL_BUCKET_BYTES (25ull << 20)
+
+static int perr(moec_error *err, ir_srcloc loc, const char *hint, const char *msg)
+{
+    memset(err, 0, sizeof *err);
+    err->loc = loc;
+    snprintf(err->msg, sizeof err->msg, "%s", msg);
+    snprintf(err->hint, sizeof err->hint, "%s", hint);
+    return -1;
+}
+
+/* "__comm_allreduce_<k>": k fp32 tensors, one dim each; attrs group, bucket.
+ * moec_comm_allreduce_f32_multi(group, bucket, k, t0, n0, ..., t7, n7) with
+ * unused slots bound to t0 and n = 0. */
+static const ir_opdef *allreduce_def(ir_graph *g, int k)
+{
+    const char *name = ir_strfmt(g, "__comm_allreduce_%d", k);
+    const ir_opdef *d = ir_def_find(g, name);
+    if (d)
+        return d;
+    ir_opdef def;
+    memset(&def, 0, sizeof def);
+    def.name = name;
+    def.lib = COMM_LIB;
+    def.ninputs = k;
+    def.ndims = k;
+    for (int i = 0; i < k; i++) {
+        def.input_names[i] = ir_strfmt(g, "g%d", i);
+        def.dim_names[i] = ir_strfmt(g, "n%d", i);
+    }
+    def.nattrs = 2;
+    def.attr_names[0] = "group";
+    def.attr_names[1] = "bucket";
+    def.attr_kinds[0] = def.attr_kinds[1] = PLAN_ARG_I64;
+    def.bwd_kind = IR_BWD_NONE;
+    def.fwd_symbol = "moec_comm_allreduce_f32_multi";
+    int a = 0;
+    def.fwd[a++] = (ir_ref){IR_REF_ATTR, 0, 0, 0};
+    def.fwd[a++] = (ir_ref){IR_REF_ATTR, 1, 0, 0};
+    def.fwd[a++] = (ir_ref){IR_REF_INT, 0, k, 0};
+    for (int i = 0; i < COMM_MULTI_MAX; i++) {
+        def.fwd[a++] = (ir_ref){IR_REF_IN, i < k ? i : 0, 0, 0};
+        def.fwd[a++] = i < k ? (ir_ref){IR_REF_DIM, i, 0, 0} : (ir_ref){IR_REF_INT, 0, 0, 0};
+    }
+    def.nfwd = a;
+    return ir_def_add(g, &def);
+}
+
+static void emit_bucket(ir_graph *g, const int *vals, int k, int group, int bucket)
+{
+    ir_node n;
+    memset(&n, 0, sizeof n);
+    n.def = allreduce_def(g, k);
+    for (int i = 0; i < IR_MAX_PORTS; i++) {
+        n.inputs[i] = i < k ? vals[i] : -1;
+        n.outputs[i] = -1;
+        n.grads_in[i] = n.grads_out[i] = -1;
+    }
+    for (int i = 0; i < k; i++)
+        n.dims[i] = ir_value_numel(&g->values[vals[i]]);
+    n.attrs[0].i = group;
+    n.attrs[1].i = bucket;
+    n.phase = PLAN_PHASE_OPTIMIZER;
+    n.grad_of = -1;
+    n.loc = g->train_loc;
+    n.what = ir_strfmt(g, "all-reduce gradients, bucket %d (%s group, %d tensors)", bucket,
+                       comm_group_name(group), k);
+    ir_node_add(g, &n);
+}
+
+int pass_parallel(ir_graph *g, moec_error *err)
+{
+    int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;
+    int64_t ep = g->par_expert > 0 ? g->par_expert : 1;
+    if (ranks == 1)
+        return 0;
+    if (ranks % ep)   /* elaboration reports this with the source; never reached */
+        return perr(err, g->train_loc, "make expert divide ranks",
+                    "impossible layout: expert-parallel size does not divide the ranks");
+    if (ep > 1)
+        return perr(err, g->train_loc, "use parallel { expert = 1 } for now (data parallelism "
+                    "over every rank)", "expert parallelism (parallel { expert > 1 }) is not "
+                    "implemented yet");
+    if (g->par_zero != 0)
+        return perr(err, g->train_loc, "use parallel { zero = 0 } for now (plain data "
+                    "parallelism)", "ZeRO stages 1-3 are not implemented yet");
+    /* one pass per group so a bucket never mixes groups; forward param order
+     * keeps the op order, and so every rank's collective order, fixed */
+    int bucket = 0;
+    for (int group = COMM_GROUP_DP; group <= COMM_GROUP_EXPERT_DP; group += 2) {
+        int vals[COMM_MULTI_MAX], k = 0;
+        uint64_t bytes = 0;
+        for (int p = 0; p < g->nparams; p++) {
+            const ir_param *pp = &g->params[p];
+            if (pp->grad < 0 || pp->tied_to >= 0)
+                continue;
+            int want = pp->expert_axis >= 0 && ep > 1 ? COMM_GROUP_EXPERT_DP : COMM_GROUP_DP;
+            if (want != group)
+                continue;
+            const ir_value *v = &g->values[pp->grad];
+            if (v->dtype != PLAN_F32)
+                return perr(err, pp->loc, "report this bug", "a gradient is not fp32; the "
+                            "data-parallel all-reduce sums fp32 gradients");
+            uint64_t b = ir_value_bytes(v);
+            if (k == COMM_MULTI_MAX || (k > 0 && bytes + b > PARALLEL_BUCKET_BYTES)) {
+                emit_bucket(g, vals, k, group, bucket++);
+                k = 0;
+                bytes = 0;
+            }
+            vals[k++] = pp->grad;
+            bytes += b;
+        }
+        if (k)
+            emit_bucket(g, vals, k, group, bucket++);
+    }
+    return 0;
+}
+
+void parallel_explain(const ir_graph *g, FILE *out)
+{
+    int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;
+    int64_t ep = g->par_expert > 0 ? g->par_expert : 1;
+    int nb = 0;
+    for (int i = 0; i < g->nnodes; i++)
+        nb += g->nodes[i].def->lib && strcmp(g->nodes[i].def->lib, COMM_LIB) == 0;
+    fprintf(out, "process groups (%" PRId64 " ranks, expert %" PRId64 "):\n", ranks, ep);
+    comm_print_layout(ranks, ep, out);
+    fprintf(out, "  collectives per step: %d gradient all-reduce op%s\n", nb, nb == 1 ? "" : "s");
+}
