@@ -1,7 +1,7 @@
 /* main.c - moec: .moe source -> plan.bin.
  *
- *   elaborate -> pass_autodiff -> pass_optimizer -> pass_recompute -> pass_memplan
- *   -> pass_emit
+ *   elaborate -> the passes of moec_pipeline[] below (-O0/-O1/-O2 or --passes=
+ *   pick the optional ones) -> pass_emit
  *
  * Exit status: 0 ok, 1 the model has errors, 2 bad usage. */
 #include <limits.h>
@@ -13,6 +13,8 @@
 #include "ast.h"
 #include "diag.h"
 #include "elaborate.h"
+#include "dot.h"
+#include "explain.h"
 #include "passes.h"
 
 #define MOEC_VERSION "moec 0.1.0"
@@ -24,6 +26,13 @@ static void usage(FILE *out)
             "  -o PATH          write the plan to PATH (default plan.bin)\n"
             "  --explain        print parameters, FLOPs and memory per rank\n"
             "  --dump=ast|ir    print the syntax tree or the graph IR and stop\n"
+            "  --dot            print the final graph as Graphviz (dot -Tsvg) and stop\n"
+            "  --layout ranks=R,expert=E,zero=Z\n"
+            "                   with --explain: that parallel layout instead of parallel { }\n"
+            "  --after=PASS     with --dump=ir: print the IR right after PASS\n"
+            "  -O0 | -O1 | -O2  optimisation level (default -O2; docs/passes.md)\n"
+            "  --passes=A,B,..  run exactly these optional passes (cse, dce, schedule,\n"
+            "                   inplace); the required ones always run\n"
             "  -I DIR           add DIR to the import search path (repeatable)\n"
             "  --stdlib DIR     the standard library (default: <moec dir>/stdlib,\n"
             "                   then " "$PREFIX/share/moec/stdlib)\n"
@@ -68,20 +77,85 @@ static int report(diag_ctx *d, const moec_error *e)
 typedef struct moec_pass {
     const char *name;
     int (*run)(ir_graph *g, moec_error *err);
+    int level;   /* lowest -O level that runs it; 0: always (the plan needs it) */
 } moec_pass;
 
 static const moec_pass moec_pipeline[] = {
-    {"autodiff", pass_autodiff},
-    {"optimizer", pass_optimizer},
-    {"recompute", pass_recompute},
-    {"memplan", pass_memplan},
+    {"cse", pass_cse, 1},             /* before autodiff: one backward op per merged op */
+    {"autodiff", pass_autodiff, 0},
+    {"parallel", pass_parallel, 0},   /* before optimizer: its ops precede the norm */
+    {"optimizer", pass_optimizer, 0},
+    {"dce", pass_dce, 1},             /* after optimizer: every gradient reader is known */
+    {"recompute", pass_recompute, 0},
+    {"schedule", pass_schedule, 2},   /* after recompute, before memplan: the final order */
+    {"inplace", pass_inplace, 2},     /* after schedule: fixes which write comes last */
+    {"memplan", pass_memplan, 0},
 };
 
-static int run_pipeline(ir_graph *g, moec_error *err)
+#define MOEC_NPASSES ((int)(sizeof moec_pipeline / sizeof moec_pipeline[0]))
+
+/* Which passes run, and what to report on the way. */
+typedef struct moec_run {
+    bool on[MOEC_NPASSES];
+    int after;                  /* --after: stop after this pass (index), -1 = run all */
+    explain_pass_row *rows;     /* --explain: one row before the passes and one per pass */
+    int nrows;
+} moec_run;
+
+static int pass_index(const char *name)
 {
-    for (size_t i = 0; i < sizeof moec_pipeline / sizeof moec_pipeline[0]; i++)
+    for (int i = 0; i < MOEC_NPASSES; i++)
+        if (strcmp(moec_pipeline[i].name, name) == 0)
+            return i;
+    return -1;
+}
+
+/* "unknown pass `x` in --passes (did you mean `y`?)" plus the list. */
+static void unknown_pass(diag_ctx *d, const char *opt, const char *name)
+{
+    const char *names[MOEC_NPASSES];
+    char list[512] = "";
+    for (int i = 0; i < MOEC_NPASSES; i++) {
+        names[i] = moec_pipeline[i].name;
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "", names[i]);
+    }
+    const char *near = diag_closest(name, names, MOEC_NPASSES);
+    diag_plain(d, "unknown pass `%s` in %s%s%s%s; the passes are: %s", name, opt,
+               near ? " (did you mean `" : "", near ? near : "", near ? "`?)" : "", list);
+}
+
+/* --passes=a,b,c: the optional passes named run, others not.  0 or -1. */
+static int parse_passes(diag_ctx *d, const char *spec, moec_run *r)
+{
+    for (int i = 0; i < MOEC_NPASSES; i++)
+        r->on[i] = moec_pipeline[i].level == 0;
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", spec);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        int i = pass_index(tok);
+        if (i < 0) {
+            unknown_pass(d, "--passes", tok);
+            return -1;
+        }
+        r->on[i] = true;
+    }
+    return 0;
+}
+
+static int run_pipeline(ir_graph *g, moec_run *r, moec_error *err)
+{
+    if (r->rows)
+        explain_pass_fill(g, "(elaborated)", &r->rows[r->nrows++]);
+    for (int i = 0; i < MOEC_NPASSES; i++) {
+        if (!r->on[i])
+            continue;
         if (moec_pipeline[i].run(g, err))
             return -1;
+        if (r->rows)
+            explain_pass_fill(g, moec_pipeline[i].name, &r->rows[r->nrows++]);
+        if (i == r->after)
+            break;
+    }
     return 0;
 }
 
@@ -89,7 +163,12 @@ int main(int argc, char **argv)
 {
     const char *out_path = "plan.bin", *input = NULL, *dump = NULL, *stdlib = NULL;
     const char *inc[64];
-    int ninc = 0, explain = 0, max_errors = 20;
+    int ninc = 0, explain = 0, max_errors = 20, level = 2;
+    const char *passes = NULL, *after = NULL;
+    int dot = 0;
+    const char *layout = NULL;
+    explain_layout lay;
+    char lerr[256];
     diag_ctx *d = diag_new(stderr, 20);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -113,8 +192,23 @@ int main(int argc, char **argv)
             stdlib = argv[++i];
         } else if (strncmp(a, "--stdlib=", 9) == 0) {
             stdlib = a + 9;
+        } else if (strcmp(a, "-O0") == 0 || strcmp(a, "-O1") == 0 || strcmp(a, "-O2") == 0) {
+            level = a[2] - '0';
+        } else if (strncmp(a, "--passes=", 9) == 0) {
+            passes = a + 9;
+        } else if (strncmp(a, "--after=", 8) == 0) {
+            after = a + 8;
         } else if (strcmp(a, "--explain") == 0) {
             explain = 1;
+        } else if (strcmp(a, "--dot") == 0) {
+            dot = 1;
+        } else if ((strcmp(a, "--layout") == 0 && i + 1 < argc) || strncmp(a, "--layout=", 9) == 0) {
+            layout = a[8] == '=' ? a + 9 : argv[++i];
+            if (explain_layout_parse(layout, &lay, lerr, sizeof lerr)) {
+                diag_plain(d, "%s", lerr);
+                diag_free(d);
+                return 2;
+            }
         } else if (strncmp(a, "--dump=", 7) == 0 && (strcmp(a + 7, "ast") == 0 || strcmp(a + 7, "ir") == 0)) {
             dump = a + 7;
         } else if (strcmp(a, "--max-errors") == 0 && i + 1 < argc) {
@@ -141,6 +235,36 @@ int main(int argc, char **argv)
         usage(stderr);
         diag_free(d);
         return 2;
+    }
+    if ((layout && !explain) || (dot && (dump || explain))) {
+        diag_plain(d, layout && !explain ? "--layout goes with --explain (it changes only what --explain prints)"
+                                         : "--dot cannot be combined with --dump or --explain");
+        diag_free(d);
+        return 2;
+    }
+    moec_run prun;
+    memset(&prun, 0, sizeof prun);
+    prun.after = -1;
+    for (int i = 0; i < MOEC_NPASSES; i++)
+        prun.on[i] = moec_pipeline[i].level <= level;
+    if (passes && parse_passes(d, passes, &prun)) {
+        diag_free(d);
+        return 2;
+    }
+    if (after) {
+        prun.after = pass_index(after);
+        if (!dump || strcmp(dump, "ir") != 0) {
+            diag_plain(d, "--after=%s needs --dump=ir (it picks where the IR is printed)", after);
+        } else if (prun.after < 0) {
+            unknown_pass(d, "--after", after);
+        } else if (!prun.on[prun.after]) {
+            diag_plain(d, "pass `%s` does not run here (-O%d%s%s): --after names a pass that runs",
+                       after, level, passes ? ", --passes=" : "", passes ? passes : "");
+        }
+        if (diag_count(d)) {
+            diag_free(d);
+            return 2;
+        }
     }
     diag_free(d);
     d = diag_new(stderr, max_errors);
@@ -190,15 +314,23 @@ int main(int argc, char **argv)
     memset(&err, 0, sizeof err);
     if (!g) {
         rc = 1;
-    } else if (run_pipeline(g, &err) || (!dump && !explain && pass_emit(g, out_path, &err))) {
+    } else if ((prun.rows = explain ? calloc(MOEC_NPASSES + 1, sizeof *prun.rows) : NULL),
+               run_pipeline(g, &prun, &err) || (!dump && !explain && !dot && pass_emit(g, out_path, &err))) {
         rc = report(d, &err);
     } else if (dump) {
         ir_dump(g, stdout);
+    } else if (dot) {
+        dot_write(g, stdout);
+    } else if (layout && explain_layout_resolve(g, &lay, lerr, sizeof lerr)) {
+        diag_plain(d, "%s", lerr);   /* a usage error: the model itself is fine */
+        rc = 2;
     } else if (explain) {
-        explain_print(g, stdout);
+        explain_print_layout(g, layout ? &lay : NULL, stdout);
+        explain_pass_table(prun.rows, prun.nrows, stdout);
     }
     if (rc && diag_count(d))
         fprintf(stderr, "moec: %d error%s\n", diag_count(d), diag_count(d) == 1 ? "" : "s");
+    free(prun.rows);
     ir_graph_free(g);
     diag_free(d);
     return rc;

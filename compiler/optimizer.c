@@ -29,7 +29,12 @@ int pass_optimizer(ir_graph *g, moec_error *err)
     }
     bool sgd = g->train.optimizer == PLAN_OPT_SGD;
     int64_t nh = MOEK_HYPER_COUNT, one = 1;
-    int hyper = ir_value_add(g, "hyper", PLAN_F32, PLAN_ST_INPUT, 1, &nh);
+    int hyper = -1;   /* the model may already read it (hyper() in the language: router jitter) */
+    for (int v = 0; v < g->nvalues && hyper < 0; v++)
+        if (g->values[v].role == PLAN_ROLE_HYPER)
+            hyper = v;
+    if (hyper < 0)
+        hyper = ir_value_add(g, "hyper", PLAN_F32, PLAN_ST_INPUT, 1, &nh);
     g->values[hyper].role = PLAN_ROLE_HYPER;
     int norm = ir_value_add(g, "grad_norm_sq", PLAN_F32, PLAN_ST_ACT, 1, &one);
     g->values[norm].role = PLAN_ROLE_NORM_SQ;

@@ -1,0 +1,290 @@
+/* pass_schedule.c - order ops to lower the peak of live activation bytes.
+ *
+ * Within each phase (forward, backward, optimizer: the runtime runs them as
+ * blocks, forward + backward once per micro-step) the ops may run in any
+ * order their data allows.  Dependencies come from the values two ops
+ * touch: a reader after the writer before it, a writer after the readers
+ * and the writer before it (pass_util.h says which arguments a kernel
+ * writes).  Two reads of one value do not order anything.
+ *
+ * The list scheduler keeps the current order except where an op that is
+ * ready frees more activation bytes than it allocates: such an op runs at
+ * once (the one freeing most first); a second candidate always runs the
+ * ready op with the best balance of freed minus allocated bytes.  The main catch is autodiff's layout,
+ * which adds every weight gradient into its GRAD tensor at the very end of
+ * the backward pass: each d.<weight> would stay live through the whole
+ * backward pass; scheduled, each is accumulated and freed as soon as it is
+ * complete.  Recompute copies allocate, so they stay right before their
+ * first reader.  Each candidate order gets a trial memory plan; the one
+ * with the smallest act pool and peak of live bytes is kept, and the
+ * original order unless a candidate is better in one and no worse in the
+ * other; nothing any kernel computes changes, so loss and gradients are
+ * bit for bit those of the unscheduled plan
+ * (tests/unit/test_compiler_pass_schedule.c).
+ *
+ * Runs at -O2 after recompute and before in-place and memplan.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal_ops.h"
+#include "memplan.h"
+#include "pass_util.h"
+#include "passes.h"
+
+typedef struct sc_state {
+    ir_graph *g;
+    int *left;        /* per value: nodes not yet scheduled that touch it */
+    bool *touched;    /* per value: a scheduled node touched it */
+    int *indeg;       /* per node: unscheduled predecessors */
+    int *succ, *sbeg; /* per node: successors succ[sbeg[n] .. sbeg[n+1]) */
+} sc_state;
+
+/* Distinct values node ni touches, into vs (IR_MAX tensor args at most). */
+static int sc_values(const ir_graph *g, int ni, int *vs)
+{
+    int count, n = 0;
+    const ir_ref *t = iop_template(&g->nodes[ni], &count);
+    for (int a = 0; a < count; a++) {
+        int v = iop_ref_value(&g->nodes[ni], &t[a]);
+        if (v < 0 || v >= g->nvalues)
+            continue;
+        bool dup = false;
+        for (int k = 0; k < n; k++)
+            dup |= vs[k] == v;
+        if (!dup)
+            vs[n++] = v;
+    }
+    return n;
+}
+
+/* Bytes node ni frees (values it touches last) minus bytes it allocates
+ * (values it touches first), over plain activations. */
+static int64_t sc_net(const sc_state *s, int ni)
+{
+    int vs[PLAN_MAX_KERNEL_ARGS];
+    int n = sc_values(s->g, ni, vs);
+    int64_t net = 0;
+    for (int k = 0; k < n; k++) {
+        if (!pu_plain_act(s->g, vs[k]))
+            continue;
+        int64_t sz = (int64_t)memplan_size(&s->g->values[vs[k]]);
+        if (!s->touched[vs[k]])
+            net -= sz;
+        if (s->left[vs[k]] == 1)
+            net += sz;
+    }
+    return net;
+}
+
+/* Edges between nodes [lo, hi) from the values they touch. */
+static void sc_edges(sc_state *s, int lo, int hi)
+{
+    ir_graph *g = s->g;
+    int *lastw = malloc(sizeof(int) * ((size_t)g->nvalues + 1));
+    int *rbeg = calloc((size_t)g->nvalues + 1, sizeof(int));   /* readers since the last write */
+    int cap = 64, nedge = 0;
+    int *ea = malloc(sizeof(int) * (size_t)cap), *eb = malloc(sizeof(int) * (size_t)cap);
+    int **readers = calloc((size_t)g->nvalues + 1, sizeof(int *));
+    if (!lastw || !rbeg || !ea || !eb || !readers)
+        abort();   /* out of memory, as ir_alloc */
+    for (int v = 0; v < g->nvalues; v++)
+        lastw[v] = -1;
+#define SC_EDGE(a, b)                                                                  \
+    do {                                                                               \
+        if (nedge == cap) {                                                            \
+            cap *= 2;                                                                  \
+            ea = realloc(ea, sizeof(int) * (size_t)cap);                               \
+            eb = realloc(eb, sizeof(int) * (size_t)cap);                               \
+            if (!ea || !eb)                                                            \
+                abort();                                                               \
+        }                                                                              \
+        ea[nedge] = (a), eb[nedge] = (b), nedge++;                                     \
+    } while (0)
+    for (int ni = lo; ni < hi; ni++) {
+        const ir_node *n = &g->nodes[ni];
+        int count;
+        const ir_ref *t = iop_template(n, &count);
+        for (int a = 0; a < count; a++) {
+            int v = iop_ref_value(n, &t[a]);
+            if (v < 0 || v >= g->nvalues)
+                continue;
+            if (pu_reads(n, &t[a]) && lastw[v] >= 0 && lastw[v] != ni)
+                SC_EDGE(lastw[v], ni);
+            if (pu_writes(n, &t[a])) {
+                if (lastw[v] >= 0 && lastw[v] != ni)
+                    SC_EDGE(lastw[v], ni);
+                for (int k = 0; k < rbeg[v]; k++)
+                    if (readers[v][k] != ni)
+                        SC_EDGE(readers[v][k], ni);
+            }
+        }
+        for (int a = 0; a < count; a++) {
+            int v = iop_ref_value(n, &t[a]);
+            if (v < 0 || v >= g->nvalues)
+                continue;
+            if (pu_writes(n, &t[a])) {
+                lastw[v] = ni;
+                rbeg[v] = 0;
+            } else if (pu_reads(n, &t[a])) {
+                readers[v] = realloc(readers[v], sizeof(int) * ((size_t)rbeg[v] + 1));
+                if (!readers[v])
+                    abort();
+                readers[v][rbeg[v]++] = ni;
+            }
+        }
+    }
+#undef SC_EDGE
+    for (int k = 0; k < nedge; k++) {
+        s->sbeg[ea[k] + 1]++;
+        s->indeg[eb[k]]++;
+    }
+    for (int ni = lo; ni < hi; ni++)
+        s->sbeg[ni + 1] += s->sbeg[ni];
+    int *pos = malloc(sizeof(int) * ((size_t)g->nnodes + 1));
+    s->succ = malloc(sizeof(int) * ((size_t)nedge + 1));
+    if (!pos || !s->succ)
+        abort();
+    memcpy(pos, s->sbeg, sizeof(int) * ((size_t)g->nnodes + 1));
+    for (int k = 0; k < nedge; k++)
+        s->succ[pos[ea[k]]++] = eb[k];
+    free(pos);
+    for (int v = 0; v < g->nvalues; v++)
+        free(readers[v]);
+    free(readers), free(lastw), free(rbeg), free(ea), free(eb);
+}
+
+/* Schedules the nodes [lo, hi) of one phase into order (appended at *n).
+ * greedy 0: keep the order, but run at once any ready op that frees more
+ * than it allocates; greedy 1: always the ready op with the best balance. */
+static void sc_phase(sc_state *s, int lo, int hi, int *order, int *n, int greedy)
+{
+    memset(s->sbeg, 0, sizeof(int) * ((size_t)s->g->nnodes + 1));
+    sc_edges(s, lo, hi);
+    bool *done = calloc((size_t)(hi - lo) + 1, sizeof *done);
+    if (!done)
+        abort();
+    for (int step = lo; step < hi; step++) {
+        int pick = -1, first_ready = -1;
+        int64_t best = 0;
+        for (int ni = lo; ni < hi; ni++) {
+            if (done[ni - lo] || s->indeg[ni] > 0)
+                continue;
+            if (first_ready < 0)
+                first_ready = ni;
+            int64_t net = sc_net(s, ni);
+            if (net > best || (greedy && pick < 0)) {
+                best = net;
+                pick = ni;
+            }
+        }
+        if (pick < 0)
+            pick = first_ready;
+        done[pick - lo] = true;
+        order[(*n)++] = pick;
+        for (int k = s->sbeg[pick]; k < s->sbeg[pick + 1]; k++)
+            s->indeg[s->succ[k]]--;
+        int vs[PLAN_MAX_KERNEL_ARGS];
+        int nv = sc_values(s->g, pick, vs);
+        for (int k = 0; k < nv; k++) {
+            s->left[vs[k]]--;
+            s->touched[vs[k]] = true;
+        }
+    }
+    free(done);
+    free(s->succ);
+    s->succ = NULL;
+}
+
+/* One candidate order of all nodes, by the greedy rule. */
+static void sc_order(ir_graph *g, int greedy, int *order)
+{
+    sc_state s;
+    memset(&s, 0, sizeof s);
+    s.g = g;
+    s.left = calloc((size_t)g->nvalues + 1, sizeof *s.left);
+    s.touched = calloc((size_t)g->nvalues + 1, sizeof *s.touched);
+    s.indeg = calloc((size_t)g->nnodes + 1, sizeof *s.indeg);
+    s.sbeg = calloc((size_t)g->nnodes + 2, sizeof *s.sbeg);
+    if (!s.left || !s.touched || !s.indeg || !s.sbeg)
+        abort();   /* out of memory, as ir_alloc */
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        int vs[PLAN_MAX_KERNEL_ARGS];
+        int nv = sc_values(g, ni, vs);
+        for (int k = 0; k < nv; k++)
+            s.left[vs[k]]++;
+    }
+    int n = 0;
+    for (int lo = 0; lo < g->nnodes;) {
+        int hi = lo;
+        while (hi < g->nnodes && g->nodes[hi].phase == g->nodes[lo].phase)
+            hi++;
+        sc_phase(&s, lo, hi, order, &n, greedy);
+        lo = hi;
+    }
+    free(s.left), free(s.touched), free(s.indeg), free(s.sbeg);
+}
+
+/* What an order costs: the act pool a trial memory plan needs, then the
+ * peak of live bytes (the pool adds fragmentation to it). */
+typedef struct sc_cost {
+    int64_t pool;
+    uint64_t peak;
+} sc_cost;
+
+static sc_cost sc_measure(ir_graph *g)
+{
+    moec_error e;
+    sc_cost c = {INT64_MAX, pu_peak_bytes(g)};
+    if (pass_memplan(g, &e) == 0)
+        c.pool = g->pool_bytes[PLAN_ST_ACT];
+    return c;
+}
+
+static bool sc_better(sc_cost a, sc_cost b)
+{
+    return a.pool <= b.pool && a.peak <= b.peak && (a.pool < b.pool || a.peak < b.peak);
+}
+
+int pass_schedule(ir_graph *g, moec_error *err)
+{
+    (void)err;
+    /* the phases must be blocks in order; anything else is left as it is */
+    for (int ni = 1; ni < g->nnodes; ni++)
+        if (g->nodes[ni].phase < g->nodes[ni - 1].phase)
+            return 0;
+    int nnodes = g->nnodes;
+    int *order = malloc(sizeof(int) * ((size_t)nnodes + 1));
+    ir_node *orig = malloc(sizeof *orig * ((size_t)nnodes + 1));
+    ir_node *best = malloc(sizeof *best * ((size_t)nnodes + 1));
+    if (!order || !orig || !best)
+        abort();   /* out of memory, as ir_alloc */
+    memcpy(orig, g->nodes, sizeof *orig * (size_t)nnodes);
+    memcpy(best, orig, sizeof *orig * (size_t)nnodes);
+    sc_cost best_cost = sc_measure(g);
+    for (int greedy = 0; greedy <= 1; greedy++) {
+        memcpy(g->nodes, orig, sizeof *orig * (size_t)nnodes);
+        g->nnodes = nnodes;
+        sc_order(g, greedy, order);
+        pu_reorder(g, order, nnodes);
+        sc_cost c = sc_measure(g);
+        if (sc_better(c, best_cost)) {
+            best_cost = c;
+            memcpy(best, g->nodes, sizeof *best * (size_t)nnodes);
+        }
+    }
+    /* keep the best (possibly the original order); the trial plans are
+     * dropped, memplan runs again at the end of the pipeline */
+    memcpy(g->nodes, best, sizeof *best * (size_t)nnodes);
+    for (int k = 0; k < nnodes; k++)
+        order[k] = k;
+    pu_reorder(g, order, nnodes);
+    for (int v = 0; v < g->nvalues; v++) {
+        g->values[v].pool = -1;
+        g->values[v].offset = 0;
+    }
+    for (int s = 0; s < PLAN_ST_COUNT; s++)
+        g->pool_bytes[s] = 0;
+    free(order), free(orig), free(best);
+    return 0;
+}
