@@ -280,6 +280,8 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
         fprintf(out, "  %d%s %14.0f %13.0f %13.0f %13.0f%s%s\n", s, s == zero ? " *" : "  ",
                 pb, gb, sb, pb + gb + sb, s == zero ? "  <- zero in " : "", s == zero ? from : "");
     }
+    if (g->par_ranks > 1)
+        parallel_explain(g, out);   /* process groups and the collectives the plan runs */
 }
 
 /* ---- the per-pass table ------------------------------------------------ */

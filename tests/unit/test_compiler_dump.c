@@ -157,7 +157,7 @@ static void test_explain(void)
         "  total                         120\n",
         "  active per token               88",
         "  total                         600  (forward 200, backward 400)\n",
-        "  2 *            352           120           240           712  <- parallel { zero }\n",
+        "  2 *            352           120           240           712  <- zero in parallel { }\n",
         "  3              120           120           240           480\n",
         "  0              352           352           704          1408\n",
         "  1              352           352           240           944\n",
