@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 
 #include "ast.h"
+#include "internal_ops.h"   /* iop_half_suffix: the half dtypes' kernel families */
 
 #define EL_MAX_DEPTH 64
 #define EL_MAX_UNROLL 100000
@@ -76,12 +77,14 @@ typedef struct el_op {
     const ast_node *derived[IR_MAX_SYMS];   /* per dim symbol: expression, or NULL */
     bool saved[IR_MAX_PORTS];
     bool ok;
-    bool generic;                           /* some port is `float`: has a bf16 instance */
-    const ir_opdef *reg_bf16;               /* that instance, registered on first use */
+    bool generic;                           /* some port is `float`: has bf16/f16 instances */
+    const ir_opdef *reg_bf16, *reg_f16;     /* those instances, registered on first use */
     bool update;                            /* `phase = optimizer`: runs once per step, after
                                                the optimizer (e.g. a router bias step) */
     const ast_node *fwd16, *bwd16;          /* `forward_bf16`/`backward_bf16`: the bf16
                                                instance's calls when not `<symbol>_bf16` */
+    const ast_node *fwdh, *bwdh;            /* `forward_f16`/`backward_f16`, likewise; absent,
+                                               the bf16 calls with bf16 -> f16 in the symbol */
 } el_op;
 
 typedef struct el_decl {
@@ -118,7 +121,7 @@ typedef struct el {
     el_count *counts; int ncounts;            /* default-name counters per scope */
     const ast_node *stack[EL_MAX_DEPTH]; const ast_node *calls[EL_MAX_DEPTH]; int depth;
     const ast_file *main;
-    int compute;                              /* PLAN_F32 or PLAN_BF16: train { precision } */
+    int compute;                              /* PLAN_F32, PLAN_BF16 or PLAN_F16: train { precision } */
     ir_node *updates; int nupdates;           /* optimizer-phase calls, appended after the model */
 } el;
 
@@ -760,8 +763,8 @@ static bool el_bind_tensor(el *E, el_frame *scope, el_syms *s, const ast_node *s
         return false;
     const ir_value *v = &E->g->values[t];
     if (dt == EL_FLOAT) {
-        if (v->dtype != PLAN_F32 && v->dtype != PLAN_BF16) {
-            ERR(call->span, "token ids and expert indices are i32; `float` ports take f32 or bf16",
+        if (v->dtype != PLAN_F32 && !iop_half_suffix(v->dtype)) {
+            ERR(call->span, "token ids and expert indices are i32; `float` ports take f32, bf16 or f16",
                 "dtype mismatch in `%s`: `%s` must be a float tensor, got %s", callee, sig->name,
                 el_shape_str(E, t));
             if (el_origin(E, t).file)
@@ -784,6 +787,9 @@ static bool el_bind_tensor(el *E, el_frame *scope, el_syms *s, const ast_node *s
                          : dt == PLAN_F32 && v->dtype == PLAN_BF16
                              ? "precision = bf16 stores activations as bf16: declare the port `float` "
                                "(and give the op a <kernel>_bf16 variant) to accept them"
+                         : dt == PLAN_F32 && v->dtype == PLAN_F16
+                             ? "precision = fp16 stores activations as f16: declare the port `float` "
+                               "(and give the op a <kernel>_f16 variant) to accept them"
                              : NULL;
         ERR(call->span, hint,
             "dtype mismatch in `%s`: `%s` must be %s, got %s", callee, sig->name, ir_dtype_name(dt),
@@ -930,7 +936,7 @@ static bool el_bind_args(el *E, const ast_node *call, const char *callee, const 
 
 /* ------------------------------------------------------------ op calls */
 
-static const ir_opdef *el_bf16_def(el *E, el_op *op, const ast_node *call);
+static const ir_opdef *el_half_def(el *E, el_op *op, const ast_node *call, int dtype);
 
 static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call, ev *pos, int npos,
                      const ast_node **kwn, ev *kwv, int nkw)
@@ -1012,10 +1018,11 @@ static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call,
         }
         node.inputs[ii++] = args[i].t;
     }
-    /* `float` ports bound to bf16: the op's bf16 instance (`<kernel>_bf16`) */
+    /* `float` ports bound to bf16 or f16: the op's instance for that dtype
+     * (`<kernel>_bf16`, `<kernel>_f16`) */
     int fdt = s.float_dt ? s.float_dt - 1 : E->compute;
-    if (ok && op->generic && fdt == PLAN_BF16) {
-        node.def = el_bf16_def(E, (el_op *)op, call);
+    if (ok && op->generic && iop_half_suffix(fdt)) {
+        node.def = el_half_def(E, (el_op *)op, call, fdt);
         ok = node.def != NULL;
     }
     if (!ok) {
@@ -1696,6 +1703,16 @@ static const el_ksig *el_kernel_find(const char *sym)
     for (size_t k = 0; k < sizeof el_kernels / sizeof *el_kernels; k++)
         if (strcmp(el_kernels[k].sym, sym) == 0)
             return &el_kernels[k];
+    /* moek.h's fp16 section is the bf16 list with f16 storage: an `_f16`
+     * kernel has the signature of its `_bf16` twin (casts included) */
+    const char *h = strstr(sym, "_f16");
+    if (h && strlen(sym) < 96) {
+        char twin[112];
+        snprintf(twin, sizeof twin, "%.*s_bf16%s", (int)(h - sym), sym, h + 4);
+        for (size_t k = 0; k < sizeof el_kernels / sizeof *el_kernels; k++)
+            if (strcmp(el_kernels[k].sym, twin) == 0 && strstr(twin, "_bf16"))
+                return &el_kernels[k];
+    }
     return NULL;
 }
 
@@ -1960,14 +1977,15 @@ static void el_lower_op(el *E, el_op *op)
     const ast_node *fwd = NULL, *bwd = NULL, *phase = NULL;
     for (int i = 0; i < a->list3.n; i++) {
         const ast_node *e = a->list3.items[i];
-        static const char *const keys[] = {"forward", "backward", "phase", "forward_bf16", "backward_bf16"};
-        const ast_node **slots[] = {&fwd, &bwd, &phase, &op->fwd16, &op->bwd16};
+        static const char *const keys[] = {"forward", "backward", "phase", "forward_bf16", "backward_bf16",
+                                           "forward_f16", "backward_f16"};
+        const ast_node **slots[] = {&fwd, &bwd, &phase, &op->fwd16, &op->bwd16, &op->fwdh, &op->bwdh};
         const ast_node **slot = NULL;
-        for (int k = 0; k < 5; k++)
+        for (int k = 0; k < 7; k++)
             if (strcmp(e->name, keys[k]) == 0)
                 slot = slots[k];
         if (!slot) {
-            ERR(e->span, el_suggest_list(E, e->name, keys, 5), "unknown key `%s` in extern op `%s`", e->name, a->name);
+            ERR(e->span, el_suggest_list(E, e->name, keys, 7), "unknown key `%s` in extern op `%s`", e->name, a->name);
             continue;
         }
         if (*slot) {
@@ -2029,25 +2047,44 @@ static void el_lower_op(el *E, el_op *op)
     op->ok = op->reg != NULL;
 }
 
-/* The bf16 instance of a generic op: the same def calling `<symbol>_bf16`,
- * registered as "<name><bf16>" (no identifier can take that name).  NULL
- * after an error when the device library has no such kernel. */
-static const ir_opdef *el_bf16_def(el *E, el_op *op, const ast_node *call)
+/* `sym` with its first "bf16" written "f16": an explicit bf16 call's fp16
+ * twin (moek_cast_bf16_f32 -> moek_cast_f16_f32). */
+static const char *el_f16_twin(el *E, const char *sym)
 {
-    if (op->reg_bf16)
-        return op->reg_bf16;
+    const char *b = strstr(sym, "bf16");
+    return b ? el_fmt(E, "%.*s%s", (int)(b - sym), sym, b + 1) : sym;
+}
+
+/* The half instance of a generic op (dtype PLAN_BF16 or PLAN_F16): the same
+ * def calling `<symbol>_bf16` / `<symbol>_f16`, registered as
+ * "<name><bf16>" / "<name><f16>" (no identifier can take those names).  NULL
+ * after an error when the device library has no such kernel. */
+static const ir_opdef *el_half_def(el *E, el_op *op, const ast_node *call, int dtype)
+{
+    bool f16 = dtype == PLAN_F16;
+    const ir_opdef **reg = f16 ? &op->reg_f16 : &op->reg_bf16;
+    if (*reg)
+        return *reg;
+    const char *suffix = iop_half_suffix(dtype);
     ir_opdef d = op->def;
-    d.name = el_fmt(E, "%s<bf16>", op->def.name);
-    d.fwd_symbol = el_fmt(E, "%s_bf16", op->def.fwd_symbol);
+    d.name = el_fmt(E, "%s<%s>", op->def.name, suffix + 1);
+    d.fwd_symbol = el_fmt(E, "%s%s", op->def.fwd_symbol, suffix);
     if (op->def.bwd_symbol)
-        d.bwd_symbol = el_fmt(E, "%s_bf16", op->def.bwd_symbol);
-    /* explicit bf16 calls (a cast is not `<symbol>_bf16` of its fp32 copy) */
-    if (op->fwd16 && (op->fwd16->a->kind != AST_CALL ||
-                      !el_lower_call(E, op, op->fwd16->a, false, &d.fwd_symbol, d.fwd, &d.nfwd)))
+        d.bwd_symbol = el_fmt(E, "%s%s", op->def.bwd_symbol, suffix);
+    /* explicit half calls (a cast is not `<symbol>_bf16` of its fp32 copy);
+     * fp16 without its own falls back to the bf16 call's f16 twin */
+    const ast_node *fwd = f16 && op->fwdh ? op->fwdh : op->fwd16;
+    const ast_node *bwd = f16 && op->bwdh ? op->bwdh : op->bwd16;
+    if (fwd && (fwd->a->kind != AST_CALL ||
+                !el_lower_call(E, op, fwd->a, false, &d.fwd_symbol, d.fwd, &d.nfwd)))
         return NULL;
-    if (op->bwd16 && (op->bwd16->a->kind != AST_CALL || !d.bwd_symbol ||
-                      !el_lower_call(E, op, op->bwd16->a, true, &d.bwd_symbol, d.bwd, &d.nbwd)))
+    if (bwd && (bwd->a->kind != AST_CALL || !d.bwd_symbol ||
+                !el_lower_call(E, op, bwd->a, true, &d.bwd_symbol, d.bwd, &d.nbwd)))
         return NULL;
+    if (f16 && fwd && fwd == op->fwd16)
+        d.fwd_symbol = el_f16_twin(E, d.fwd_symbol);
+    if (f16 && bwd && bwd == op->bwd16)
+        d.bwd_symbol = el_f16_twin(E, d.bwd_symbol);
     const char *missing = NULL;
     if (!d.lib && !el_kernel_find(d.fwd_symbol))
         missing = d.fwd_symbol;
@@ -2055,7 +2092,8 @@ static const ir_opdef *el_bf16_def(el *E, el_op *op, const ast_node *call)
         missing = d.bwd_symbol;
     if (missing) {
         ERR(call->span, el_fmt(E, "declare the ports of `%s` f32, or use precision = fp32", op->def.name),
-            "op `%s` gets bf16 tensors but kernels/moek.h has no `%s`", op->def.name, missing);
+            "op `%s` gets %s tensors but kernels/moek.h has no `%s`", op->def.name, suffix + 1,
+            missing);
         ast_span at = op->ast->span;
         diag_note(E->d, at, "`%s` is declared here with `float` ports", op->def.name);
         return NULL;
@@ -2064,8 +2102,8 @@ static const ir_opdef *el_bf16_def(el *E, el_op *op, const ast_node *call)
     d.fwd_symbol = ir_strdup(E->g, d.fwd_symbol);
     if (d.bwd_symbol)
         d.bwd_symbol = ir_strdup(E->g, d.bwd_symbol);
-    op->reg_bf16 = ir_def_add(E->g, &d);
-    return op->reg_bf16;
+    *reg = ir_def_add(E->g, &d);
+    return *reg;
 }
 
 /* -------------------------------------------------------- train/parallel */
@@ -2161,6 +2199,57 @@ static void el_kwargs(el *E, const ast_node *call, const char *const *keys, int 
     }
 }
 
+/* train { loss_scale = dynamic | dynamic(initial = S0) | S, loss_scale_window = W }:
+ * fp16 only.  Dynamic (the default) starts at 65536 and doubles after W =
+ * 1000 overflow-free steps; a number is a static scale (window 0).  The
+ * runtime halves S on every overflow either way (docs/runtime.md). */
+static void el_loss_scale(el *E, const ast_node *tr, plan_train *t)
+{
+    const ast_node *ls = el_entry(tr, "loss_scale"), *win = el_entry(tr, "loss_scale_window");
+    t->loss_scale = 0.0f;
+    t->loss_scale_window = 0;
+    if (E->compute != PLAN_F16) {
+        const ast_node *e = ls ? ls : win;
+        if (e)
+            ERR(e->span, "loss scaling keeps fp16 gradients in range; fp32 and bf16 need none",
+                "`%s` is only meaningful with precision = fp16", e->name);
+        return;
+    }
+    t->loss_scale = 65536.0f;
+    t->loss_scale_window = 1000;
+    bool dynamic = true;
+    if (ls) {
+        const ast_node *x = ls->a;
+        const char *n = x->kind == AST_CALL || x->kind == AST_NAME ? x->name : NULL;
+        double d;
+        if (n && strcmp(n, "dynamic") == 0) {
+            if (x->kind == AST_CALL) {
+                static const char *const k[] = {"initial"};
+                const ast_node *v[1];
+                el_kwargs(E, x, k, 1, v);
+                if (v[0] && el_num_entry(E, v[0], 1, 1e38, false, &d))
+                    t->loss_scale = (float)d;
+            }
+        } else if (x->kind == AST_NAME || x->kind == AST_CALL) {
+            static const char *const k[] = {"dynamic"};
+            ERR(x->span, el_suggest_list(E, n, k, 1),
+                "unknown loss_scale `%s`: write dynamic, dynamic(initial = 65536) or a number", n);
+        } else if (el_num_entry(E, ls, 1, 1e38, false, &d)) {
+            t->loss_scale = (float)d;
+            t->loss_scale_window = 0;
+            dynamic = false;
+        }
+    }
+    if (win) {
+        double d;
+        if (!dynamic)
+            ERR(win->span, "write loss_scale = dynamic to let the scale grow again",
+                "`loss_scale_window` needs a dynamic loss scale; loss_scale is a fixed number here");
+        else if (el_num_entry(E, win, 1, 1e9, true, &d))
+            t->loss_scale_window = (uint32_t)d;
+    }
+}
+
 static void el_train(el *E, const ast_node *model_tokens_type)
 {
     plan_train *t = &E->g->train;
@@ -2169,7 +2258,7 @@ static void el_train(el *E, const ast_node *model_tokens_type)
         "batch", "seq", "grad_accum", "steps", "seed", "lr", "min_lr", "warmup", "schedule", "optimizer",
         "clip_grad", "eval_every", "eval_batches", "checkpoint_every", "log_every", "val_fraction", "data",
         "data_format", "device", "precision", "global_batch", "weight_decay", "recompute",
-        "freeze"};
+        "freeze", "loss_scale", "loss_scale_window"};
     el_check_keys(E, tr, "train", keys, (int)(sizeof keys / sizeof *keys));
     t->batch = 0;
     t->seq = 0;
@@ -2283,13 +2372,13 @@ static void el_train(el *E, const ast_node *model_tokens_type)
         if (n && strcmp(n, "bf16") == 0)
             E->compute = PLAN_BF16;
         else if (n && strcmp(n, "fp16") == 0)
-            ERR(e->a->span, "use precision = bf16 (same memory, no loss scaling) or fp32",
-                "precision `fp16` is not supported yet by this compiler");
+            E->compute = PLAN_F16;
         else if (!n || strcmp(n, "fp32") != 0)
             ERR(e->a->span, n ? el_suggest_list(E, n, p, 3) : NULL, "unknown precision%s%s%s", n ? " `" : "",
                 n ? n : "", n ? "`" : "");
     }
     t->precision = (uint32_t)E->compute;
+    el_loss_scale(E, tr, t);
     if ((e = el_entry(tr, "device"))) {
         const char *n = e->a->kind == AST_NAME || e->a->kind == AST_STRING ? e->a->name : NULL;
         static const char *const dv[] = {"cpu", "cuda"};
@@ -2553,7 +2642,8 @@ static void el_counts(el *E)
     int64_t layers = 0, width = 0;
     for (int i = 0; i < g->nnodes; i++)
         if (g->nodes[i].def->fwd_symbol && (strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd") == 0 ||
-                                             strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd_bf16") == 0)) {
+                                             strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd_bf16") == 0 ||
+                                             strcmp(g->nodes[i].def->fwd_symbol, "moek_attention_fwd_f16") == 0)) {
             layers++;
             width = g->values[g->nodes[i].inputs[0]].shape[2];
         }

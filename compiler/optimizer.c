@@ -7,9 +7,9 @@
  * param (each clips by that norm), then the gradients are zeroed for the
  * next step's accumulation.
  *
- * A bf16 param (precision = bf16) gets an fp32 master copy, an OPTSTATE
+ * A half param (precision = bf16 or fp16) gets an fp32 master copy, an OPTSTATE
  * value "<param>.master": the update runs on the master and rounds it into
- * the bf16 working copy (moek_adamw_bf16 / moek_sgd_bf16).  Its gradient is
+ * the half working copy (moek_adamw_bf16 / moek_sgd_bf16, or _f16).  Its gradient is
  * already fp32 (autodiff), so the norm and the zeroing are unchanged.
  */
 #include <string.h>
@@ -64,7 +64,7 @@ int pass_optimizer(ir_graph *g, moec_error *err)
             s1 = ir_value_add(g, ir_strfmt(g, "%s.adam_v", pv.name), PLAN_F32, PLAN_ST_OPTSTATE,
                               pv.ndim, pv.shape);
         int master = -1;
-        if (pv.dtype == PLAN_BF16)
+        if (iop_half_suffix(pv.dtype))
             master = ir_value_add(g, ir_strfmt(g, "%s.master", pv.name), PLAN_F32, PLAN_ST_OPTSTATE,
                                   pv.ndim, pv.shape);
         ir_param *pp = &g->params[p];
@@ -73,11 +73,11 @@ int pass_optimizer(ir_graph *g, moec_error *err)
         pp->master = master;
         if (master >= 0 && sgd) {
             int ins[6] = {pp->value, master, pp->grad, s0, hyper, norm};
-            iop_node(g, IOP_SGD_BF16, ins, NULL, n, wd, PLAN_PHASE_OPTIMIZER, pp->loc,
+            iop_node(g, iop_for_dtype(IOP_SGD, pv.dtype), ins, NULL, n, wd, PLAN_PHASE_OPTIMIZER, pp->loc,
                      ir_strfmt(g, "sgd %s", pv.name));
         } else if (master >= 0) {
             int ins[7] = {pp->value, master, pp->grad, s0, s1, hyper, norm};
-            iop_node(g, IOP_ADAMW_BF16, ins, NULL, n, wd, PLAN_PHASE_OPTIMIZER, pp->loc,
+            iop_node(g, iop_for_dtype(IOP_ADAMW, pv.dtype), ins, NULL, n, wd, PLAN_PHASE_OPTIMIZER, pp->loc,
                      ir_strfmt(g, "adamw %s", pv.name));
         } else if (sgd) {
             int ins[5] = {pp->value, pp->grad, s0, hyper, norm};

@@ -46,6 +46,8 @@ enum plan_role {
     PLAN_ROLE_LOGITS = 6,     /* f32 [B*T, V]: kept alive for sampling */
     PLAN_ROLE_NORM_SQ = 7,    /* f32 [1]: global grad norm squared */
     PLAN_ROLE_METRIC = 8,     /* f32 [1]: a named scalar logged every step (aux losses) */
+    PLAN_ROLE_EXPERT_LOAD = 9,/* f32 [E+1]: slots routed to each expert, then dropped slots;
+                                 named "<layer>.load", read by the runtime for statistics */
 };
 
 enum plan_arg_kind { PLAN_ARG_TENSOR = 0, PLAN_ARG_I64 = 1, PLAN_ARG_F32 = 2, PLAN_ARG_F64 = 3 };
@@ -157,12 +159,16 @@ typedef struct plan_train {
     uint32_t device;                  /* 0 cpu, 1 cuda: default from parallel{}/train{} */
     uint64_t flops_per_token;         /* 6N + 6LCT, active params only */
     uint64_t param_count, active_param_count;
-    uint32_t precision;               /* enum plan_dtype of activations: PLAN_F32 or PLAN_BF16 */
+    uint32_t precision;               /* enum plan_dtype of activations: PLAN_F32, PLAN_BF16 or
+                                         PLAN_F16 */
     uint32_t pad0;
     uint64_t workspace_bytes;         /* kernel workspace the plan needs (CPU bf16 widening) */
     int64_t par_ranks;                /* parallel { ranks }: the world size the plan was made for */
     int64_t par_expert;               /* parallel { expert }: expert-parallel group size */
     int64_t par_zero;                 /* parallel { zero }: ZeRO stage 0-3 */
+    float loss_scale;                 /* precision = fp16: the initial loss scale S (> 0);
+                                         0 for f32 and bf16 (no loss scaling) */
+    uint32_t loss_scale_window;       /* fp16: good steps before S doubles; 0 = a static S */
 } plan_train;
 
 /* The file: plan_header, plan_train, then the sections. */

@@ -42,8 +42,8 @@ const char *plan_storage_name(uint32_t st)
 const char *plan_role_name(uint32_t role)
 {
     static const char *const n[] = {"", "tokens", "targets", "hyper", "loss_seed",
-                                    "loss", "logits", "norm_sq", "metric"};
-    return role <= PLAN_ROLE_METRIC ? n[role] : "?";
+                                    "loss", "logits", "norm_sq", "metric", "expert_load"};
+    return role <= PLAN_ROLE_EXPERT_LOAD ? n[role] : "?";
 }
 
 const char *plan_phase_name(uint32_t phase)
@@ -216,9 +216,14 @@ static int check_train(const plan_file *pf, char *err, size_t errlen)
         return fail(err, errlen, "corrupt: unknown data format %u; " RECOMPILE, t->data_format);
     if (t->device > 1)
         return fail(err, errlen, "corrupt: unknown device %u; " RECOMPILE, t->device);
-    if (t->precision != PLAN_F32 && t->precision != PLAN_BF16)
-        return fail(err, errlen, "corrupt: train.precision %u is neither f32 nor bf16; " RECOMPILE,
-                    t->precision);
+    if (t->precision != PLAN_F32 && t->precision != PLAN_BF16 && t->precision != PLAN_F16)
+        return fail(err, errlen, "corrupt: train.precision %u is neither f32 nor bf16 nor f16; "
+                    RECOMPILE, t->precision);
+    /* fp16 needs a loss scale (>= 1); the others must not have one */
+    if (t->precision == PLAN_F16 ? !(t->loss_scale >= 1.0f && isfinite(t->loss_scale))
+                                 : (t->loss_scale != 0.0f || t->loss_scale_window != 0))
+        return fail(err, errlen, "corrupt: train.loss_scale %g does not fit precision %u; "
+                    RECOMPILE, (double)t->loss_scale, t->precision);
     if (t->workspace_bytes > (1ull << 40))
         return fail(err, errlen, "corrupt: train.workspace_bytes %llu implausibly large; " RECOMPILE,
                     (unsigned long long)t->workspace_bytes);
@@ -245,7 +250,7 @@ static int check_tensor(const plan_file *pf, uint64_t i, const plan_tensor *t, c
         TFAIL("unknown dtype %u", t->dtype);
     if (t->storage >= PLAN_ST_COUNT)
         TFAIL("unknown storage class %u", t->storage);
-    if (t->role > PLAN_ROLE_METRIC)
+    if (t->role > PLAN_ROLE_EXPERT_LOAD)
         TFAIL("unknown role %u", t->role);
     if (t->ndim > PLAN_MAX_DIMS)
         TFAIL("%u dimensions (at most %d)", t->ndim, PLAN_MAX_DIMS);
@@ -283,11 +288,16 @@ static int check_tensor(const plan_file *pf, uint64_t i, const plan_tensor *t, c
         if (t->dtype != PLAN_F32 || numel != 1)
             TFAIL("role %s must be one f32", plan_role_name(t->role));
         break;
+    case PLAN_ROLE_EXPERT_LOAD:
+        /* [E+1]: per-expert slot counts, then the dropped slots */
+        if (t->dtype != PLAN_F32 || t->ndim != 1 || numel < 2 || t->storage != PLAN_ST_ACT)
+            TFAIL("role expert_load must be an f32 [experts + 1] activation");
+        break;
     case PLAN_ROLE_LOGITS:
         /* [B*T, V] or [B, T, V]: rows of vocab logits, one per position (bf16 plans: bf16) */
-        if ((t->dtype != PLAN_F32 && t->dtype != PLAN_BF16) || t->ndim < 1 || t->shape[t->ndim - 1] != pf->train->vocab ||
+        if ((t->dtype != PLAN_F32 && t->dtype != PLAN_BF16 && t->dtype != PLAN_F16) || t->ndim < 1 || t->shape[t->ndim - 1] != pf->train->vocab ||
             numel != (uint64_t)(pf->train->batch * pf->train->seq) * (uint64_t)pf->train->vocab)
-            TFAIL("role logits must be f32 with batch*seq rows of vocab = %lld (or bf16)",
+            TFAIL("role logits must be f32 with batch*seq rows of vocab = %lld (or bf16/f16)",
                   (long long)pf->train->vocab);
         break;
     default:
@@ -339,12 +349,12 @@ static int check_body(plan_file *pf, char *err, size_t errlen)
                         (unsigned long long)i, plan_str(pf, p->name),
                         (unsigned long long)p->bytes);
     }
-    int nrole[PLAN_ROLE_METRIC + 1] = {0};
+    int nrole[PLAN_ROLE_EXPERT_LOAD + 1] = {0};
     for (uint64_t i = 0; i < pf->ntensors; i++) {
         if (check_tensor(pf, i, &pf->tensors[i], err, errlen))
             return -1;
         uint32_t r = pf->tensors[i].role;
-        if (r != PLAN_ROLE_NONE && r != PLAN_ROLE_METRIC && nrole[r]++)
+        if (r != PLAN_ROLE_NONE && r != PLAN_ROLE_METRIC && r != PLAN_ROLE_EXPERT_LOAD && nrole[r]++)
             return fail(err, errlen, "corrupt: more than one tensor has role %s; " RECOMPILE,
                         plan_role_name(r));
     }
@@ -429,11 +439,12 @@ static int check_body(plan_file *pf, char *err, size_t errlen)
         if (p->state1 >= 0 &&
             check_param_ref(pf, i, p->state1, PLAN_ST_OPTSTATE, "state1", t, err, errlen))
             return -1;
-        /* master: -1, or the fp32 OPTSTATE master copy of a bf16 param */
+        /* master: -1, or the fp32 OPTSTATE master copy of a bf16/f16 param */
+        int half = t->dtype == PLAN_BF16 || t->dtype == PLAN_F16;
         if (p->master >= 0) {
-            if (t->dtype != PLAN_BF16)
+            if (!half)
                 return fail(err, errlen, "corrupt: param %llu '%s' is %s but has a master copy; "
-                            "only bf16 params have one; " RECOMPILE, (unsigned long long)i,
+                            "only bf16 params have one (and f16); " RECOMPILE, (unsigned long long)i,
                             plan_str(pf, t->name), plan_dtype_name(t->dtype));
             if (check_param_ref(pf, i, p->master, PLAN_ST_OPTSTATE, "master", t, err, errlen))
                 return -1;
@@ -442,9 +453,10 @@ static int check_body(plan_file *pf, char *err, size_t errlen)
                             "not f32; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name),
                             plan_str(pf, pf->tensors[p->master].name),
                             plan_dtype_name(pf->tensors[p->master].dtype));
-        } else if (t->dtype == PLAN_BF16 && p->grad >= 0) {
-            return fail(err, errlen, "corrupt: trained bf16 param %llu '%s' has no fp32 master "
-                        "copy; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name));
+        } else if (half && p->grad >= 0) {
+            return fail(err, errlen, "corrupt: trained %s param %llu '%s' has no fp32 master "
+                        "copy; " RECOMPILE, plan_dtype_name(t->dtype), (unsigned long long)i,
+                        plan_str(pf, t->name));
         }
         if (p->grad < -1 || p->state0 < -1 || p->state1 < -1 || p->master < -1)
             return fail(err, errlen, "corrupt: param %llu '%s' has a negative index other than "
@@ -455,8 +467,8 @@ static int check_body(plan_file *pf, char *err, size_t errlen)
         if (!isfinite(p->init_std) || p->init_std < 0 || !isfinite(p->weight_decay))
             return fail(err, errlen, "corrupt: param %llu '%s' has a bad init_std or "
                         "weight_decay; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name));
-        if (p->init != PLAN_INIT_NONE && t->dtype != PLAN_F32 && t->dtype != PLAN_BF16)
-            return fail(err, errlen, "corrupt: param %llu '%s' is %s; only f32 and bf16 params "
+        if (p->init != PLAN_INIT_NONE && t->dtype != PLAN_F32 && !half)
+            return fail(err, errlen, "corrupt: param %llu '%s' is %s; only f32, bf16 and f16 params "
                         "can be initialised; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name),
                         plan_dtype_name(t->dtype));
     }

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "comm.h"
 #include "data.h"
 #include "rng.h"
 
@@ -79,8 +80,10 @@ int train_data_path(const plan_file *pf, const char *opt, const char *exe_dir, c
         snprintf(out, n, "%s", p);
         return 0;
     }
-    const char *cands[] = {"%s/build/data/default.txt", "%s/../share/moec/default.txt"};
-    for (int i = 0; i < 2; i++) {
+    /* next to a top-level run, inside a build folder, or installed */
+    const char *cands[] = {"%s/build/data/default.txt", "%s/data/default.txt",
+                           "%s/../share/moec/default.txt"};
+    for (int i = 0; i < 3; i++) {
         snprintf(out, n, cands[i], exe_dir && *exe_dir ? exe_dir : ".");
         if (access(out, R_OK) == 0)
             return 0;
@@ -100,6 +103,7 @@ typedef struct roles {
     int64_t tokens, targets, hyper, seed, loss, norm, logits;
     int64_t *metric;
     int nmetric;
+    int64_t shard, nshards;   /* data parallelism: this rank's share of each batch */
 } roles;
 
 static int find_roles(const plan_file *pf, roles *r)
@@ -113,6 +117,8 @@ static int find_roles(const plan_file *pf, roles *r)
     r->logits = plan_find_role(pf, PLAN_ROLE_LOGITS);
     r->metric = calloc(pf->ntensors + 1, sizeof *r->metric);
     r->nmetric = 0;
+    r->shard = 0;
+    r->nshards = 1;
     if (!r->metric)
         return -1;
     for (uint64_t i = 0; i < pf->ntensors; i++)
@@ -128,7 +134,8 @@ static int micro_step(exec_state *ex, const roles *r, const data_file *d, int sp
 {
     const plan_train *t = ex->pf->train;
     uint64_t bytes = (uint64_t)(t->batch * t->seq) * 4;
-    if (data_batch(d, split, g, t->batch, t->seq, t->vocab, tok, tgt, err, errlen) ||
+    if (data_batch_shard(d, split, g, t->batch, t->seq, t->vocab, r->shard, r->nshards, tok, tgt,
+                         err, errlen) ||
         exec_write(ex, (uint64_t)r->tokens, 0, tok, bytes, err, errlen) ||
         exec_write(ex, (uint64_t)r->targets, 0, tgt, bytes, err, errlen) ||
         exec_run(ex, PLAN_PHASE_FORWARD, backward ? PLAN_PHASE_BACKWARD : PLAN_PHASE_FORWARD,
@@ -158,7 +165,10 @@ static int evaluate(exec_state *ex, const roles *r, const data_file *d, int32_t 
             return -1;
         sum += l;
     }
-    *out = sum / (double)t->eval_batches;
+    /* each rank evaluated its share of every batch: the mean over ranks */
+    if (comm_allreduce_host(ex->ctx.comm, &sum, 1, COMM_GROUP_DP, "validation loss", err, errlen))
+        return -1;
+    *out = sum / (double)r->nshards / (double)t->eval_batches;
     return 0;
 }
 
@@ -166,6 +176,8 @@ static int save(exec_state *ex, const char *path, int64_t step, const rng *g, ch
                 size_t errlen)
 {
     const plan_file *pf = ex->pf;
+    if (comm_rank(ex->ctx.comm) != 0)
+        return 0;   /* data parallelism: every rank holds the same state; rank 0 writes it */
     ckpt_meta m[5];
     memset(m, 0, sizeof m);
     snprintf(m[0].key, sizeof m[0].key, "format");
@@ -288,6 +300,169 @@ static int trace_step(trace *tr, int64_t step, double loss, float lr, double nor
     return 0;
 }
 
+/* ---- expert load statistics (issue 4; docs/moe.md) ---------------------
+ * Each MoE layer's PLAN_ROLE_EXPERT_LOAD tensor "<layer>.load" holds, for
+ * the last micro-batch run, the slots routed to each of its E experts and
+ * then the slots dropped by capacity: float[E + 1]. */
+typedef struct load_sum {
+    double min, mean, max, cv, dropped_share;
+    int64_t dead, experts;
+} load_sum;
+
+static load_sum load_summary(const float *c, int64_t n)
+{
+    load_sum s = {.experts = n - 1, .min = c[0], .max = c[0]};
+    double sum = 0, sq = 0;
+    for (int64_t e = 0; e < n - 1; e++) {
+        sum += c[e];
+        s.min = c[e] < s.min ? c[e] : s.min;
+        s.max = c[e] > s.max ? c[e] : s.max;
+        s.dead += c[e] == 0;
+    }
+    s.mean = sum / (double)(n - 1);
+    for (int64_t e = 0; e < n - 1; e++)
+        sq += (c[e] - s.mean) * (c[e] - s.mean);
+    s.cv = s.mean > 0 ? sqrt(sq / (double)(n - 1)) / s.mean : 0.0;
+    s.dropped_share = sum > 0 ? c[n - 1] / sum : 0.0;
+    return s;
+}
+
+/* Reads every load tensor into one array (NULL when the plan has none). */
+static int loads_read(exec_state *ex, float **out, char *err, size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    uint64_t total = 0;
+    *out = NULL;
+    for (uint64_t i = 0; i < pf->ntensors; i++)
+        if (pf->tensors[i].role == PLAN_ROLE_EXPERT_LOAD)
+            total += (uint64_t)pf->tensors[i].shape[0];
+    if (!total)
+        return 0;
+    float *buf = malloc(total * 4);
+    if (!buf)
+        return fail(err, errlen, "out of memory");
+    uint64_t at = 0;
+    for (uint64_t i = 0; i < pf->ntensors; i++) {
+        const plan_tensor *t = &pf->tensors[i];
+        if (t->role != PLAN_ROLE_EXPERT_LOAD)
+            continue;
+        if (exec_read(ex, i, 0, buf + at, t->bytes, err, errlen)) {
+            free(buf);
+            return -1;
+        }
+        at += (uint64_t)t->shape[0];
+    }
+    *out = buf;
+    return 0;
+}
+
+/* One line per MoE layer: tokens per expert min/mean/max, coefficient of
+ * variation, dead experts, dropped share; `all` adds every count. */
+static void loads_print(const plan_file *pf, const float *buf, int all, FILE *out)
+{
+    uint64_t at = 0;
+    for (uint64_t i = 0; buf && i < pf->ntensors; i++) {
+        const plan_tensor *t = &pf->tensors[i];
+        if (t->role != PLAN_ROLE_EXPERT_LOAD)
+            continue;
+        const float *c = buf + at;
+        load_sum s = load_summary(c, t->shape[0]);
+        fprintf(out, "  %s | tokens/expert min %.0f mean %.1f max %.0f | cv %.2f | dead %lld/%lld | "
+                "dropped %.1f%%\n", plan_str(pf, t->name), s.min, s.mean, s.max, s.cv,
+                (long long)s.dead, (long long)s.experts, 100.0 * s.dropped_share);
+        if (all) {
+            fprintf(out, "   ");
+            for (int64_t e = 0; e < s.experts; e++)
+                fprintf(out, " %lld:%.0f", (long long)e, c[e]);
+            fprintf(out, " dropped:%.0f\n", c[s.experts]);
+        }
+        at += (uint64_t)t->shape[0];
+    }
+}
+
+/* ,"routing":{"<layer>":{"load":[...],"min":..,...},...} for the JSONL. */
+static void loads_json(const plan_file *pf, const float *buf, FILE *mf)
+{
+    uint64_t at = 0;
+    int first = 1;
+    for (uint64_t i = 0; buf && i < pf->ntensors; i++) {
+        const plan_tensor *t = &pf->tensors[i];
+        if (t->role != PLAN_ROLE_EXPERT_LOAD)
+            continue;
+        const float *c = buf + at;
+        load_sum s = load_summary(c, t->shape[0]);
+        char layer[512];
+        snprintf(layer, sizeof layer, "%s", plan_str(pf, t->name));
+        size_t n = strlen(layer);
+        if (n > 5 && strcmp(layer + n - 5, ".load") == 0)
+            layer[n - 5] = '\0';
+        fputs(first ? ",\"routing\":{" : ",", mf);
+        first = 0;
+        json_name(mf, layer);
+        fputs(":{\"load\":[", mf);
+        for (int64_t e = 0; e < s.experts; e++)
+            fprintf(mf, "%s%.0f", e ? "," : "", c[e]);
+        fprintf(mf, "],\"min\":%.0f,\"mean\":%.6g,\"max\":%.0f,\"cv\":%.6g,\"dead\":%lld,"
+                "\"dropped\":%.0f,\"dropped_share\":%.6g}", s.min, s.mean, s.max, s.cv,
+                (long long)s.dead, c[s.experts], s.dropped_share);
+        at += (uint64_t)t->shape[0];
+    }
+    if (!first)
+        fputc('}', mf);
+}
+
+int train_routing_stats(exec_state *ex, const train_opts *o, FILE *out, char *err, size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    const plan_train *t = pf->train;
+    roles r;
+    data_file d = {0};
+    int32_t *tok = NULL, *tgt = NULL;
+    float *loads = NULL;
+    int rc = -1;
+    char path[4096];
+    if (find_roles(pf, &r))
+        return fail(err, errlen, "out of memory");
+    if (plan_find_role(pf, PLAN_ROLE_EXPERT_LOAD) < 0) {
+        fail(err, errlen, "the plan has no MoE layer (no expert_load tensor); nothing to count");
+        goto out;
+    }
+    ckpt_meta m[16];
+    int nm = 0;
+    const char *w = o->resume_path ? o->resume_path : o->init_from;
+    if (train_init_params(ex, err, errlen) ||
+        (w && ckpt_load(ex, w, CKPT_WEIGHTS, m, 16, &nm, err, errlen)) ||
+        train_data_path(pf, o->data_path, o->exe_dir, path, sizeof path, err, errlen) ||
+        data_open(&d, path, t->data_format, t->val_fraction, err, errlen))
+        goto out;
+    tok = malloc((size_t)(t->batch * t->seq) * 4);
+    tgt = malloc((size_t)(t->batch * t->seq) * 4);
+    if (!tok || !tgt) {
+        fail(err, errlen, "out of memory");
+        goto out;
+    }
+    float hyper[MOEK_HYPER_COUNT] = {0};
+    hyper[MOEK_HYPER_STEP] = 1;
+    rng g = rng_seeded((uint64_t)t->seed, "data");
+    float loss;
+    if ((r.hyper >= 0 && exec_write(ex, (uint64_t)r.hyper, 0, hyper, sizeof hyper, err, errlen)) ||
+        micro_step(ex, &r, &d, DATA_TRAIN, &g, tok, tgt, 0, &loss, NULL, err, errlen) ||
+        exec_check(ex, "routing stats", PLAN_PHASE_FORWARD, PLAN_PHASE_FORWARD, err, errlen) ||
+        loads_read(ex, &loads, err, errlen))
+        goto out;
+    fprintf(out, "routing of one batch (%lld tokens, weights %s): loss %.4f\n",
+            (long long)(t->batch * t->seq), w ? w : "initial", loss);
+    loads_print(pf, loads, 1, out);
+    rc = 0;
+out:
+    free(loads);
+    free(tok);
+    free(tgt);
+    free(r.metric);
+    data_close(&d);
+    return rc;
+}
+
 int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
 {
     return train_run_trace(ex, o, NULL, err, errlen);
@@ -308,6 +483,8 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
     char path[4096];
     if (find_roles(pf, &r))
         return fail(err, errlen, "out of memory");
+    r.shard = comm_rank(ex->ctx.comm);
+    r.nshards = comm_world(ex->ctx.comm);
     if (train_data_path(pf, o->data_path, o->exe_dir, path, sizeof path, err, errlen) ||
         data_open(&d, path, t->data_format, t->val_fraction, err, errlen))
         goto out;
@@ -379,7 +556,8 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
         hyper[MOEK_HYPER_MAX_NORM] = t->clip_grad;
         hyper[MOEK_HYPER_MOMENTUM] = t->momentum;
         hyper[MOEK_HYPER_STEP] = (float)step;   /* exact below 2^24 steps */
-        float seed = (float)(1.0 / (double)t->grad_accum);
+        /* the all-reduced gradient is then the mean over every rank's micro-batches */
+        float seed = (float)(1.0 / (double)(t->grad_accum * r.nshards));
         if ((r.hyper >= 0 && exec_write(ex, (uint64_t)r.hyper, 0, hyper, sizeof hyper, err, errlen)) ||
             (r.seed >= 0 && exec_write(ex, (uint64_t)r.seed, 0, &seed, 4, err, errlen)))
             goto out;
@@ -394,6 +572,16 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
                 (tr.batches && trace_batch(&tr, tok, tgt, (size_t)(t->batch * t->seq), err, errlen)))
                 goto out;
             loss += l;
+        }
+        if (r.nshards > 1) {
+            /* every rank logs and checks the same global loss, so all agree to stop */
+            metrics[r.nmetric] = loss;
+            if (comm_allreduce_host(ex->ctx.comm, metrics, r.nmetric + 1, COMM_GROUP_DP,
+                                    "loss and metrics", err, errlen))
+                goto out;
+            loss = metrics[r.nmetric] / (double)r.nshards;
+            for (int m = 0; m < r.nmetric; m++)
+                metrics[m] /= (double)r.nshards;
         }
         loss /= (double)t->grad_accum;
         if (!isfinite(loss)) {
@@ -420,9 +608,12 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
         if (tr.log && trace_step(&tr, step, loss, hyper[MOEK_HYPER_LR], norm, err, errlen))
             goto out;
         double te = now_s(), ms = (te - ts) * 1e3;
-        double tps = (double)(t->batch * t->seq * t->grad_accum) / (te - ts);
+        double tps = (double)(t->batch * t->seq * t->grad_accum * r.nshards) / (te - ts);
         char eta[32];
         fmt_eta((te - t0) / (double)(step - start) * (double)(total - step), eta, sizeof eta);
+        float *loads = NULL;   /* this step's routing, read before evaluation reruns the model */
+        if (loads_read(ex, &loads, err, errlen))
+            goto out;
         if (o->out && (t->log_every <= 1 || step % t->log_every == 0 || step == total)) {
             fprintf(o->out, "step %lld/%lld | loss %.4f | lr %.2e | norm %.2f | %.1fk tok/s | "
                     "%.1f ms | eta %s", (long long)step, (long long)total, loss,
@@ -431,12 +622,15 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
                 fprintf(o->out, " | %s %.4f", plan_str(pf, pf->tensors[r.metric[m]].name),
                         metrics[m] / (double)t->grad_accum);
             fprintf(o->out, "\n");
+            loads_print(pf, loads, 0, o->out);
             fflush(o->out);
         }
         double val = NAN;
         if (can_eval && (step % t->eval_every == 0 || step == total)) {
-            if (evaluate(ex, &r, &d, tok, tgt, &val, err, errlen))
+            if (evaluate(ex, &r, &d, tok, tgt, &val, err, errlen)) {
+                free(loads);
                 goto out;
+            }
             if (o->out)
                 fprintf(o->out, "eval step %lld | val loss %.4f\n", (long long)step, val);
         }
@@ -451,9 +645,11 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
             }
             if (isfinite(val))
                 fprintf(mf, ",\"val_loss\":%.9g", val);
+            loads_json(pf, loads, mf);
             fprintf(mf, "}\n");
             fflush(mf);
         }
+        free(loads);
         int stop = o->stop && *o->stop;
         if (o->ckpt_path && !stop && step != total && t->checkpoint_every > 0 &&
             step % t->checkpoint_every == 0 && save(ex, o->ckpt_path, step, &g, err, errlen))

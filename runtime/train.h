@@ -47,5 +47,8 @@ int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen);
 int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, char *err,
                     size_t errlen);
 int train_sample(exec_state *ex, const sample_opts *o, FILE *out, char *err, size_t errlen);
+/* --routing-stats: one forward pass on a training batch (initial weights, or
+ * o->resume_path / o->init_from), then each MoE layer's per-expert counts. */
+int train_routing_stats(exec_state *ex, const train_opts *o, FILE *out, char *err, size_t errlen);
 
 #endif

@@ -28,6 +28,36 @@ sed 's/balance = 0.01, name = "")/balance = 0.01, capacity = 1.0, zloss = 0.001,
     "$ROOT/examples/tiny_moe.moe" > "$TMP/moe_cap.moe"
 grep -q 'grad_accum = 2' "$TMP/dense_accum.moe" || fail parity.variants "tiny_dense.moe changed: the grad_accum edit did not apply"
 grep -q 'capacity = 1.0' "$TMP/moe_cap.moe" || fail parity.variants "tiny_moe.moe changed: the capacity edit did not apply"
+# stdlib/moe.moe routers, losses and expert shapes: MoE in every layer of a
+# tiny_moe-sized model (8 x 64 tokens), one `moe(...)` call per variant
+moe_model() {   # NAME TOP_K "KEYWORDS"
+    cat > "$TMP/$1.moe" <<EOF
+import "nn"
+config { vocab = 256  d_model = 64  heads = 4  layers = 2  seq = 64  experts = 8  d_ff = 32 }
+model $1(tokens: i32[B, seq], targets: i32[B, seq]) {
+  x = embedding(tokens, vocab, d_model, name = "embed")
+  for l in 0..layers {
+    x = x + attention(rmsnorm(x, name = "attn_norm"), heads, name = "attn")
+    x = x + moe(rmsnorm(x, name = "ffn_norm"), experts, $2, d_ff, $3)
+  }
+  logits = linear(rmsnorm(x, name = "final_norm"), vocab, name = "lm_head")
+  return cross_entropy(logits, targets), logits
+}
+train {
+  batch = 8  steps = 300  seed = 1337
+  optimizer = adamw(lr = 3e-3, betas = (0.9, 0.95), weight_decay = 0.1)
+  schedule = cosine(warmup = 20, min_lr = 3e-4)  clip_grad = 1.0
+}
+EOF
+}
+# DeepSeek-V3 style: sigmoid + aux-loss-free bias (moving every step), groups,
+# scaled gates, per-sequence balance loss, a shared SwiGLU expert
+moe_model moe_sigmoid 2 'router = "sigmoid", bias_rate = 0.001, groups = 4, topk_groups = 2, gate_scale = 2.5, balance = 0.0, seq_balance = 0.001, shared = 1'
+# top-k then softmax, GELU experts, a gated shared expert, capacity drops, z-loss
+moe_model moe_topk_softmax 2 'router = "topk_softmax", expert_act = "gelu", shared = 1, shared_gate = true, capacity = 1.25, balance = 0.01, zloss = 0.001'
+# softmax router, group-limited (no renorm), k = 3, both balance losses
+moe_model moe_grouped 3 'router = "softmax", groups = 2, topk_groups = 1, renorm = false, balance = 0.01, seq_balance = 0.01'
+ROUTE="--layers 2 --heads 4 --experts 8"
 DENSE="--layers 2 --heads 4"
 MOE="--layers 2 --heads 4 --experts 4 --top-k 2 --balance 0.01"
 VARIANTS=(
@@ -35,6 +65,9 @@ VARIANTS=(
     "dense_accum|$DENSE"
     "moe|$MOE"
     "moe_cap|$MOE --capacity 1.0 --zloss 0.001 --expect-drops"
+    "moe_sigmoid|$ROUTE --top-k 2 --router sigmoid --bias-rate 0.001 --groups 4 --topk-groups 2 --gate-scale 2.5 --seq-balance 0.001 --shared 1"
+    "moe_topk_softmax|$ROUTE --top-k 2 --router topk_softmax --expert-act gelu --shared 1 --shared-gate --capacity 1.25 --balance 0.01 --zloss 0.001 --expect-drops"
+    "moe_grouped|$ROUTE --top-k 3 --router softmax --groups 2 --topk-groups 1 --renorm 0 --balance 0.01 --seq-balance 0.01"
 )
 
 # ---- compile and trace every variant (needs no torch) ----

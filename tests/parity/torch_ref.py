@@ -85,6 +85,83 @@ def swiglu_mlp(x, w1, w3, w2):
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
+def select(key, k):
+    """top-k indices of key per row, ties to the lower expert (stable sort)"""
+    _, order = torch.sort(key, dim=-1, descending=True, stable=True)
+    return order[:, :k]
+
+
+def route(logits, p, pre, cfg):
+    """stdlib/moe.moe routers: returns (probs for the balance losses, idx, gates)"""
+    E, k = logits.shape[1], cfg.top_k
+    if cfg.router == "topk_softmax":
+        idx = select(logits.detach(), k)
+        gates = torch.softmax(torch.gather(logits, 1, idx), dim=-1)
+        return torch.softmax(logits, dim=-1), idx, gates
+    probs = torch.sigmoid(logits) if cfg.router == "sigmoid" else torch.softmax(logits, dim=-1)
+    bias = p.get(pre + "bias")
+    key = probs.detach() + bias if bias is not None else probs.detach()
+    if cfg.groups > 1:
+        gsize = E // cfg.groups
+        kg = key.view(-1, cfg.groups, gsize)
+        top2 = torch.sort(kg, dim=-1, descending=True).values
+        gscore = top2[..., 0] + top2[..., 1] if gsize > 1 else top2[..., 0]
+        keep = select(gscore, cfg.topk_groups)
+        mask = torch.zeros_like(gscore, dtype=torch.bool).scatter(1, keep, True)
+        key = torch.where(mask.repeat_interleave(gsize, dim=1), key, torch.full_like(key, -math.inf))
+    idx = select(key, k)
+    chosen = torch.gather(probs, 1, idx)
+    gates = chosen / chosen.sum(-1, keepdim=True) if cfg.renorm else chosen
+    return probs, idx, gates * cfg.gate_scale
+
+
+def moe_block(x, p, pre, cfg, B, aux, stats, loads):
+    """The general stdlib/moe.moe block: router (route), capacity by position,
+    SwiGLU or GELU experts, balance / z / per-sequence balance losses, shared
+    experts (optionally gated by sigmoid(x . w)); the per-expert load (before
+    capacity) goes to loads[pre] for the aux-loss-free bias update."""
+    N, _ = x.shape
+    E, k = p[pre + "router.weight"].shape[0], cfg.top_k
+    logits = x @ p[pre + "router.weight"].T
+    probs, idx, gates = route(logits, p, pre, cfg)
+    loads[pre] = torch.bincount(idx.reshape(-1), minlength=E).double()
+    cap = math.ceil(cfg.capacity * N * k / E) if cfg.capacity > 0 else 0
+    out = torch.zeros_like(x)
+    for e in range(E):
+        sel = (idx == e).nonzero(as_tuple=False)
+        if cap > 0 and sel.shape[0] > cap:
+            stats["dropped"] = stats.get("dropped", 0) + sel.shape[0] - cap
+            sel = sel[:cap]
+        if sel.shape[0] == 0:
+            continue
+        t, j = sel[:, 0], sel[:, 1]
+        if cfg.expert_act == "gelu":
+            y = F.gelu(x[t] @ p[pre + "w1"][e].T, approximate="tanh") @ p[pre + "w2"][e].T
+        else:
+            y = swiglu_mlp(x[t], p[pre + "w1"][e], p[pre + "w3"][e], p[pre + "w2"][e])
+        out = out.index_add(0, t, y * gates[t, j][:, None])
+    if cfg.balance > 0:
+        f = torch.bincount(idx.reshape(-1), minlength=E).float() / (N * k)
+        aux.append(cfg.balance * (E * (f * probs.mean(0)).sum()))
+    if cfg.zloss > 0:
+        aux.append(cfg.zloss * torch.logsumexp(logits, -1).pow(2).mean())
+    if cfg.seq_balance > 0:
+        T = N // B
+        oh = F.one_hot(idx, E).sum(1).view(B, T, E).sum(1).float() / (T * k)   # f per sequence
+        P = probs.view(B, T, E).mean(1)
+        aux.append(cfg.seq_balance * (E * (oh * P).sum(-1)).mean())
+    if cfg.shared > 0:
+        if cfg.expert_act == "gelu":
+            s = F.gelu(x @ p[pre + "shared_w1.weight"].T, approximate="tanh") @ p[pre + "shared_w2.weight"].T
+        else:
+            s = swiglu_mlp(x, p[pre + "shared.w1.weight"], p[pre + "shared.w3.weight"],
+                           p[pre + "shared.w2.weight"])
+        if cfg.shared_gate:
+            s = s * torch.sigmoid(x @ p[pre + "shared_gate.weight"].T)
+        out = out + s
+    return out
+
+
 def moe(x, p, pre, top_k, capacity, balance, zloss, aux, stats):
     """Softmax router, top-k of the probabilities (ties to the lower expert),
     gates renormalised over the k chosen; capacity > 0 keeps the first
@@ -122,7 +199,7 @@ def moe(x, p, pre, top_k, capacity, balance, zloss, aux, stats):
     return out
 
 
-def forward(p, tokens, targets, cfg, stats):
+def forward(p, tokens, targets, cfg, stats, loads=None):
     """The total training loss: cross entropy + every add_loss term."""
     B, T = tokens.shape
     H = cfg.heads
@@ -132,7 +209,9 @@ def forward(p, tokens, targets, cfg, stats):
         pre = "layers.%d." % l
         x = x + attention(rmsnorm(x, p[pre + "attn_norm.weight"]), p, pre + "attn.", B, T, H)
         h = rmsnorm(x, p[pre + "ffn_norm.weight"])
-        if cfg.experts > 0:
+        if cfg.router:
+            x = x + moe_block(h, p, pre + "moe.", cfg, B, aux, stats, loads if loads is not None else {})
+        elif cfg.experts > 0:
             x = x + moe(h, p, pre + "moe.", cfg.top_k, cfg.capacity, cfg.balance, cfg.zloss,
                         aux, stats)
         else:
@@ -151,7 +230,17 @@ def expected_names(cfg):
         pre = "layers.%d." % l
         names += [pre + "attn_norm.weight", pre + "ffn_norm.weight"]
         names += [pre + "attn.w%s.weight" % w for w in "qkvo"]
-        if cfg.experts > 0:
+        if cfg.router:
+            m = pre + "moe."
+            names += [m + "router.weight", m + "w1", m + "w2"]
+            names += [m + "w3"] if cfg.expert_act == "swiglu" else []
+            names += [m + "bias"] if cfg.router == "sigmoid" or cfg.groups > 1 or cfg.bias_rate > 0 else []
+            if cfg.shared > 0 and cfg.expert_act == "gelu":
+                names += [m + "shared_w1.weight", m + "shared_w2.weight"]
+            elif cfg.shared > 0:
+                names += [m + "shared.w%d.weight" % i for i in (1, 2, 3)]
+            names += [m + "shared_gate.weight"] if cfg.shared > 0 and cfg.shared_gate else []
+        elif cfg.experts > 0:
             names += [pre + "moe.router.weight"] + [pre + "moe.w%d" % i for i in (1, 2, 3)]
         else:
             names += [pre + "mlp.w%d.weight" % i for i in (1, 2, 3)]
@@ -191,6 +280,17 @@ def main():
     ap.add_argument("--balance", type=float, default=0.0)
     ap.add_argument("--zloss", type=float, default=0.0)
     ap.add_argument("--expect-drops", action="store_true")
+    # stdlib/moe.moe keywords (--router selects the general block)
+    ap.add_argument("--router", default="")
+    ap.add_argument("--renorm", type=int, default=1)
+    ap.add_argument("--gate-scale", type=float, default=1.0)
+    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--topk-groups", type=int, default=1)
+    ap.add_argument("--bias-rate", type=float, default=0.0)
+    ap.add_argument("--seq-balance", type=float, default=0.0)
+    ap.add_argument("--expert-act", default="swiglu")
+    ap.add_argument("--shared", type=int, default=0)
+    ap.add_argument("--shared-gate", action="store_true")
     ap.add_argument("--loss-tol", type=float, default=1e-5)
     ap.add_argument("--grad-tol", type=float, default=1e-4)
     ap.add_argument("--curve-tol", type=float, default=1e-4)
@@ -214,7 +314,8 @@ def main():
     grads, _ = load_safetensors(cfg.trace + "/grads.safetensors")
     pnames = [q["name"] for q in h["params"]]
     decay = {q["name"]: q["weight_decay"] for q in h["params"]}
-    check("names", sorted(pnames) == expected_names(cfg) and sorted(grads) == sorted(pnames),
+    check("names", sorted(pnames) == expected_names(cfg) and
+          sorted(grads) == sorted(q["name"] for q in h["params"] if q.get("trained", True)),
           "plan params %s, grads %s, expected %s" % (sorted(pnames), sorted(grads),
                                                     expected_names(cfg)))
     check("batches", bt.shape[0] == A * len(steps) and h["optimizer"] == "adamw" and
@@ -224,9 +325,11 @@ def main():
           % (bt.shape[0], len(steps), A, h["optimizer"], h["start"], h["precision"]))
     if not ok:
         return 1
-    p = {n: init[n].clone().requires_grad_(True) for n in pnames}
+    trained = [q["name"] for q in h["params"] if q.get("trained", True)]
+    buffers = [n for n in pnames if n not in trained]
+    p = {n: init[n].clone().requires_grad_(n in trained) for n in pnames}
     groups = {}
-    for n in pnames:
+    for n in trained:
         groups.setdefault(decay[n], []).append(p[n])
     opt = torch.optim.AdamW([{"params": v, "weight_decay": wd} for wd, v in groups.items()],
                             lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"])
@@ -239,7 +342,8 @@ def main():
         opt.zero_grad(set_to_none=True)
         for a in range(A):
             tok, tgt = bt[i * A + a, 0], bt[i * A + a, 1]
-            loss = forward(p, tok, tgt, cfg, stats)
+            loads = {}
+            loss = forward(p, tok, tgt, cfg, stats, loads)
             (loss / A).backward()
             loss_sum += float(loss)
         loss_t = loss_sum / A
@@ -254,7 +358,7 @@ def main():
                 check("capacity_drops", stats.get("dropped", 0) > 0,
                       "no slot was dropped at step 1; the capacity path is not covered")
             worst, wname, bad = 0.0, "", []
-            for n in pnames:
+            for n in trained:
                 r = rel(grads[n], p[n].grad)
                 if r > worst:
                     worst, wname = r, n
@@ -272,10 +376,17 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr32
         max_norm = h["clip_grad"] if h["clip_grad"] > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(list(p.values()), max_norm))
+        norm = float(torch.nn.utils.clip_grad_norm_([p[n] for n in trained], max_norm))
         if st["norm"] >= 0:
             worst_norm = max(worst_norm, abs(norm - st["norm"]) / norm)
         opt.step()
+        # aux-loss-free bias: bias += rate * sign(mean load - load), last micro-batch's load
+        with torch.no_grad():
+            for n in buffers:
+                if cfg.bias_rate > 0 and n.endswith(".bias"):
+                    ld = loads[n[:-len("bias")]]
+                    d = ld.mean() - ld
+                    p[n] += (torch.sign(d) * cfg.bias_rate).float()
     res["steps"] = len(steps)
     res["curve_worst_rel"] = worst_curve
     res["lr_worst_rel"] = worst_lr

@@ -34,6 +34,7 @@ static const struct { const char *sym; rt_fn fn; } rt_kernels[] = {
     K(moek_topk_bwd), K(moek_balance_loss_fwd), K(moek_balance_loss_bwd), K(moek_zloss_fwd),
     K(moek_zloss_bwd), K(moek_dispatch_fwd), K(moek_dispatch_bwd), K(moek_grouped_matmul_fwd),
     K(moek_grouped_matmul_bwd), K(moek_combine_fwd), K(moek_combine_bwd),
+    K(moek_expert_load),   /* stdlib/moe.moe's per-layer load statistics */
 };
 
 /* Writes ROOT/examples/<model>.moe with `recompute = <policy>` into tmp;
