@@ -10,7 +10,7 @@
  * pinned GRAD tensor that its summed gradient is accumulated into, because
  * gradients add up over grad_accum micro-steps.
  *
- * precision = bf16: a value's gradient has the value's dtype (backward
+ * precision = bf16 (fp16 alike): a value's gradient has the value's dtype (backward
  * kernels write bf16 gradients of bf16 activations and weights; sums use
  * the bf16 add), but every GRAD tensor is fp32 and the bf16 gradient is
  * widened into it (moek_accumulate_bf16), so micro-steps accumulate in fp32.
@@ -91,8 +91,9 @@ static void ad_contribute(ad_state *s, int v, int c, ir_srcloc loc)
     int ins[2] = {s->grad[key], c};
     /* prefer the stdlib's add when its template is the plain elementwise one */
     const ir_opdef *add = ir_def_find(g, "add");
-    if (cv->dtype == PLAN_BF16) {
-        iop_node(g, IOP_ADD_BF16, ins, &sum, n, 0, PLAN_PHASE_BACKWARD, loc, "gradient sum");
+    if (iop_half_suffix(cv->dtype)) {
+        iop_node(g, iop_for_dtype(IOP_ADD, cv->dtype), ins, &sum, n, 0, PLAN_PHASE_BACKWARD, loc,
+                 "gradient sum");
     } else if (ad_plain_add(add)) {
         ir_node node;
         memset(&node, 0, sizeof node);

@@ -119,8 +119,8 @@ static void dump_param(const ir_graph *g, int i, FILE *out)
         fprintf(out, " state=v%d", p->state0);
     if (p->state1 >= 0)
         fprintf(out, ",v%d", p->state1);
-    /* bf16 params only: ir_param.master is set by the optimizer pass */
-    if (g->values[p->value].dtype == PLAN_BF16 && p->master >= 0 && p->master < g->nvalues)
+    /* bf16/f16 params only: ir_param.master is set by the optimizer pass */
+    if ((g->values[p->value].dtype == PLAN_BF16 || g->values[p->value].dtype == PLAN_F16) && p->master >= 0 && p->master < g->nvalues)
         fprintf(out, " master=v%d", p->master);
     fprintf(out, " init=%s", p->init <= PLAN_INIT_NORMAL ? inits[p->init] : "?");
     if (p->init == PLAN_INIT_NORMAL)
@@ -148,6 +148,8 @@ void ir_dump(const ir_graph *g, FILE *out)
         fprintf(out, "logits v%d\n", g->logits);
     if (g->train.precision == PLAN_BF16)
         fputs("precision bf16\n", out);
+    else if (g->train.precision == PLAN_F16)
+        fputs("precision fp16\n", out);
     for (int i = 0; i < g->nvalues; i++)
         dump_value(g, i, out);
     for (int i = 0; i < g->nnodes; i++)

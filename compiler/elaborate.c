@@ -35,6 +35,7 @@
 
 #include "ast.h"
 #include "internal_ops.h"   /* iop_half_suffix: the half dtypes' kernel families */
+#include "fuse.h"           /* fuses { }: fusion rules on extern ops */
 
 #define EL_MAX_DEPTH 64
 #define EL_MAX_UNROLL 100000
@@ -85,6 +86,8 @@ typedef struct el_op {
                                                instance's calls when not `<symbol>_bf16` */
     const ast_node *fwdh, *bwdh;            /* `forward_f16`/`backward_f16`, likewise; absent,
                                                the bf16 calls with bf16 -> f16 in the symbol */
+    const ast_node *fuses;                  /* `fuses { }`: the pattern it replaces (fuse.h) */
+    ir_fuse *rule;                          /* its lowered form, shared by the half instances */
 } el_op;
 
 typedef struct el_decl {
@@ -1696,6 +1699,9 @@ static const el_ksig el_kernels[] = {
     {"moek_silu_fwd_bf16", "TTi"}, {"moek_silu_bwd_bf16", "TTTi"}, {"moek_repeat_kv_fwd_bf16", "TTiiii"},
     {"moek_repeat_kv_bwd_bf16", "TTiiii"}, {"moek_bias_add_fwd_bf16", "TTTii"},
     {"moek_bias_add_bwd_bf16", "TTTii"},
+    /* fused ops (issue 8; kernels/cpu/fused.c), fp32 and bf16 */
+    {"moek_add_rmsnorm_fwd", "TTTTTTiif"}, {"moek_add_rmsnorm_bwd", "TTTTTTTTii"},
+    {"moek_add_rmsnorm_fwd_bf16", "TTTTTTiif"}, {"moek_add_rmsnorm_bwd_bf16", "TTTTTTTTii"},
 };
 
 static const el_ksig *el_kernel_find(const char *sym)
@@ -1978,14 +1984,20 @@ static void el_lower_op(el *E, el_op *op)
     for (int i = 0; i < a->list3.n; i++) {
         const ast_node *e = a->list3.items[i];
         static const char *const keys[] = {"forward", "backward", "phase", "forward_bf16", "backward_bf16",
-                                           "forward_f16", "backward_f16"};
-        const ast_node **slots[] = {&fwd, &bwd, &phase, &op->fwd16, &op->bwd16, &op->fwdh, &op->bwdh};
+                                           "forward_f16", "backward_f16", "fuses"};
+        const ast_node **slots[] = {&fwd, &bwd, &phase, &op->fwd16, &op->bwd16, &op->fwdh, &op->bwdh,
+                                    &op->fuses};
         const ast_node **slot = NULL;
-        for (int k = 0; k < 7; k++)
+        for (int k = 0; k < 8; k++)
             if (strcmp(e->name, keys[k]) == 0)
                 slot = slots[k];
         if (!slot) {
-            ERR(e->span, el_suggest_list(E, e->name, keys, 7), "unknown key `%s` in extern op `%s`", e->name, a->name);
+            ERR(e->span, el_suggest_list(E, e->name, keys, 8), "unknown key `%s` in extern op `%s`", e->name, a->name);
+            continue;
+        }
+        if ((slot == &op->fuses) != (e->a == NULL)) {   /* only `fuses` takes a { } body */
+            ERR(e->span, e->a ? "write `fuses { out = op(args) ... }`" : el_fmt(E, "write `%s = ...`", e->name),
+                "`%s` in extern op `%s` %s", e->name, a->name, e->a ? "takes a { } body" : "is not a { } body");
             continue;
         }
         if (*slot) {
@@ -2042,6 +2054,11 @@ static void el_lower_op(el *E, el_op *op)
     } else {
         ERR(bwd->a->span, "backward = kernel(args...), none or passthrough", "bad backward for extern op `%s`", a->name);
         return;
+    }
+    if (op->fuses) {   /* filled once every op is lowered (el_fuse_rules) */
+        op->rule = ir_alloc(E->g, sizeof *op->rule);
+        memset(op->rule, 0, sizeof *op->rule);
+        op->def.fuse = op->rule;
     }
     op->reg = ir_def_add(E->g, &op->def);
     op->ok = op->reg != NULL;
@@ -2104,6 +2121,34 @@ static const ir_opdef *el_half_def(el *E, el_op *op, const ast_node *call, int d
         d.bwd_symbol = ir_strdup(E->g, d.bwd_symbol);
     *reg = ir_def_add(E->g, &d);
     return *reg;
+}
+
+/* Fusion rules (fuse.h): lowered after every op, since a pattern names
+ * ops declared anywhere.  A failed rule stays empty (nops 0: never used). */
+static void el_fuse_rules(el *E)
+{
+    for (int i = 0; i < E->nops; i++) {
+        el_op *op = &E->ops[i];
+        if (op->ok && op->rule && fuse_rule_lower(E->g, E->d, op->ast, op->fuses, op->reg, op->rule))
+            op->rule->nops = 0;
+    }
+}
+
+/* The fusion pass replaces nodes with a fused op's instance for their
+ * dtype, which no call registered: register it now for the precision the
+ * model computes in, where the kernel library has its kernels. */
+static void el_fuse_instances(el *E)
+{
+    const char *suffix = iop_half_suffix(E->compute);
+    for (int i = 0; i < E->nops && suffix; i++) {
+        el_op *op = &E->ops[i];
+        if (!op->ok || !op->rule || !op->rule->nops || !op->generic || op->def.lib)
+            continue;
+        const char *f = el_fmt(E, "%s%s", op->def.fwd_symbol, suffix);
+        const char *b = op->def.bwd_symbol ? el_fmt(E, "%s%s", op->def.bwd_symbol, suffix) : NULL;
+        if (el_kernel_find(f) && (!b || el_kernel_find(b)))
+            el_half_def(E, op, op->ast, E->compute);
+    }
 }
 
 /* -------------------------------------------------------- train/parallel */
@@ -2676,6 +2721,7 @@ ir_graph *elaborate(const char *path, const elab_options *opt, diag_ctx *d)
         }
         for (int i = 0; i < E->nops; i++)
             el_lower_op(E, &E->ops[i]);
+        el_fuse_rules(E);
         el_train(E, NULL);
         el_parallel(E);
         const ast_node *model = NULL;
@@ -2689,6 +2735,8 @@ ir_graph *elaborate(const char *path, const elab_options *opt, diag_ctx *d)
             el_model(E, model);
         if (model && diag_count(d) == start)
             el_freeze(E);
+        if (model && diag_count(d) == start)
+            el_fuse_instances(E);
         if (diag_count(d) == start) {
             const ast_node *ga = el_entry(E->train, "global_batch");
             double gb;

@@ -218,6 +218,22 @@ static int em_op(em_ctx *c, const ir_node *n)
     return 0;
 }
 
+/* Value v is (part of) an expert param sharded over the expert-parallel
+ * ranks: the param, its gradient, optimizer states or master copy
+ * (compiler/parallel_ep.c shrank them to the local experts). */
+static bool em_expert_shard(const ir_graph *g, int v)
+{
+    if (g->par_ranks <= 1 || g->par_expert <= 1)
+        return false;
+    for (int p = 0; p < g->nparams; p++) {
+        const ir_param *pp = &g->params[p];
+        if (pp->expert_axis == 0 && (pp->value == v || pp->grad == v || pp->state0 == v ||
+                                     pp->state1 == v || pp->master == v))
+            return true;
+    }
+    return false;
+}
+
 static void em_tables(em_ctx *c)
 {
     const ir_graph *g = c->g;
@@ -249,6 +265,7 @@ static void em_tables(em_ctx *c)
             t.shape[i] = val->shape[i];
         t.offset = val->offset;
         t.bytes = ir_value_bytes(val);
+        t.expert_shard = em_expert_shard(g, v) ? PLAN_EXPERT_SHARD : 0;
         em_put(&c->tensors, &t, sizeof t);
         c->tensor_of[v] = nt++;
     }
@@ -283,8 +300,9 @@ static int em_params(em_ctx *c)
         row.grad = em_tensor(c, pp->grad);
         row.state0 = em_tensor(c, pp->state0);
         row.state1 = em_tensor(c, pp->state1);
-        /* a bf16 param's fp32 master copy (optimizer pass); -1 for fp32 params */
-        row.master = g->values[pp->value].dtype == PLAN_BF16 ? em_tensor(c, pp->master) : -1;
+        /* a bf16/f16 param's fp32 master copy (optimizer pass); -1 for fp32 params */
+        row.master = g->values[pp->value].dtype == PLAN_BF16 || g->values[pp->value].dtype == PLAN_F16
+                         ? em_tensor(c, pp->master) : -1;
         row.init = pp->init;
         row.init_std = pp->init_std;
         row.weight_decay = pp->decay && row.grad >= 0 ? g->train.weight_decay : 0.0f;

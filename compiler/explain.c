@@ -102,7 +102,7 @@ uint64_t explain_workspace_bytes(const ir_graph *g)
         int64_t elems = 0;
         for (int a = 0; a < count; a++) {
             int v = iop_ref_value(n, &t[a]);
-            if (v >= 0 && v < g->nvalues && g->values[v].dtype == PLAN_BF16)
+            if (v >= 0 && v < g->nvalues && (g->values[v].dtype == PLAN_BF16 || g->values[v].dtype == PLAN_F16))
                 elems += ir_value_numel(&g->values[v]);
         }
         if (elems > 0 && MOEK_BF16_WORKSPACE_BYTES(elems) > most)
@@ -182,12 +182,14 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
 {
     explain_counts c;
     explain_count(g, &c);
-    bool bf16 = g->train.precision == PLAN_BF16;
+    /* bf16 and fp16 alike: 2-byte storage, fp32 grads, masters and state */
+    bool bf16 = g->train.precision == PLAN_BF16 || g->train.precision == PLAN_F16;
+    const char *half = g->train.precision == PLAN_F16 ? "fp16" : "bf16";
     fprintf(out, "model %s\n\n", g->model_name);
     if (bf16)
-        fprintf(out, "precision bf16: params, activations and their gradients stored as bf16 "
+        fprintf(out, "precision %s: params, activations and their gradients stored as %s "
                 "(2 bytes);\n  fp32 accumulated grads, fp32 master weights and optimizer "
-                "state\n\n");
+                "state\n\n", half, half);
     fprintf(out, "parameters\n");
     fprintf(out, "  total                %12" PRIu64 "\n", c.params);
     fprintf(out, "  of which experts     %12" PRIu64 "\n", c.expert_params);
@@ -218,8 +220,8 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
         fprintf(out, "  %-9s %14" PRId64 "  %10.2f MiB\n", "total", total, ex_mib((double)total));
         if (bf16) {
             uint64_t ws = explain_workspace_bytes(g);
-            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  (CPU bf16 kernels widen into it; "
-                    "not in the total)\n", ws, ex_mib((double)ws));
+            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  (CPU %s kernels widen into it; "
+                    "not in the total)\n", ws, ex_mib((double)ws), half);
         }
         uint64_t live = memplan_peak_live(g);
         fprintf(out, "  peak live activations %" PRIu64 " bytes (%.2f MiB); the act pool adds "
@@ -261,8 +263,8 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
     double pbytes = bf16 ? 2.0 : 4.0;
     if (bf16) {
         st += 4.0;
-        fprintf(out, "model-state bytes per rank, bf16 %s: 2 param + 4 grad (fp32) + 4 master + "
-                "%d %s = %d bytes/param\n", sgd ? "SGD" : "AdamW", (int)st - 4,
+        fprintf(out, "model-state bytes per rank, %s %s: 2 param + 4 grad (fp32) + 4 master + "
+                "%d %s = %d bytes/param\n", half, sgd ? "SGD" : "AdamW", (int)st - 4,
                 sgd ? "momentum" : "m,v", 6 + (int)st);
     } else {
         fprintf(out, "model-state bytes per rank, fp32 %s: 4 param + 4 grad + %d %s = %d bytes/param\n",

@@ -6,8 +6,28 @@
 static const char *const iop_names[IOP_COUNT] = {
     "__fill", "__fill_inplace", "__copy", "__add", "__accumulate", "__sumsq_accum",
     "__adamw", "__sgd", "__fill_bf16", "__add_bf16", "__accumulate_bf16", "__adamw_bf16",
-    "__sgd_bf16",
+    "__sgd_bf16", "__fill_f16", "__add_f16", "__accumulate_f16", "__adamw_f16", "__sgd_f16",
 };
+
+/* The half variants' kernels, by kind (NULL: not a half variant) */
+static const char *const iop_half_symbols[IOP_COUNT] = {
+    [IOP_FILL_BF16] = "moek_fill_bf16", [IOP_ADD_BF16] = "moek_add_fwd_bf16",
+    [IOP_ACCUMULATE_BF16] = "moek_accumulate_bf16", [IOP_ADAMW_BF16] = "moek_adamw_bf16",
+    [IOP_SGD_BF16] = "moek_sgd_bf16",
+    [IOP_FILL_F16] = "moek_fill_f16", [IOP_ADD_F16] = "moek_add_fwd_f16",
+    [IOP_ACCUMULATE_F16] = "moek_accumulate_f16", [IOP_ADAMW_F16] = "moek_adamw_f16",
+    [IOP_SGD_F16] = "moek_sgd_f16",
+};
+
+const char *iop_half_suffix(int dtype)
+{
+    return dtype == PLAN_BF16 ? "_bf16" : dtype == PLAN_F16 ? "_f16" : NULL;
+}
+
+const char *iop_half_name(int dtype)
+{
+    return dtype == PLAN_BF16 ? "bf16" : dtype == PLAN_F16 ? "fp16" : NULL;
+}
 
 #define R_IN(i) {IR_REF_IN, (i), 0, 0}
 #define R_OUT(i) {IR_REF_OUT, (i), 0, 0}
@@ -26,15 +46,19 @@ static void iop_build(ir_opdef *d, iop_kind kind)
     case IOP_FILL_BF16:
     case IOP_ADD_BF16:
     case IOP_ACCUMULATE_BF16:
-        /* same template as the fp32 op, the _bf16 kernel */
-        iop_build(d, kind == IOP_FILL_BF16 ? IOP_FILL : kind == IOP_ADD_BF16 ? IOP_ADD : IOP_ACCUMULATE);
+    case IOP_FILL_F16:
+    case IOP_ADD_F16:
+    case IOP_ACCUMULATE_F16:
+        /* same template as the fp32 op, the half kernel */
+        iop_build(d, kind == IOP_FILL_BF16 || kind == IOP_FILL_F16 ? IOP_FILL
+                     : kind == IOP_ADD_BF16 || kind == IOP_ADD_F16 ? IOP_ADD
+                                                                  : IOP_ACCUMULATE);
         d->name = iop_names[kind];
-        d->fwd_symbol = kind == IOP_FILL_BF16 ? "moek_fill_bf16"
-                      : kind == IOP_ADD_BF16  ? "moek_add_fwd_bf16"
-                                              : "moek_accumulate_bf16";
+        d->fwd_symbol = iop_half_symbols[kind];
         break;
-    case IOP_ADAMW_BF16: {
-        /* moek_adamw_bf16(p, master, g, m, v, n, hyper, norm_sq, weight_decay) */
+    case IOP_ADAMW_BF16:
+    case IOP_ADAMW_F16: {
+        /* moek_adamw_<half>(p, master, g, m, v, n, hyper, norm_sq, weight_decay) */
         const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_IN(4), R_DIM(0), R_IN(5), R_IN(6),
                             R_ATTR(0)};
         static const char *const in[] = {"p", "master", "g", "m", "v", "hyper", "norm_sq"};
@@ -43,13 +67,14 @@ static void iop_build(ir_opdef *d, iop_kind kind)
         d->nattrs = 1;
         d->attr_names[0] = "weight_decay";
         d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = "moek_adamw_bf16";
+        d->fwd_symbol = iop_half_symbols[kind];
         d->nfwd = 9;
         memcpy(d->fwd, t, sizeof t);
         break;
     }
-    case IOP_SGD_BF16: {
-        /* moek_sgd_bf16(p, master, g, buf, n, hyper, norm_sq, weight_decay) */
+    case IOP_SGD_BF16:
+    case IOP_SGD_F16: {
+        /* moek_sgd_<half>(p, master, g, buf, n, hyper, norm_sq, weight_decay) */
         const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_DIM(0), R_IN(4), R_IN(5), R_ATTR(0)};
         static const char *const in[] = {"p", "master", "g", "buf", "hyper", "norm_sq"};
         d->ninputs = 6;
@@ -57,7 +82,7 @@ static void iop_build(ir_opdef *d, iop_kind kind)
         d->nattrs = 1;
         d->attr_names[0] = "weight_decay";
         d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = "moek_sgd_bf16";
+        d->fwd_symbol = iop_half_symbols[kind];
         d->nfwd = 8;
         memcpy(d->fwd, t, sizeof t);
         break;
@@ -166,12 +191,15 @@ const ir_opdef *iop_def(ir_graph *g, iop_kind kind)
 
 iop_kind iop_for_dtype(iop_kind kind, int dtype)
 {
-    if (dtype != PLAN_BF16)
+    bool f16 = dtype == PLAN_F16;
+    if (dtype != PLAN_BF16 && !f16)
         return kind;
     switch (kind) {
-    case IOP_FILL: return IOP_FILL_BF16;
-    case IOP_ADD: return IOP_ADD_BF16;
-    case IOP_ACCUMULATE: return IOP_ACCUMULATE_BF16;
+    case IOP_FILL: return f16 ? IOP_FILL_F16 : IOP_FILL_BF16;
+    case IOP_ADD: return f16 ? IOP_ADD_F16 : IOP_ADD_BF16;
+    case IOP_ACCUMULATE: return f16 ? IOP_ACCUMULATE_F16 : IOP_ACCUMULATE_BF16;
+    case IOP_ADAMW: return f16 ? IOP_ADAMW_F16 : IOP_ADAMW_BF16;
+    case IOP_SGD: return f16 ? IOP_SGD_F16 : IOP_SGD_BF16;
     default: return kind;
     }
 }

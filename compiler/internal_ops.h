@@ -26,13 +26,27 @@ typedef enum iop_kind {
     IOP_ACCUMULATE_BF16, /* fp32 dst += bf16 src: moek_accumulate_bf16(IN0, IN1, n) */
     IOP_ADAMW_BF16,      /* p (bf16), master, g, m, v, hyper, norm_sq; attr weight_decay */
     IOP_SGD_BF16,        /* p (bf16), master, g, buf, hyper, norm_sq; attr weight_decay */
+    /* precision = fp16: the same five with moek_f16 storage (the _f16 kernels) */
+    IOP_FILL_F16,
+    IOP_ADD_F16,
+    IOP_ACCUMULATE_F16,
+    IOP_ADAMW_F16,
+    IOP_SGD_F16,
     IOP_COUNT
 } iop_kind;
 
-/* The variant of kind for values of this dtype: IOP_FILL, IOP_ADD and
- * IOP_ACCUMULATE (by the source's dtype) have bf16 twins; other kinds and
- * dtypes map to themselves. */
+/* The variant of kind for values of this dtype: IOP_FILL, IOP_ADD,
+ * IOP_ACCUMULATE (by the source's dtype), IOP_ADAMW and IOP_SGD (by the
+ * param's dtype) have bf16 and f16 twins; other kinds and dtypes map to
+ * themselves. */
 iop_kind iop_for_dtype(iop_kind kind, int dtype);
+
+/* The half storage types (PLAN_BF16, PLAN_F16): the kernel-symbol suffix of
+ * their variants ("_bf16", "_f16"), the name they have in messages ("bf16",
+ * "fp16"); NULL for every other dtype.  The one place that maps a dtype to
+ * its kernel family. */
+const char *iop_half_suffix(int dtype);
+const char *iop_half_name(int dtype);
 
 /* The opdef of an internal op, registered in g on first use. */
 const ir_opdef *iop_def(ir_graph *g, iop_kind kind);

@@ -72,6 +72,8 @@ typedef struct ir_opdef {
     const char *bwd_symbol;
     int nbwd;
     ir_ref bwd[PLAN_MAX_KERNEL_ARGS];
+    const struct ir_fuse *fuse;             /* NULL, or the forward pattern this op replaces
+                                               (`fuses { }`; compiler/fuse.h) */
 } ir_opdef;
 
 typedef union ir_scalar {

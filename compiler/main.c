@@ -15,6 +15,7 @@
 #include "elaborate.h"
 #include "dot.h"
 #include "explain.h"
+#include "fuse.h"
 #include "passes.h"
 
 #define MOEC_VERSION "moec 0.1.0"
@@ -31,8 +32,8 @@ static void usage(FILE *out)
             "                   with --explain: that parallel layout instead of parallel { }\n"
             "  --after=PASS     with --dump=ir: print the IR right after PASS\n"
             "  -O0 | -O1 | -O2  optimisation level (default -O2; docs/passes.md)\n"
-            "  --passes=A,B,..  run exactly these optional passes (cse, dce, schedule,\n"
-            "                   inplace); the required ones always run\n"
+            "  --passes=A,B,..  run exactly these optional passes (cse, fuse, dce,\n"
+            "                   schedule, inplace); the required ones always run\n"
             "  -I DIR           add DIR to the import search path (repeatable)\n"
             "  --stdlib DIR     the standard library (default: <moec dir>/stdlib,\n"
             "                   then " "$PREFIX/share/moec/stdlib)\n"
@@ -82,6 +83,7 @@ typedef struct moec_pass {
 
 static const moec_pass moec_pipeline[] = {
     {"cse", pass_cse, 1},             /* before autodiff: one backward op per merged op */
+    {"fuse", pass_fuse, 2},           /* before autodiff: fused ops bring their backward */
     {"autodiff", pass_autodiff, 0},
     {"parallel", pass_parallel, 0},   /* before optimizer: its ops precede the norm */
     {"optimizer", pass_optimizer, 0},

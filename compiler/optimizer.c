@@ -15,6 +15,8 @@
 #include <string.h>
 
 #include "internal_ops.h"
+#include "parallel_zero.h"
+#include "parallel_ep.h"
 #include "passes.h"
 #include "../kernels/moek.h"
 
@@ -51,6 +53,8 @@ int pass_optimizer(ir_graph *g, moec_error *err)
         iop_node(g, IOP_SUMSQ_ACCUM, ins, NULL, ir_value_numel(&g->values[pp->grad]), 0,
                  PLAN_PHASE_OPTIMIZER, pp->loc, "grad norm");
     }
+    if (parallel_ep_norm(g, norm, err))   /* expert shards: each expert counted once */
+        return -1;
     for (int p = 0; p < g->nparams; p++) {
         if (g->params[p].grad < 0 || g->params[p].tied_to >= 0)
             continue;
@@ -108,5 +112,5 @@ int pass_optimizer(ir_graph *g, moec_error *err)
             g->params[p].master = g->params[r].master;
         }
     }
-    return 0;
+    return pass_zero(g, err);   /* ZeRO shards what was just built (parallel_zero.c) */
 }

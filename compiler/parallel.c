@@ -19,6 +19,8 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "parallel_zero.h"
+#include "parallel_ep.h"
 #include "passes.h"
 #include "../runtime/comm.h"
 
@@ -101,13 +103,12 @@ int pass_parallel(ir_graph *g, moec_error *err)
     if (ranks % ep)   /* elaboration reports this with the source; never reached */
         return perr(err, g->train_loc, "make expert divide ranks",
                     "impossible layout: expert-parallel size does not divide the ranks");
-    if (ep > 1)
-        return perr(err, g->train_loc, "use parallel { expert = 1 } for now (data parallelism "
-                    "over every rank)", "expert parallelism (parallel { expert > 1 }) is not "
-                    "implemented yet");
-    if (g->par_zero != 0)
-        return perr(err, g->train_loc, "use parallel { zero = 0 } for now (plain data "
-                    "parallelism)", "ZeRO stages 1-3 are not implemented yet");
+    if (ep > 1 && parallel_ep_rewrite(g, err))   /* compiler/parallel_ep.c */
+        return -1;
+    if (g->par_zero != 0 && zero_check(g, err))
+        return -1;
+    if (g->par_zero >= 2)
+        return 0;   /* gradients are reduce-scattered instead (parallel_zero.c) */
     /* one pass per group so a bucket never mixes groups; forward param order
      * keeps the op order, and so every rank's collective order, fixed */
     int bucket = 0;
@@ -144,10 +145,18 @@ void parallel_explain(const ir_graph *g, FILE *out)
 {
     int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;
     int64_t ep = g->par_expert > 0 ? g->par_expert : 1;
-    int nb = 0;
+    int nb = 0, nz = 0;
     for (int i = 0; i < g->nnodes; i++)
-        nb += g->nodes[i].def->lib && strcmp(g->nodes[i].def->lib, COMM_LIB) == 0;
+        if (g->nodes[i].def->lib && strcmp(g->nodes[i].def->lib, COMM_LIB) == 0) {
+            if (strncmp(g->nodes[i].def->name, "__zero_", 7) == 0)
+                nz++;   /* ZeRO slices, gathers, reduce-scatters (parallel_zero.c) */
+            else
+                nb++;
+        }
     fprintf(out, "process groups (%" PRId64 " ranks, expert %" PRId64 "):\n", ranks, ep);
     comm_print_layout(ranks, ep, out);
     fprintf(out, "  collectives per step: %d gradient all-reduce op%s\n", nb, nb == 1 ? "" : "s");
+    if (nz)
+        fprintf(out, "  ZeRO stage %" PRId64 " ops per step: %d (slices, parameter all-gathers, "
+                "gradient reduce-scatters, the norm's all-reduce)\n", g->par_zero, nz);
 }

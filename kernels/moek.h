@@ -56,6 +56,7 @@ enum moek_hyper {
     MOEK_HYPER_MAX_NORM,   /* global-norm clip threshold; <= 0 disables clipping */
     MOEK_HYPER_MOMENTUM,   /* SGD momentum */
     MOEK_HYPER_STEP,       /* optimizer step number (router jitter's counter) */
+    MOEK_HYPER_LOSS_SCALE, /* dynamic loss scale S (precision = fp16); 0 = no loss scaling */
     MOEK_HYPER_COUNT
 };
 
@@ -168,7 +169,13 @@ void moek_combine_bwd(const moek_ctx *ctx, const float *dout, const float *ys,
 void moek_sumsq_accum(const moek_ctx *ctx, const float *x, float *acc, int64_t n);
 /* AdamW with decoupled decay; the gradient is multiplied by
  * min(1, max_norm / (sqrt(*norm_sq) + 1e-6)) when max_norm > 0 (as torch's
- * clip_grad_norm_). */
+ * clip_grad_norm_).
+ * Loss scaling: with S = hyper[MOEK_HYPER_LOSS_SCALE] > 0 the gradients and
+ * the norm are those of the loss times S, so the update uses g / S and
+ * *norm_sq / S^2.  When *norm_sq is not finite (an overflow somewhere in
+ * the step) the update is skipped: p, m, v and buf are left untouched, in
+ * every param alike because all read the same norm.  Both rules hold for
+ * the _bf16 and _f16 variants too. */
 void moek_adamw(const moek_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
                 const float *hyper, const float *norm_sq, float weight_decay);
 void moek_sgd(const moek_ctx *ctx, float *p, const float *g, float *buf, int64_t n,
@@ -410,5 +417,130 @@ void moek_bias_add_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_
                             moek_bf16 *y, int64_t N, int64_t D);
 void moek_bias_add_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 *dx, moek_bf16 *db,
                             int64_t N, int64_t D);
+
+/* ---- fp16 storage (precision = fp16) ----------------------------------------
+ * The bf16 section above, with moek_f16 (IEEE 754 binary16: 1 sign, 5
+ * exponent, 10 mantissa bits) as the storage type: every _f16 kernel below
+ * is its _bf16 twin's contract word for word - widen exactly, the fp32
+ * kernel, round each output once to nearest even (values past the largest
+ * half, 65504, round to Inf from 65520 on; subnormals down to 2^-24; NaN
+ * stays NaN).  fp16 keeps 3 more mantissa bits than bf16 but tops out at
+ * 65504, so the runtime scales the loss seed by a dynamic loss scale
+ * (hyper[MOEK_HYPER_LOSS_SCALE]) and the optimizers divide it back out and
+ * skip a step whose gradient norm overflowed.  Workspace: the bf16 macro. */
+typedef uint16_t moek_f16;
+
+void moek_cast_f32_f16(const moek_ctx *ctx, const float *x, moek_f16 *y, int64_t n);
+void moek_cast_f16_f32(const moek_ctx *ctx, const moek_f16 *x, float *y, int64_t n);
+
+void moek_fill_f16(const moek_ctx *ctx, moek_f16 *x, int64_t n, float value);
+void moek_copy_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n);
+void moek_add_fwd_f16(const moek_ctx *ctx, const moek_f16 *a, const moek_f16 *b, moek_f16 *y,
+    int64_t n);
+void moek_accumulate_f16(const moek_ctx *ctx, float *dst, const moek_f16 *src, int64_t n);
+void moek_scale_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n, float s);
+void moek_scale_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, int64_t n, float s);
+void moek_gelu_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n);
+void moek_gelu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x, moek_f16 *dx,
+    int64_t n);
+void moek_swiglu_fwd_f16(const moek_ctx *ctx, const moek_f16 *gate, const moek_f16 *up, moek_f16 *y,
+    int64_t n);
+void moek_swiglu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *gate,
+    const moek_f16 *up, moek_f16 *dgate, moek_f16 *dup, int64_t n);
+void moek_embedding_fwd_f16(const moek_ctx *ctx, const int32_t *ids, const moek_f16 *table,
+    moek_f16 *out, int64_t N, int64_t V, int64_t D);
+void moek_embedding_bwd_f16(const moek_ctx *ctx, const moek_f16 *dout, const int32_t *ids,
+    moek_f16 *dtable, int64_t N, int64_t V, int64_t D);
+void moek_matmul_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w, moek_f16 *y,
+    int64_t N, int64_t K, int64_t M);
+void moek_matmul_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+    const moek_f16 *w, moek_f16 *dx, moek_f16 *dw, int64_t N, int64_t K, int64_t M);
+void moek_rmsnorm_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w, moek_f16 *y,
+    float *rstd, int64_t N, int64_t D, float eps);
+void moek_rmsnorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+    const moek_f16 *w, const float *rstd, moek_f16 *dx, moek_f16 *dw, int64_t N, int64_t D);
+void moek_rope_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t B, int64_t T,
+    int64_t H, int64_t Dh, float theta);
+void moek_rope_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, int64_t B, int64_t T,
+    int64_t H, int64_t Dh, float theta);
+void moek_attention_fwd_f16(const moek_ctx *ctx, const moek_f16 *q, const moek_f16 *k,
+    const moek_f16 *v, moek_f16 *o, float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh);
+void moek_attention_bwd_f16(const moek_ctx *ctx, const moek_f16 *dout, const moek_f16 *q,
+    const moek_f16 *k, const moek_f16 *v, const moek_f16 *o, const float *lse, moek_f16 *dq,
+    moek_f16 *dk, moek_f16 *dv, int64_t B, int64_t T, int64_t H, int64_t Dh);
+void moek_cross_entropy_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits, const int32_t *targets,
+    float *loss, float *lse, int64_t N, int64_t V);
+void moek_cross_entropy_bwd_f16(const moek_ctx *ctx, const float *dloss, const moek_f16 *logits,
+    const int32_t *targets, const float *lse, moek_f16 *dlogits, int64_t N, int64_t V);
+void moek_softmax_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits, float *probs, int64_t N,
+    int64_t E);
+void moek_softmax_bwd_f16(const moek_ctx *ctx, const float *dprobs, const float *probs,
+    moek_f16 *dlogits, int64_t N, int64_t E);
+void moek_zloss_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits, float *loss, int64_t N,
+    int64_t E);
+void moek_zloss_bwd_f16(const moek_ctx *ctx, const float *dloss, const moek_f16 *logits,
+    moek_f16 *dlogits, int64_t N, int64_t E);
+void moek_dispatch_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const int32_t *idx, moek_f16 *xs,
+    int32_t *slot_row, int32_t *expert_rows, int64_t N, int64_t D, int64_t E, int64_t k, int64_t C);
+void moek_dispatch_bwd_f16(const moek_ctx *ctx, const moek_f16 *dxs, const int32_t *slot_row,
+    moek_f16 *dx, int64_t N, int64_t D, int64_t k, int64_t R);
+void moek_grouped_matmul_fwd_f16(const moek_ctx *ctx, const moek_f16 *xs, const moek_f16 *w,
+    const int32_t *expert_rows, moek_f16 *ys, int64_t R, int64_t K, int64_t M, int64_t E);
+void moek_grouped_matmul_bwd_f16(const moek_ctx *ctx, const moek_f16 *dys, const moek_f16 *xs,
+    const moek_f16 *w, const int32_t *expert_rows, moek_f16 *dxs, moek_f16 *dw, int64_t R,
+    int64_t K, int64_t M, int64_t E);
+void moek_combine_fwd_f16(const moek_ctx *ctx, const moek_f16 *ys, const int32_t *slot_row,
+    const float *gates, moek_f16 *out, int64_t N, int64_t D, int64_t k, int64_t R);
+void moek_combine_bwd_f16(const moek_ctx *ctx, const moek_f16 *dout, const moek_f16 *ys,
+    const int32_t *slot_row, const float *gates, moek_f16 *dys, float *dgates, int64_t N, int64_t D,
+    int64_t k, int64_t R);
+void moek_adamw_f16(const moek_ctx *ctx, moek_f16 *p, float *master, const float *g, float *m,
+    float *v, int64_t n, const float *hyper, const float *norm_sq, float weight_decay);
+void moek_sgd_f16(const moek_ctx *ctx, moek_f16 *p, float *master, const float *g, float *buf,
+    int64_t n, const float *hyper, const float *norm_sq, float weight_decay);
+void moek_layernorm_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w,
+    const moek_f16 *b, moek_f16 *y, float *mean, float *rstd, int64_t N, int64_t D, float eps);
+void moek_layernorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+    const moek_f16 *w, const float *mean, const float *rstd, moek_f16 *dx, moek_f16 *dw,
+    moek_f16 *db, int64_t N, int64_t D);
+void moek_silu_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n);
+void moek_silu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x, moek_f16 *dx,
+    int64_t n);
+void moek_repeat_kv_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t N,
+    int64_t Hkv, int64_t H, int64_t Dh);
+void moek_repeat_kv_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, int64_t N,
+    int64_t Hkv, int64_t H, int64_t Dh);
+void moek_bias_add_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *b, moek_f16 *y,
+    int64_t N, int64_t D);
+void moek_bias_add_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, moek_f16 *db,
+    int64_t N, int64_t D);
+
+/* ---- fused ops (issue 8; kernels/cpu/fused.c, kernels/cuda/fused.cu) --------
+ * Each replaces a pattern of the ops above, declared next to it in
+ * stdlib/core.moe (`fuses { }`), and computes what the pattern computes.
+ *
+ * Residual add + RMSNorm: s = a + b, y = rmsnorm(s) (as moek_rmsnorm_fwd),
+ * the sum kept for the residual stream.  Backward: dx = rmsnorm_bwd(dy) + ds
+ * (ds: the gradient of s from its other readers), da = db = dx, dw as
+ * moek_rmsnorm_bwd.  _bf16/_f16: s is rounded first and the norm reads the
+ * rounded s; the norm's dx is rounded before ds is added - each step rounds
+ * where the unfused ops round, so the results equal theirs bit for bit. */
+void moek_add_rmsnorm_fwd(const moek_ctx *ctx, const float *a, const float *b, const float *w, float *s,
+                          float *y, float *rstd, int64_t N, int64_t D, float eps);
+void moek_add_rmsnorm_bwd(const moek_ctx *ctx, const float *dy, const float *ds, const float *s,
+                          const float *w, const float *rstd, float *da, float *db, float *dw,
+                          int64_t N, int64_t D);
+void moek_add_rmsnorm_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *a, const moek_bf16 *b,
+                               const moek_bf16 *w, moek_bf16 *s, moek_bf16 *y, float *rstd,
+                               int64_t N, int64_t D, float eps);
+void moek_add_rmsnorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *ds,
+                               const moek_bf16 *s, const moek_bf16 *w, const float *rstd, moek_bf16 *da,
+                               moek_bf16 *db, moek_bf16 *dw, int64_t N, int64_t D);
+void moek_add_rmsnorm_fwd_f16(const moek_ctx *ctx, const moek_f16 *a, const moek_f16 *b,
+                              const moek_f16 *w, moek_f16 *s, moek_f16 *y, float *rstd,
+                              int64_t N, int64_t D, float eps);
+void moek_add_rmsnorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *ds,
+                              const moek_f16 *s, const moek_f16 *w, const float *rstd, moek_f16 *da,
+                              moek_f16 *db, moek_f16 *dw, int64_t N, int64_t D);
 
 #endif

@@ -3,7 +3,7 @@
  *   file    := { import STRING | config {entries} | train {entries}
  *              | parallel {entries} | block NAME(sig) {stmts}
  *              | model NAME(sig) {stmts}
- *              | extern op NAME(sig) -> (sig) [from STRING] {entries} }
+ *              | extern op NAME(sig) -> (sig) [from STRING] {entries | NAME {stmts}} }
  *   stmt    := targets = expr | call | param NAME: type = init {attr}
  *              | for NAME in expr..expr {stmts} | if expr {stmts} [else ...]
  *              | return expr {, expr}
@@ -99,7 +99,7 @@ static ast_node *mk_name(parse_state *ps, const char *s, diag_span at)
 %token <sval> IDENT "name" STRING "string"
 
 %type <node> decl stmt expr primary arg entry sigparam type dim pattr else_opt
-%type <list> stmts entries sigparams sig_opt args args_opt dims targets exprs pattrs
+%type <list> stmts entries op_entries sigparams sig_opt args args_opt dims targets exprs pattrs
 %type <flags> sigflags
 %type <sval> key
 
@@ -127,10 +127,10 @@ decl:
                             { $$ = N(AST_BLOCK, @2); $$->name = $2; $$->list = $4; $$->list2 = $7; }
   | MODEL IDENT '(' sig_opt ')' '{' stmts '}'
                             { $$ = N(AST_MODEL, @2); $$->name = $2; $$->list = $4; $$->list2 = $7; }
-  | EXTERN OP IDENT '(' sig_opt ')' ARROW '(' sig_opt ')' '{' entries '}'
+  | EXTERN OP IDENT '(' sig_opt ')' ARROW '(' sig_opt ')' '{' op_entries '}'
                             { $$ = N(AST_EXTERN_OP, @3); $$->name = $3; $$->list = $5; $$->list2 = $9;
                               $$->list3 = $12; }
-  | EXTERN OP IDENT '(' sig_opt ')' ARROW '(' sig_opt ')' FROM STRING '{' entries '}'
+  | EXTERN OP IDENT '(' sig_opt ')' ARROW '(' sig_opt ')' FROM STRING '{' op_entries '}'
                             { $$ = N(AST_EXTERN_OP, @3); $$->name = $3; $$->list = $5; $$->list2 = $9;
                               $$->str = $12; $$->list3 = $14; }
   | error '}'               { $$ = NULL; yyerrok; }
@@ -139,6 +139,16 @@ decl:
 entries:
     %empty                  { memset(&$$, 0, sizeof $$); }
   | entries entry           { $$ = $1; ast_push(ps->arena, &$$, $2); }
+  ;
+
+/* an extern op's body also takes `name { stmts }`: `fuses { }`, the
+ * pattern a fused op replaces (compiler/fuse.h); entry a = NULL, list = body */
+op_entries:
+    %empty                  { memset(&$$, 0, sizeof $$); }
+  | op_entries entry        { $$ = $1; ast_push(ps->arena, &$$, $2); }
+  | op_entries IDENT '{' stmts '}'
+                            { ast_node *e = N(AST_ENTRY, @2); e->name = $2; e->list = $4;
+                              $$ = $1; ast_push(ps->arena, &$$, e); }
   ;
 
 entry:

@@ -4,6 +4,7 @@
  * master (F32, under the param's name); the master tensor is not stored
  * under its own name, so a checkpoint does not depend on the precision. */
 #include "checkpoint.h"
+#include "comm.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -70,6 +71,80 @@ static uint64_t source(const plan_file *pf, uint64_t i)
     return m >= 0 ? (uint64_t)m : i;
 }
 
+/* ZeRO (docs/parallel.md): the param row whose tensor i holds only this
+ * rank's slice (optimizer state from stage 1, gradients from stage 2), or -1.
+ * Checkpoints keep whole tensors: a slice is gathered to write it and cut
+ * from the whole to load it, so a file does not depend on the layout. */
+static int64_t zero_owner(const plan_file *pf, uint64_t i)
+{
+    if (pf->train->par_ranks <= 1 || pf->train->par_zero < 1)
+        return -1;
+    for (uint64_t k = 0; k < pf->nparams; k++) {
+        const plan_param *p = &pf->params[k];
+        if ((p->state0 >= 0 && (uint64_t)p->state0 == i) ||
+            (p->state1 >= 0 && (uint64_t)p->state1 == i) ||
+            (p->master >= 0 && (uint64_t)p->master == i) ||
+            (pf->train->par_zero >= 2 && p->grad >= 0 && (uint64_t)p->grad == i))
+            return (int64_t)k;
+    }
+    return -1;
+}
+
+/* Expert parallelism (plan_tensor.expert_shard, docs/parallel.md): tensor i
+ * holds this rank's experts, dim 0 of a global tensor par_expert times as
+ * long; returns that factor (1 when not sharded) and this rank's slice
+ * index.  Checkpoints store the global tensor under global expert ids. */
+static int64_t ep_mult(const plan_file *pf, uint64_t i)
+{
+    return pf->tensors[i].expert_shard == PLAN_EXPERT_SHARD && pf->train->par_expert > 1
+               ? pf->train->par_expert : 1;
+}
+
+static int64_t ep_index(const exec_state *ex)
+{
+    int64_t P = ex->pf->train->par_expert > 1 ? ex->pf->train->par_expert : 1;
+    return comm_rank(ex->ctx.comm) % P;
+}
+
+/* The whole tensor i stands for: its own shape, or a slice's param shape. */
+static const plan_tensor *logical(const plan_file *pf, uint64_t i, uint64_t *bytes)
+{
+    int64_t k = zero_owner(pf, i);
+    const plan_tensor *t = &pf->tensors[k >= 0 ? pf->params[k].tensor : i];
+    *bytes = plan_tensor_numel(t) * plan_dtype_size(pf->tensors[i].dtype) *
+             (uint64_t)ep_mult(pf, i);
+    return t;
+}
+
+/* The whole of tensor i into buf (logical bytes): a slice is gathered over
+ * the data-parallel group, so every rank must call this in the same order. */
+static int read_whole(exec_state *ex, uint64_t i, void *buf, char *err, size_t errlen)
+{
+    const plan_tensor *t = &ex->pf->tensors[i];
+    uint64_t bytes;
+    logical(ex->pf, i, &bytes);
+    if (ep_mult(ex->pf, i) > 1)   /* expert shards: in group-rank order = global expert order */
+        return exec_read(ex, i, 0, (char *)buf + bytes, t->bytes, err, errlen) ||
+               comm_allgather_host(ex->ctx.comm, (char *)buf + bytes, buf, (int64_t)t->bytes,
+                                   COMM_GROUP_EP, "checkpoint gather of expert shards", err,
+                                   errlen) ? -1 : 0;
+    if (zero_owner(ex->pf, i) < 0)
+        return exec_read(ex, i, 0, buf, t->bytes, err, errlen);
+    int64_t size;
+    comm_group_index(ex->ctx.comm, COMM_GROUP_DP, &size);
+    char *all = malloc((size_t)size * t->bytes + t->bytes);
+    if (!all)
+        return fail(err, errlen, "out of memory gathering %s", plan_str(ex->pf, t->name));
+    int rc = exec_read(ex, i, 0, all + (size_t)size * t->bytes, t->bytes, err, errlen) ||
+             comm_allgather_host(ex->ctx.comm, all + (size_t)size * t->bytes, all,
+                                 (int64_t)t->bytes, COMM_GROUP_DP, "checkpoint gather", err,
+                                 errlen) ? -1 : 0;
+    if (rc == 0)
+        memcpy(buf, all, bytes);
+    free(all);
+    return rc;
+}
+
 uint16_t ckpt_bf16_from_f32(float f)
 {
     uint32_t u;
@@ -80,20 +155,63 @@ uint16_t ckpt_bf16_from_f32(float f)
     return (uint16_t)(u >> 16);
 }
 
+/* fp32 -> IEEE half, round to nearest even (kernels/moek.h "fp16 storage"):
+ * 65520 and up -> Inf, subnormals below 2^-14, NaN stays NaN.  The same
+ * rounding as the CPU kernels' kf16_round, so a loaded param equals what
+ * moek_adamw_f16 would write from that master. */
+static uint16_t ckpt_f16_from_f32(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u)
+        return (uint16_t)(sign | 0x7c00u);
+    if (a >= 0x38800000u) {
+        uint32_t r = a - 0x38000000u;   /* rebias the exponent 127 -> 15 */
+        r += 0xfffu + ((r >> 13) & 1u);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    uint32_t shift = 126u - (a >> 23);  /* a subnormal count of 2^-24 units */
+    if (shift > 24u)
+        return sign;
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t k = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (k & 1u)))
+        k++;
+    return (uint16_t)(sign | k);
+}
+
 int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char *err,
                    size_t errlen)
 {
     const plan_tensor *pt = &ex->pf->tensors[t];
+    if (pt->dtype == PLAN_F32 && zero_owner(ex->pf, t) >= 0) {
+        /* ZeRO slice: this rank's part of the whole h[0, n), zero padded */
+        uint64_t s = plan_tensor_numel(pt), lo, k;
+        int64_t size;
+        lo = (uint64_t)comm_group_index(ex->ctx.comm, COMM_GROUP_DP, &size) * s;
+        float *sl = calloc(s + 1, sizeof *sl);
+        if (!sl)
+            return fail(err, errlen, "out of memory writing %s", plan_str(ex->pf, pt->name));
+        for (k = 0; k < s && lo + k < n; k++)
+            sl[k] = h[lo + k];
+        int rc = exec_write(ex, t, 0, sl, s * 4, err, errlen);
+        free(sl);
+        return rc;
+    }
     if (pt->dtype == PLAN_F32)
         return exec_write(ex, t, 0, h, n * 4, err, errlen);
-    if (pt->dtype != PLAN_BF16)
+    if (pt->dtype != PLAN_BF16 && pt->dtype != PLAN_F16)
         return fail(err, errlen, "internal: tensor '%s' is %s, not a float tensor",
                     plan_str(ex->pf, pt->name), st_dtype(pt->dtype));
     uint16_t *b = malloc(n * 2 + 2);
     if (!b)
         return fail(err, errlen, "out of memory writing %s", plan_str(ex->pf, pt->name));
     for (uint64_t k = 0; k < n; k++)
-        b[k] = ckpt_bf16_from_f32(h[k]);
+        b[k] = pt->dtype == PLAN_F16 ? ckpt_f16_from_f32(h[k]) : ckpt_bf16_from_f32(h[k]);
     int rc = exec_write(ex, t, 0, b, n * 2, err, errlen);
     free(b);
     return rc;
@@ -214,30 +332,35 @@ static int save_file(exec_state *ex, const char *path, const ckpt_meta *meta, in
         if (!name)
             continue;
         /* the bytes stored: a bf16 param's fp32 master (same shape) */
-        const plan_tensor *t = &pf->tensors[grads ? i : source(pf, i)];
+        uint64_t tb;
+        const plan_tensor *t = logical(pf, grads ? i : source(pf, i), &tb);
         sb_add(&h, ",");
         sb_json_str(&h, name);
-        sb_add(&h, ":{\"dtype\":\"%s\",\"shape\":[", st_dtype(t->dtype));
+        sb_add(&h, ":{\"dtype\":\"%s\",\"shape\":[",
+               st_dtype(pf->tensors[grads ? i : source(pf, i)].dtype));
         for (unsigned d = 0; d < t->ndim; d++)
-            sb_add(&h, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+            sb_add(&h, "%s%lld", d ? "," : "", (long long)t->shape[d] *
+                   (d ? 1 : ep_mult(pf, grads ? i : source(pf, i))));
         sb_add(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
-               (unsigned long long)(off + t->bytes));
-        off += t->bytes;
-        if (t->bytes > maxb)
-            maxb = t->bytes;
+               (unsigned long long)(off + tb));
+        off += tb;
+        if (tb > maxb)
+            maxb = tb;
     }
     sb_add(&h, "}");
     while (!h.oom && (8 + h.n) % 8 != 0)   /* pad so the data starts 8-aligned */
         sb_add(&h, " ");
-    char *buf = h.oom ? NULL : malloc(maxb ? maxb : 1);
+    char *buf = h.oom ? NULL : malloc(maxb ? 2 * maxb : 1);   /* + an expert shard's own part */
     if (!buf) {
         free(h.p);
         return fail(err, errlen, "out of memory writing checkpoint %s", path);
     }
     char tmp[PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
+    /* ZeRO: every rank gathers the slices, rank 0 alone writes the file */
+    int writer = comm_rank(ex->ctx.comm) == 0;
+    int fd = writer ? open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) : -1;
+    if (writer && fd < 0) {
         free(h.p);
         free(buf);
         return fail(err, errlen, "cannot write checkpoint %s: %s; check the directory", tmp,
@@ -247,21 +370,23 @@ static int save_file(exec_state *ex, const char *path, const ckpt_meta *meta, in
     unsigned char le[8];
     for (int i = 0; i < 8; i++)
         le[i] = (unsigned char)(hlen >> (8 * i));
-    int rc = write_all(fd, le, 8) || write_all(fd, h.p, h.n) ? -1 : 0;
+    int rc = writer && (write_all(fd, le, 8) || write_all(fd, h.p, h.n)) ? -1 : 0;
     if (rc)
         fail(err, errlen, "cannot write checkpoint %s: %s", tmp, strerror(errno));
-    for (uint64_t i = 0; i < pf->ntensors && rc == 0; i++) {
+    /* after a write error rank 0 keeps gathering, so no peer waits in vain */
+    for (uint64_t i = 0; i < pf->ntensors; i++) {
         if (!pick(pf, i, grads))
             continue;
-        uint64_t si = grads ? i : source(pf, i);
+        uint64_t si = grads ? i : source(pf, i), tb;
         const plan_tensor *t = &pf->tensors[si];
-        if (exec_read(ex, si, 0, buf, t->bytes, err, errlen)) {
+        logical(pf, si, &tb);
+        if (read_whole(ex, si, buf, err, errlen)) {
             rc = -1;
             break;
         }
-        if (t->dtype == PLAN_F32) {
+        if (rc == 0 && t->dtype == PLAN_F32) {
             const float *f = (const float *)buf;
-            for (uint64_t k = 0; k < t->bytes / 4; k++)
+            for (uint64_t k = 0; k < tb / 4; k++)
                 if (!isfinite(f[k])) {
                     rc = fail(err, errlen, "refusing to save a non-finite model: %s[%llu] is "
                               "%g; lower the learning rate or enable clip_grad",
@@ -269,8 +394,13 @@ static int save_file(exec_state *ex, const char *path, const ckpt_meta *meta, in
                     break;
                 }
         }
-        if (rc == 0 && write_all(fd, buf, t->bytes))
+        if (rc == 0 && writer && write_all(fd, buf, tb))
             rc = fail(err, errlen, "cannot write checkpoint %s: %s", tmp, strerror(errno));
+    }
+    if (!writer) {
+        free(h.p);
+        free(buf);
+        return rc;
     }
     if (rc == 0 && fsync(fd) != 0)
         rc = fail(err, errlen, "cannot sync checkpoint %s: %s", tmp, strerror(errno));
@@ -605,22 +735,26 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
                  "another model", path, e->name);
             goto out;
         }
-        /* a bf16 param with a master is stored as its fp32 master */
-        const plan_tensor *t = &pf->tensors[source(pf, ti)];
+        /* a bf16 param with a master is stored as its fp32 master; a ZeRO
+         * slice as the whole tensor */
+        const plan_tensor *dt = &pf->tensors[source(pf, ti)];
+        uint64_t tbytes;
+        const plan_tensor *t = logical(pf, source(pf, ti), &tbytes);
         if (seen[ti]) {
             fail(err, errlen, "%s: tensor '%s' appears twice; the checkpoint is damaged", path,
                  e->name);
             goto out;
         }
         seen[ti] = 1;
-        if (strcmp(e->dtype, st_dtype(t->dtype)) != 0) {
+        if (strcmp(e->dtype, st_dtype(dt->dtype)) != 0) {
             fail(err, errlen, "%s: tensor '%s' is %s, the plan wants %s; use a checkpoint of "
-                 "this model", path, e->name, e->dtype, st_dtype(t->dtype));
+                 "this model", path, e->name, e->dtype, st_dtype(dt->dtype));
             goto out;
         }
+        int64_t em = ep_mult(pf, source(pf, ti));   /* expert shards: the global shape */
         int same = e->ndim == t->ndim;
         for (int d = 0; same && d < e->ndim; d++)
-            same = e->shape[d] == (uint64_t)t->shape[d];
+            same = e->shape[d] == (uint64_t)(t->shape[d] * (d ? 1 : em));
         if (!same) {
             char a[128] = "", b[128] = "";
             for (int d = 0; d < e->ndim; d++)
@@ -628,12 +762,12 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
                          (unsigned long long)e->shape[d]);
             for (int d = 0; d < t->ndim; d++)
                 snprintf(b + strlen(b), sizeof b - strlen(b), "%s%lld", d ? "," : "",
-                         (long long)t->shape[d]);
+                         (long long)(t->shape[d] * (d ? 1 : em)));
             fail(err, errlen, "%s: tensor '%s' has shape [%s], the plan wants [%s]; use a "
                  "checkpoint of this model", path, e->name, a, b);
             goto out;
         }
-        if (e->off[0] > e->off[1] || e->off[1] > dsize || e->off[1] - e->off[0] != t->bytes) {
+        if (e->off[0] > e->off[1] || e->off[1] > dsize || e->off[1] - e->off[0] != tbytes) {
             fail(err, errlen, "%s: tensor '%s' data [%llu, %llu) does not fit the %llu-byte "
                  "data section or its shape; the checkpoint is truncated or damaged", path,
                  e->name, (unsigned long long)e->off[0], (unsigned long long)e->off[1],
@@ -656,12 +790,30 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
             if (!stored(pf, i, mode) || strcmp(plan_str(pf, t->name), ents[k].name) != 0)
                 continue;
             int64_t m = master_of(pf, i);
-            if (m < 0) {
-                if (exec_write(ex, i, 0, data + ents[k].off[0], t->bytes, err, errlen))
+            if (m < 0 && zero_owner(pf, i) >= 0) {
+                /* a ZeRO slice: cut this rank's part from the whole */
+                uint64_t tb;
+                const plan_tensor *lt = logical(pf, i, &tb);
+                free(wide);
+                wide = malloc(tb + 4);
+                if (!wide) {
+                    fail(err, errlen, "%s: out of memory", path);
+                    goto out;
+                }
+                memcpy(wide, data + ents[k].off[0], tb);
+                if (ckpt_write_f32(ex, i, wide, plan_tensor_numel(lt), err, errlen))
                     goto out;
                 break;
             }
-            /* master <- the stored fp32 values; param <- bf16(master) */
+            /* expert shards: this rank's experts are one slice of the global tensor */
+            uint64_t skip = ep_mult(pf, i) > 1 ? (uint64_t)ep_index(ex) * plan_tensor_numel(t) *
+                            (m < 0 ? t->bytes / plan_tensor_numel(t) : 4) : 0;
+            if (m < 0) {
+                if (exec_write(ex, i, 0, data + ents[k].off[0] + skip, t->bytes, err, errlen))
+                    goto out;
+                break;
+            }
+            /* master <- the stored fp32 values; param <- bf16(master) or f16(master) */
             uint64_t n = plan_tensor_numel(t);
             free(wide);
             wide = malloc(n * 4 + 4);
@@ -669,7 +821,7 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
                 fail(err, errlen, "%s: out of memory", path);
                 goto out;
             }
-            memcpy(wide, data + ents[k].off[0], n * 4);
+            memcpy(wide, data + ents[k].off[0] + skip, n * 4);
             if (ckpt_write_f32(ex, (uint64_t)m, wide, n, err, errlen) ||
                 ckpt_write_f32(ex, i, wide, n, err, errlen))
                 goto out;

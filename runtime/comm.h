@@ -156,4 +156,83 @@ void moec_comm_allreduce_f32_multi(const moek_ctx *ctx, int64_t group, int64_t b
                                    float *t7, int64_t n7);
 void moec_comm_allreduce_f32(const moek_ctx *ctx, float *buf, int64_t n, int64_t group);
 
+/* ---- expert parallelism (compiler/parallel_ep.c, docs/parallel.md) ------
+ * A backend that can run expert parallelism also exports COMM_EP_SYMBOL, a
+ * second table (kept apart from comm_backend so its ABI stays put).  Both
+ * exchanges move raw bytes, so one entry serves every dtype; blocks are in
+ * group-rank order and a zero-size block is fine (every rank still joins). */
+typedef struct comm_ep_backend {
+    int abi;                     /* COMM_BACKEND_ABI */
+    /* bytes_per_peer bytes from send + k*bytes_per_peer to group rank k */
+    int (*alltoall)(void *impl, const void *send, void *recv, int64_t bytes_per_peer, int group,
+                    const char *what, char *err, size_t errlen);
+    /* send_bytes[k] bytes to group rank k, recv_bytes[k] from it; blocks
+     * packed back to back in k order on both sides */
+    int (*alltoallv)(void *impl, const void *send, const int64_t *send_bytes, void *recv,
+                     const int64_t *recv_bytes, int group, const char *what, char *err,
+                     size_t errlen);
+} comm_ep_backend;
+typedef const comm_ep_backend *(*comm_ep_backend_fn)(void);
+#define COMM_EP_SYMBOL "moec_comm_backend_ep"
+
+/* Size of group id for this rank (1 when the backend is single). */
+int64_t comm_group_size(const comm *c, int group);
+/* Host-side all-gather over group: every rank's `bytes` from mine, in
+ * group-rank order, into all (size x bytes).  Checkpoints of expert shards. */
+int comm_allgather_host(comm *c, const void *mine, void *all, int64_t bytes, int group,
+                        const char *what, char *err, size_t errlen);
+
+/* The dispatch counts: expert_rows[E,2] is this rank's dispatch (first row,
+ * rows) per global expert; the P ranks of group (the expert-parallel group,
+ * P = its size) hold El = E/P experts each, rank k the ids [k*El, (k+1)*El).
+ * counts[2*P*El] = rows this rank sends to (rank d, local expert j) at
+ * d*El + j, then rows it receives from (rank s, local expert j) at
+ * P*El + s*El + j, exchanged as one all-to-all; local_rows[El,2] = (first
+ * row, rows) of each local expert in the received buffer: expert-major,
+ * source rank within, packed back to back. */
+void moec_comm_ep_counts(const moek_ctx *ctx, int64_t group, const int32_t *expert_rows,
+                         int32_t *counts, int32_t *local_rows, int64_t E, int64_t P);
+/* dir 0 (dispatch): src = xs[R,D] laid out by expert_rows, dst = xr[Rr,D]
+ * laid out by local_rows; dir 1 (combine, and dispatch's backward): the
+ * reverse, src[Rr,D] -> dst[R,D].  esize bytes per element (4 fp32, 2
+ * bf16/fp16).  Rows of dst no block covers are zeroed.  Two collectives
+ * are never skipped: a rank with nothing to send sends zero bytes. */
+void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, const void *src,
+                           void *dst, const int32_t *expert_rows, const int32_t *counts,
+                           const int32_t *local_rows, int64_t R, int64_t Rr, int64_t D, int64_t E,
+                           int64_t P, int64_t esize);
+
+/* ---- ZeRO (docs/parallel.md "ZeRO"): slices of a tensor over a group ----
+ * A backend that supports ZeRO also exports COMM_ZERO_SYMBOL, a second table
+ * (kept apart from comm_backend so other extensions never collide with it).
+ * Rank i of the group owns elements [i*S, (i+1)*S) of a tensor of n
+ * elements, S = plan_zero_shard_numel(n, size) (runtime/plan.h). */
+typedef struct comm_zero_backend {
+    int abi;                     /* COMM_BACKEND_ABI */
+    /* full[k*bytes .. (k+1)*bytes) <- slice of group rank k (full holds size*bytes) */
+    int (*allgather)(void *impl, const void *slice, void *full, int64_t bytes, int group,
+                     const char *what, char *err, size_t errlen);
+    /* slice <- sum over the group of full[index*s .. (index+1)*s) (full holds size*s) */
+    int (*reduce_scatter_f32)(void *impl, const float *full, float *slice, int64_t s, int group,
+                              const char *what, char *err, size_t errlen);
+} comm_zero_backend;
+typedef const comm_zero_backend *(*comm_zero_fn)(void);
+#define COMM_ZERO_SYMBOL "moec_comm_zero_backend"
+
+/* This rank's position in group and the group's size (0 and 1 for one rank). */
+int comm_group_index(const comm *c, int group, int64_t *size);
+/* (checkpoints gather slices with comm_allgather_host above) */
+
+/* The plan ops (no outputs: each updates its tensor arguments in place).
+ * esize: bytes per element (4 fp32, 2 bf16).  slice: S elements. */
+/* slice <- this rank's slice of full[0, n), zero past n (a local copy) */
+void moec_comm_zero_slice(const moek_ctx *ctx, int64_t group, const void *full, int64_t n,
+                          void *slice, int64_t s, int64_t esize);
+/* full[0, n) <- every rank's slice, in rank order */
+void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *slice, int64_t s,
+                              void *full, int64_t n, int64_t esize);
+/* slice (+)= the group's sum of this rank's slice of full[0, n) (fp32) */
+void moec_comm_zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const float *full,
+                                   int64_t n, float *slice, int64_t s, int64_t accumulate);
+
 #endif

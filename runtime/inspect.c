@@ -52,8 +52,16 @@ void inspect_plan(const plan_file *pf, FILE *out)
             (unsigned long long)t->param_count, (unsigned long long)t->active_param_count,
             (unsigned long long)t->flops_per_token);
     fprintf(out, "  precision %s, kernel workspace %llu bytes\n",
-            t->precision == PLAN_BF16 ? "bf16 (fp32 master weights, grads and optimizer state)"
-                                      : "fp32", (unsigned long long)t->workspace_bytes);
+            t->precision == PLAN_BF16   ? "bf16 (fp32 master weights, grads and optimizer state)"
+            : t->precision == PLAN_F16 ? "fp16 (fp32 master weights, grads and optimizer state)"
+                                        : "fp32", (unsigned long long)t->workspace_bytes);
+    if (t->precision == PLAN_F16) {
+        if (t->loss_scale_window > 0)
+            fprintf(out, "  loss scale dynamic: initial %g, doubled after %u good steps, halved "
+                    "on overflow\n", (double)t->loss_scale, t->loss_scale_window);
+        else
+            fprintf(out, "  loss scale static %g (halved on overflow)\n", (double)t->loss_scale);
+    }
     fprintf(out, "pools (%llu):\n", (unsigned long long)pf->npools);
     for (uint64_t i = 0; i < pf->npools; i++) {
         fprintf(out, "  %llu %-10s %-9s ", (unsigned long long)i, plan_str(pf, pf->pools[i].name),

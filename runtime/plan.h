@@ -96,7 +96,7 @@ typedef struct plan_tensor {
     uint8_t ndim;
     uint8_t role;        /* enum plan_role */
     uint32_t pool;       /* index into pools */
-    uint32_t pad0;
+    uint32_t expert_shard; /* PLAN_EXPERT_SHARD: dim 0 is this rank's slice of the experts */
     int64_t shape[PLAN_MAX_DIMS];
     uint64_t offset;     /* bytes from the start of the pool, PLAN_ALIGN-aligned */
     uint64_t bytes;      /* product(shape) * dtype size */
@@ -195,5 +195,26 @@ static inline uint64_t plan_dtype_size(uint32_t dt)
     default: return 0;
     }
 }
+
+/* ZeRO (parallel { zero >= 1 } on N > 1 data-parallel ranks, docs/parallel.md):
+ * a tensor of n elements is cut into N equal slices of plan_zero_shard_numel
+ * elements each (the last ones padded with zeros); rank i of the group holds
+ * slice i.  A slice is a multiple of 32 elements so that every slice starts
+ * 64-byte aligned in fp32 and in bf16.  Which tensors are slices follows from
+ * plan_train.par_zero: stage >= 1 the optimizer state (m, v, master), >= 2
+ * also the gradients, 3 also the params. */
+static inline int64_t plan_zero_shard_numel(int64_t n, int64_t nranks)
+{
+    int64_t s = nranks > 0 ? (n + nranks - 1) / nranks : n;
+    return (s + 31) / 32 * 32;
+}
+
+/* Expert parallelism (parallel { expert = P > 1 }, docs/parallel.md): an
+ * expert param, its gradient, optimizer states and master copy carry
+ * expert_shard = PLAN_EXPERT_SHARD (0 otherwise; was padding, so older plans
+ * read 0).  Their dim 0 holds shape[0] experts of the global
+ * shape[0] * par_expert, starting at global expert (rank % par_expert) *
+ * shape[0]; names, init and checkpoints use the global tensor. */
+#define PLAN_EXPERT_SHARD 1u
 
 #endif

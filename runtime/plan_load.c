@@ -320,7 +320,12 @@ static int check_param_ref(const plan_file *pf, uint64_t i, int64_t ref, uint32_
                     "expected %s; " RECOMPILE, (unsigned long long)i, plan_str(pf, owner->name),
                     field, plan_str(pf, t->name), plan_storage_name(t->storage),
                     plan_storage_name(storage));
-    if (plan_tensor_numel(t) != plan_tensor_numel(owner))
+    /* ZeRO: optimizer state (stage >= 1) and gradients (>= 2) are one rank's slice */
+    int64_t zr = pf->train->par_ranks, zs = (int64_t)pf->train->par_zero;
+    int slice = zr > 1 && (storage == PLAN_ST_OPTSTATE ? zs >= 1 : storage == PLAN_ST_GRAD && zs >= 2);
+    if (slice ? (int64_t)plan_tensor_numel(t) !=
+                    plan_zero_shard_numel((int64_t)plan_tensor_numel(owner), zr)
+              : plan_tensor_numel(t) != plan_tensor_numel(owner))
         return fail(err, errlen, "corrupt: param %llu '%s': %s tensor '%s' has %llu elements, "
                     "the param %llu; " RECOMPILE, (unsigned long long)i,
                     plan_str(pf, owner->name), field, plan_str(pf, t->name),

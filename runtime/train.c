@@ -53,7 +53,13 @@ int train_init_params(exec_state *ex, char *err, size_t errlen)
         const plan_tensor *t = &pf->tensors[p->tensor];
         if (p->init == PLAN_INIT_NONE)
             continue;
-        uint64_t n = plan_tensor_numel(t);
+        uint64_t n = plan_tensor_numel(t), first = 0;
+        if (t->expert_shard == PLAN_EXPERT_SHARD) {
+            /* this rank's experts of the global tensor: draw it all, keep the
+             * slice, so every layout starts from the same weights */
+            first = n * (uint64_t)(comm_rank(ex->ctx.comm) % pf->train->par_expert);
+            n *= (uint64_t)pf->train->par_expert;
+        }
         float *h = malloc(n * sizeof *h + 1);
         if (!h)
             return fail(err, errlen, "out of memory initialising %s", plan_str(pf, t->name));
@@ -64,7 +70,7 @@ int train_init_params(exec_state *ex, char *err, size_t errlen)
                  : (float)(rng_normal(&r) * p->init_std);
         /* the same fp32 values in any precision: a bf16 param's master gets
          * them and the param their bf16 rounding */
-        int rc = ckpt_set_param(ex, i, h, err, errlen);
+        int rc = ckpt_set_param(ex, i, h + first, err, errlen);
         free(h);
         if (rc)
             return -1;
@@ -172,13 +178,54 @@ static int evaluate(exec_state *ex, const roles *r, const data_file *d, int32_t 
     return 0;
 }
 
-static int save(exec_state *ex, const char *path, int64_t step, const rng *g, char *err,
-                size_t errlen)
+/* precision = fp16: the dynamic loss scale S and its counters (S = 0: no
+ * loss scaling, fp32 and bf16).  Checkpointed, so a resume continues with
+ * the same S and the same bias corrections. */
+typedef struct lscale {
+    double scale;        /* S: multiplies the loss seed; the optimizers divide it out */
+    int64_t good;        /* overflow-free steps since S last changed */
+    int64_t bad;         /* consecutive overflowing steps at S = 1 */
+    int64_t skipped;     /* steps skipped so far: Adam's bias corrections count updates */
+} lscale;
+
+static const char *const lscale_keys[4] = {"loss_scale", "loss_scale_good", "loss_scale_bad",
+                                           "loss_scale_skipped"};
+
+/* From a checkpoint's metadata; missing (an fp32/bf16 checkpoint): the
+ * plan's initial state.  -1 on damaged values. */
+static int lscale_load(lscale *ls, const ckpt_meta *m, int nm)
+{
+    const char *v[4];
+    for (int k = 0; k < 4; k++)
+        v[k] = ckpt_meta_get(m, nm, lscale_keys[k]);
+    if (!v[0] || ls->scale == 0.0)
+        return 0;
+    char *e[4];
+    double s = strtod(v[0], &e[0]);
+    int64_t c[3];
+    for (int k = 1; k < 4; k++)
+        c[k - 1] = v[k] ? strtoll(v[k], &e[k], 10) : (e[k] = (char *)"", 0);
+    if (*e[0] || *e[1] || *e[2] || *e[3] || !(s >= 1.0 && s < 3.4e38) || c[0] < 0 || c[1] < 0 ||
+        c[2] < 0)
+        return -1;
+    ls->scale = s;
+    ls->good = c[0];
+    ls->bad = c[1];
+    ls->skipped = c[2];
+    return 0;
+}
+
+static int save(exec_state *ex, const char *path, int64_t step, const rng *g, const lscale *ls,
+                char *err, size_t errlen)
 {
     const plan_file *pf = ex->pf;
-    if (comm_rank(ex->ctx.comm) != 0)
-        return 0;   /* data parallelism: every rank holds the same state; rank 0 writes it */
-    ckpt_meta m[5];
+    /* data parallelism: every rank holds the same state; rank 0 writes it.
+     * ZeRO: each rank holds a slice, so every rank joins the gathers */
+    int zero = pf->train->par_ranks > 1 && (pf->train->par_zero >= 1 ||
+                                            pf->train->par_expert > 1);   /* shards: all ranks gather */
+    if (comm_rank(ex->ctx.comm) != 0 && !zero)
+        return 0;
+    ckpt_meta m[9];
     memset(m, 0, sizeof m);
     snprintf(m[0].key, sizeof m[0].key, "format");
     snprintf(m[0].val, sizeof m[0].val, "moec-1");
@@ -190,7 +237,17 @@ static int save(exec_state *ex, const char *path, int64_t step, const rng *g, ch
     snprintf(m[3].val, sizeof m[3].val, "%s", plan_str(pf, pf->hdr->model_name));
     snprintf(m[4].key, sizeof m[4].key, "source_hash");
     snprintf(m[4].val, sizeof m[4].val, "%016" PRIx64, pf->hdr->source_hash);
-    return ckpt_save(ex, path, m, 5, err, errlen);
+    int nm = 5;
+    if (ls && ls->scale > 0) {
+        int64_t c[3] = {ls->good, ls->bad, ls->skipped};
+        snprintf(m[nm].key, sizeof m[nm].key, "%s", lscale_keys[0]);
+        snprintf(m[nm++].val, sizeof m[0].val, "%.17g", ls->scale);
+        for (int k = 0; k < 3; k++) {
+            snprintf(m[nm].key, sizeof m[nm].key, "%s", lscale_keys[k + 1]);
+            snprintf(m[nm++].val, sizeof m[0].val, "%" PRId64, c[k]);
+        }
+    }
+    return ckpt_save(ex, path, m, nm, err, errlen);
 }
 
 /* a plan name as a JSON string (names hold no control characters) */
@@ -268,7 +325,7 @@ static int trace_open(trace *tr, const char *dir, exec_state *ex, int64_t start,
     snprintf(path, sizeof path, "%s/init.safetensors", dir);
     if (fflush(tr->log) != 0)
         return trace_fail(dir, "trace.jsonl", err, errlen);
-    return save(ex, path, start, g, err, errlen);
+    return save(ex, path, start, g, NULL, err, errlen);
 }
 
 static int trace_batch(trace *tr, const int32_t *tok, const int32_t *tgt, size_t n, char *err,
@@ -497,6 +554,7 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
     }
     rng g = rng_seeded((uint64_t)t->seed, "data");
     int64_t start = 0;
+    lscale ls = {t->precision == PLAN_F16 ? (double)t->loss_scale : 0.0, 0, 0, 0};
     if (o->resume_path) {
         ckpt_meta m[16];
         int nm = 0;
@@ -513,7 +571,7 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
         }
         start = strtoll(st, &e1, 10);
         g.s = strtoull(rs, &e2, 16);
-        if (*e1 || *e2 || start < 0) {
+        if (*e1 || *e2 || start < 0 || lscale_load(&ls, m, nm)) {
             fail(err, errlen, "%s: bad step or data_rng metadata; the checkpoint is damaged",
                  o->resume_path);
             goto out;
@@ -551,13 +609,16 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
         hyper[MOEK_HYPER_BETA1] = t->beta1;
         hyper[MOEK_HYPER_BETA2] = t->beta2;
         hyper[MOEK_HYPER_EPS] = t->eps;
-        hyper[MOEK_HYPER_BC1] = (float)(1.0 - pow(t->beta1, (double)step));
-        hyper[MOEK_HYPER_BC2] = (float)(1.0 - pow(t->beta2, (double)step));
+        /* bias corrections count the updates made: fp16 skips overflowing steps */
+        hyper[MOEK_HYPER_BC1] = (float)(1.0 - pow(t->beta1, (double)(step - ls.skipped)));
+        hyper[MOEK_HYPER_BC2] = (float)(1.0 - pow(t->beta2, (double)(step - ls.skipped)));
         hyper[MOEK_HYPER_MAX_NORM] = t->clip_grad;
         hyper[MOEK_HYPER_MOMENTUM] = t->momentum;
         hyper[MOEK_HYPER_STEP] = (float)step;   /* exact below 2^24 steps */
-        /* the all-reduced gradient is then the mean over every rank's micro-batches */
-        float seed = (float)(1.0 / (double)(t->grad_accum * r.nshards));
+        hyper[MOEK_HYPER_LOSS_SCALE] = (float)ls.scale;
+        /* the all-reduced gradient is then the mean over every rank's micro-batches;
+         * fp16 scales only the seed, so the loss read back stays unscaled */
+        float seed = (float)((ls.scale > 0 ? ls.scale : 1.0) / (double)(t->grad_accum * r.nshards));
         if ((r.hyper >= 0 && exec_write(ex, (uint64_t)r.hyper, 0, hyper, sizeof hyper, err, errlen)) ||
             (r.seed >= 0 && exec_write(ex, (uint64_t)r.seed, 0, &seed, 4, err, errlen)))
             goto out;
@@ -598,7 +659,34 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
             if (exec_read(ex, (uint64_t)r.norm, 0, &nsq, 4, err, errlen))
                 goto out;
             norm = sqrt((double)nsq);
-            if (!isfinite(norm)) {
+            if (ls.scale > 0 && !isfinite(norm)) {
+                /* the kernels skipped the update (moek.h): halve S and go on */
+                double was = ls.scale;
+                ls.scale = ls.scale > 1.0 ? ls.scale / 2 : 1.0;
+                ls.good = 0;
+                ls.skipped++;
+                ls.bad = was <= 1.0 ? ls.bad + 1 : 0;
+                norm = NAN;   /* no update was made: no norm to report */
+                if (o->out)
+                    fprintf(o->out, "step %lld: gradient overflow, skipped; loss scale %.17g -> %.17g\n",
+                            (long long)step, was, ls.scale);
+                int64_t limit = t->loss_scale_window > 0 ? t->loss_scale_window : 1000;
+                if (ls.bad >= limit) {
+                    fail(err, errlen, "gradients overflow fp16 at loss scale 1 for %lld steps in a "
+                         "row (step %lld); stopped (the last checkpoint is intact); lower the "
+                         "learning rate or use precision = bf16", (long long)ls.bad, (long long)step);
+                    goto out;
+                }
+            } else if (ls.scale > 0) {
+                norm /= ls.scale;   /* the unscaled norm */
+                ls.bad = 0;
+                if (t->loss_scale_window > 0 && ++ls.good >= (int64_t)t->loss_scale_window) {
+                    if (ls.scale < 1e38)   /* stays a finite float */
+                        ls.scale *= 2;
+                    ls.good = 0;
+                }
+            }
+            if (ls.scale == 0 && !isfinite(norm)) {
                 fail(err, errlen, "gradient norm is %g at step %lld; stopped (the last "
                      "checkpoint is intact); lower the learning rate or enable clip_grad",
                      norm, (long long)step);
@@ -645,6 +733,8 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
             }
             if (isfinite(val))
                 fprintf(mf, ",\"val_loss\":%.9g", val);
+            if (ls.scale > 0)   /* the scale the next step uses */
+                fprintf(mf, ",\"loss_scale\":%.9g", ls.scale);
             loads_json(pf, loads, mf);
             fprintf(mf, "}\n");
             fflush(mf);
@@ -652,10 +742,10 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
         free(loads);
         int stop = o->stop && *o->stop;
         if (o->ckpt_path && !stop && step != total && t->checkpoint_every > 0 &&
-            step % t->checkpoint_every == 0 && save(ex, o->ckpt_path, step, &g, err, errlen))
+            step % t->checkpoint_every == 0 && save(ex, o->ckpt_path, step, &g, &ls, err, errlen))
             goto out;
         if (stop) {
-            if (o->ckpt_path && save(ex, o->ckpt_path, step, &g, err, errlen))
+            if (o->ckpt_path && save(ex, o->ckpt_path, step, &g, &ls, err, errlen))
                 goto out;
             if (o->out)
                 fprintf(o->out, "run: interrupted after step %lld; saved %s (resume with "
@@ -665,7 +755,7 @@ int train_run_trace(exec_state *ex, const train_opts *o, const char *trace_dir, 
             goto out;
         }
     }
-    if (o->ckpt_path && save(ex, o->ckpt_path, step, &g, err, errlen))
+    if (o->ckpt_path && save(ex, o->ckpt_path, step, &g, &ls, err, errlen))
         goto out;
     if (o->out && o->ckpt_path)
         fprintf(o->out, "run: saved %s after step %lld\n", o->ckpt_path, (long long)step);
@@ -790,10 +880,19 @@ int train_sample(exec_state *ex, const sample_opts *o, FILE *out, char *err, siz
             exec_read(ex, (uint64_t)r.logits, (uint64_t)((len - 1) * V) * esz, row,
                       (uint64_t)V * esz, err, errlen))
             goto out;
-        if (esz == 2) {   /* bf16 logits: widen in place, last first (exact) */
+        if (esz == 2) {   /* bf16 or f16 logits: widen in place, last first (exact) */
             const uint16_t *b = (const uint16_t *)row;
+            int f16 = pf->tensors[r.logits].dtype == PLAN_F16;
             for (int64_t v = V - 1; v >= 0; v--) {
                 uint32_t u = (uint32_t)b[v] << 16;
+                if (f16) {   /* IEEE half: rebias, subnormals scaled exactly */
+                    uint32_t h = b[v], e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+                    float sub = (float)m * 5.9604644775390625e-8f;   /* m * 2^-24 */
+                    memcpy(&u, &sub, 4);
+                    u = ((h & 0x8000u) << 16) |
+                        (e == 0x1fu ? 0x7f800000u | (m << 13)
+                         : e ? ((e + 112u) << 23) | (m << 13) : u);
+                }
                 memcpy(&row[v], &u, 4);
             }
         }

@@ -13,15 +13,28 @@ void moek_sumsq_accum(const moek_ctx *ctx, const float *x, float *acc, int64_t n
     acc[0] = (float)((double)acc[0] + s);
 }
 
-/* The clipping factor torch.nn.utils.clip_grad_norm_ applies:
- * min(1, max_norm / (norm + 1e-6)); 1 when clipping is off. */
-static float kcpu_clip(const float *hyper, const float *norm_sq)
+/* The factor every gradient is multiplied by: 1/S undoes the loss scale
+ * (S = hyper[MOEK_HYPER_LOSS_SCALE] > 0, fp16), then torch's
+ * clip_grad_norm_ factor min(1, max_norm / (norm + 1e-6)) on the unscaled
+ * norm sqrt(*norm_sq) / S.  Returns 0 when *norm_sq is not finite: the
+ * caller skips the update (an fp16 overflow; every param reads the same
+ * norm, so they all skip together). */
+static int kcpu_grad_factor(const float *hyper, const float *norm_sq, float *factor)
 {
+    float s = hyper[MOEK_HYPER_LOSS_SCALE];
+    float inv = s > 0.0f ? 1.0f / s : 1.0f;
+    *factor = inv;
+    if (!norm_sq)
+        return 1;
+    if (!isfinite(norm_sq[0]))
+        return 0;
     float max_norm = hyper[MOEK_HYPER_MAX_NORM];
-    if (!(max_norm > 0.0f) || !norm_sq)
-        return 1.0f;
-    float c = max_norm / (sqrtf(norm_sq[0]) + 1e-6f);
-    return c < 1.0f ? c : 1.0f;
+    if (max_norm > 0.0f) {
+        float c = max_norm / (sqrtf(norm_sq[0]) * inv + 1e-6f);
+        if (c < 1.0f)
+            *factor = inv * c;
+    }
+    return 1;
 }
 
 /* torch.optim.AdamW: p *= 1 - lr wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
@@ -33,7 +46,9 @@ void moek_adamw(const moek_ctx *ctx, float *p, const float *g, float *m, float *
     float eps = hyper[MOEK_HYPER_EPS];
     float step = lr / hyper[MOEK_HYPER_BC1];
     float bc2_sqrt = sqrtf(hyper[MOEK_HYPER_BC2]);
-    float clip = kcpu_clip(hyper, norm_sq);
+    float clip;
+    if (!kcpu_grad_factor(hyper, norm_sq, &clip))
+        return;
     float decay = 1.0f - lr * weight_decay;
 #pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, 8 * n))
     for (int64_t i = 0; i < n; i++) {
@@ -54,7 +69,9 @@ void moek_sgd(const moek_ctx *ctx, float *p, const float *g, float *buf, int64_t
               const float *hyper, const float *norm_sq, float weight_decay)
 {
     float lr = hyper[MOEK_HYPER_LR], mom = hyper[MOEK_HYPER_MOMENTUM];
-    float clip = kcpu_clip(hyper, norm_sq);
+    float clip;
+    if (!kcpu_grad_factor(hyper, norm_sq, &clip))
+        return;
 #pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, 4 * n))
     for (int64_t i = 0; i < n; i++) {
         float gi = g[i] * clip + weight_decay * p[i];

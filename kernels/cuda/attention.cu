@@ -483,4 +483,22 @@ void moek_attention_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const m
                      kc_bf(dk), kc_bf(dv), B, T, H, Dh);
 }
 
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half ---- */
+void moek_attention_fwd_f16(const moek_ctx *ctx, const moek_f16 *q, const moek_f16 *k,
+                             const moek_f16 *v, moek_f16 *o, float *lse, int64_t B, int64_t T,
+                             int64_t H, int64_t Dh)
+{
+    kc_attention_fwd(ctx, kc_hf(q), kc_hf(k), kc_hf(v), kc_hf(o), lse, B, T, H, Dh);
+}
+
+void moek_attention_bwd_f16(const moek_ctx *ctx, const moek_f16 *dout, const moek_f16 *q,
+                             const moek_f16 *k, const moek_f16 *v, const moek_f16 *o,
+                             const float *lse, moek_f16 *dq, moek_f16 *dk, moek_f16 *dv,
+                             int64_t B, int64_t T, int64_t H, int64_t Dh)
+{
+    kc_attention_bwd(ctx, kc_hf(dout), kc_hf(q), kc_hf(k), kc_hf(v), kc_hf(o), lse, kc_hf(dq),
+                     kc_hf(dk), kc_hf(dv), B, T, H, Dh);
+}
+
 } /* extern "C" */

@@ -211,4 +211,72 @@ void moek_swiglu_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_b
                  kc_bf(dup), n);
 }
 
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half ---- */
+void moek_cast_f16_f32(const moek_ctx *ctx, const moek_f16 *x, float *y, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_cast<kc_f16, float>, kc_hf(x), y, n);
+}
+
+void moek_cast_f32_f16(const moek_ctx *ctx, const float *x, moek_f16 *y, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_cast<float, kc_f16>, x, kc_hf(y), n);
+}
+
+void moek_fill_f16(const moek_ctx *ctx, moek_f16 *x, int64_t n, float value)
+{
+    kc_launch_1d(ctx, n, k_fill<kc_f16>, kc_hf(x), n, value);
+}
+
+void moek_copy_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_copy<kc_f16>, kc_hf(x), kc_hf(y), n);
+}
+
+void moek_add_fwd_f16(const moek_ctx *ctx, const moek_f16 *a, const moek_f16 *b, moek_f16 *y,
+                       int64_t n)
+{
+    kc_launch_1d(ctx, n, k_add<kc_f16>, kc_hf(a), kc_hf(b), kc_hf(y), n);
+}
+
+void moek_accumulate_f16(const moek_ctx *ctx, float *dst, const moek_f16 *src, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_accumulate<float, kc_f16>, dst, kc_hf(src), n);
+}
+
+void moek_scale_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n, float s)
+{
+    kc_launch_1d(ctx, n, k_scale<kc_f16>, kc_hf(x), kc_hf(y), n, s);
+}
+
+void moek_scale_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, int64_t n,
+                         float s)
+{
+    kc_launch_1d(ctx, n, k_scale<kc_f16>, kc_hf(dy), kc_hf(dx), n, s);
+}
+
+void moek_gelu_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_gelu_fwd<kc_f16>, kc_hf(x), kc_hf(y), n);
+}
+
+void moek_gelu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                        moek_f16 *dx, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_gelu_bwd<kc_f16>, kc_hf(dy), kc_hf(x), kc_hf(dx), n);
+}
+
+void moek_swiglu_fwd_f16(const moek_ctx *ctx, const moek_f16 *gate, const moek_f16 *up,
+                          moek_f16 *y, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_swiglu_fwd<kc_f16>, kc_hf(gate), kc_hf(up), kc_hf(y), n);
+}
+
+void moek_swiglu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *gate,
+                          const moek_f16 *up, moek_f16 *dgate, moek_f16 *dup, int64_t n)
+{
+    kc_launch_1d(ctx, n, k_swiglu_bwd<kc_f16>, kc_hf(dy), kc_hf(gate), kc_hf(up), kc_hf(dgate),
+                 kc_hf(dup), n);
+}
+
 } /* extern "C" */

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 extern "C" {
 #include "../moek.h"
@@ -125,6 +126,15 @@ template <> __device__ inline void kc_st<__nv_bfloat16>(__nv_bfloat16 *p, float 
 typedef __nv_bfloat16 kc_bf16;
 static inline const kc_bf16 *kc_bf(const moek_bf16 *p) { return reinterpret_cast<const kc_bf16 *>(p); }
 static inline kc_bf16 *kc_bf(moek_bf16 *p) { return reinterpret_cast<kc_bf16 *>(p); }
+
+/* fp16 storage (precision = fp16): IEEE half, widened exactly and narrowed
+ * round-to-nearest-even with overflow to Inf (__float2half_rn), as the CPU
+ * reference (kernels/cpu/f16.h) does; moek_f16 is the same 16 bits */
+template <> __device__ inline float kc_ld<__half>(const __half *p) { return __half2float(*p); }
+template <> __device__ inline void kc_st<__half>(__half *p, float v) { *p = __float2half_rn(v); }
+typedef __half kc_f16;
+static inline const kc_f16 *kc_hf(const moek_f16 *p) { return reinterpret_cast<const kc_f16 *>(p); }
+static inline kc_f16 *kc_hf(moek_f16 *p) { return reinterpret_cast<kc_f16 *>(p); }
 
 __device__ inline float kc_warp_sum(float v)
 {

@@ -324,4 +324,56 @@ void moek_bias_add_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 
     kc_bias_add_bwd(ctx, kc_bf(dy), kc_bf(dx), kc_bf(db), N, D);
 }
 
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half ---- */
+void moek_layernorm_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w,
+                             const moek_f16 *b, moek_f16 *y, float *mean, float *rstd, int64_t N,
+                             int64_t D, float eps)
+{
+    kc_layernorm_fwd(ctx, kc_hf(x), kc_hf(w), kc_hf(b), kc_hf(y), mean, rstd, N, D, eps);
+}
+
+void moek_layernorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                             const moek_f16 *w, const float *mean, const float *rstd,
+                             moek_f16 *dx, moek_f16 *dw, moek_f16 *db, int64_t N, int64_t D)
+{
+    kc_layernorm_bwd(ctx, kc_hf(dy), kc_hf(x), kc_hf(w), mean, rstd, kc_hf(dx), kc_hf(dw), kc_hf(db),
+                     N, D);
+}
+
+void moek_silu_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t n)
+{
+    kc_silu_fwd(ctx, kc_hf(x), kc_hf(y), n);
+}
+
+void moek_silu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x, moek_f16 *dx,
+                        int64_t n)
+{
+    kc_silu_bwd(ctx, kc_hf(dy), kc_hf(x), kc_hf(dx), n);
+}
+
+void moek_repeat_kv_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t N,
+                             int64_t Hkv, int64_t H, int64_t Dh)
+{
+    kc_repeat_kv(ctx, false, kc_hf(x), kc_hf(y), N, Hkv, H, Dh);
+}
+
+void moek_repeat_kv_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, int64_t N,
+                             int64_t Hkv, int64_t H, int64_t Dh)
+{
+    kc_repeat_kv(ctx, true, kc_hf(dy), kc_hf(dx), N, Hkv, H, Dh);
+}
+
+void moek_bias_add_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *b,
+                            moek_f16 *y, int64_t N, int64_t D)
+{
+    kc_bias_add_fwd(ctx, kc_hf(x), kc_hf(b), kc_hf(y), N, D);
+}
+
+void moek_bias_add_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, moek_f16 *db,
+                            int64_t N, int64_t D)
+{
+    kc_bias_add_bwd(ctx, kc_hf(dy), kc_hf(dx), kc_hf(db), N, D);
+}
+
 }   /* extern "C" */

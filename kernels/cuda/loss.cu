@@ -287,4 +287,32 @@ void moek_zloss_bwd_bf16(const moek_ctx *ctx, const float *dloss, const moek_bf1
     kc_zloss_bwd(ctx, dloss, kc_bf(logits), kc_bf(dlogits), N, E);
 }
 
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half ---- */
+void moek_cross_entropy_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits,
+                                 const int32_t *targets, float *loss, float *lse, int64_t N,
+                                 int64_t V)
+{
+    kc_ce_fwd(ctx, kc_hf(logits), targets, loss, lse, N, V);
+}
+
+void moek_cross_entropy_bwd_f16(const moek_ctx *ctx, const float *dloss, const moek_f16 *logits,
+                                 const int32_t *targets, const float *lse, moek_f16 *dlogits,
+                                 int64_t N, int64_t V)
+{
+    kc_ce_bwd(ctx, dloss, kc_hf(logits), targets, lse, kc_hf(dlogits), N, V);
+}
+
+void moek_zloss_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits, float *loss, int64_t N,
+                         int64_t E)
+{
+    kc_zloss_fwd(ctx, kc_hf(logits), loss, N, E);
+}
+
+void moek_zloss_bwd_f16(const moek_ctx *ctx, const float *dloss, const moek_f16 *logits,
+                         moek_f16 *dlogits, int64_t N, int64_t E)
+{
+    kc_zloss_bwd(ctx, dloss, kc_hf(logits), kc_hf(dlogits), N, E);
+}
+
 } /* extern "C" */

@@ -22,6 +22,10 @@ template <> struct kc_blas_type<float> {
 template <> struct kc_blas_type<kc_bf16> {
     static constexpr cudaDataType_t value = CUDA_R_16BF;
 };
+/* fp16 storage: CUDA_R_16F with the same fp32 compute type (CUBLAS_COMPUTE_32F) */
+template <> struct kc_blas_type<kc_f16> {
+    static constexpr cudaDataType_t value = CUDA_R_16F;
+};
 
 /* column-major C[m,n] = op(A) . op(B) */
 template <typename T>
@@ -608,6 +612,38 @@ void moek_grouped_matmul_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dys, con
                                   moek_bf16 *dw, int64_t R, int64_t K, int64_t M, int64_t E)
 {
     tc_grouped_bwd(ctx, kc_bf(dys), kc_bf(xs), kc_bf(w), expert_rows, kc_bf(dxs), kc_bf(dw),
+                   R, K, M, E);
+}
+
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half; the
+ * grouped products take the fp32-FMA tiles (the tensor-core path is bf16) */
+void moek_matmul_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w,
+                          moek_f16 *y, int64_t N, int64_t K, int64_t M)
+{
+    kc_matmul_fwd(ctx, kc_hf(x), kc_hf(w), kc_hf(y), N, K, M);
+}
+
+void moek_matmul_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                          const moek_f16 *w, moek_f16 *dx, moek_f16 *dw, int64_t N, int64_t K,
+                          int64_t M)
+{
+    kc_matmul_bwd(ctx, kc_hf(dy), kc_hf(x), kc_hf(w), kc_hf(dx), kc_hf(dw), N, K,
+                  M);
+}
+
+void moek_grouped_matmul_fwd_f16(const moek_ctx *ctx, const moek_f16 *xs, const moek_f16 *w,
+                                  const int32_t *expert_rows, moek_f16 *ys, int64_t R, int64_t K,
+                                  int64_t M, int64_t E)
+{
+    kc_grouped_fwd(ctx, kc_hf(xs), kc_hf(w), expert_rows, kc_hf(ys), R, K, M, E);
+}
+
+void moek_grouped_matmul_bwd_f16(const moek_ctx *ctx, const moek_f16 *dys, const moek_f16 *xs,
+                                  const moek_f16 *w, const int32_t *expert_rows, moek_f16 *dxs,
+                                  moek_f16 *dw, int64_t R, int64_t K, int64_t M, int64_t E)
+{
+    kc_grouped_bwd(ctx, kc_hf(dys), kc_hf(xs), kc_hf(w), expert_rows, kc_hf(dxs), kc_hf(dw),
                    R, K, M, E);
 }
 

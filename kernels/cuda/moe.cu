@@ -306,4 +306,33 @@ void moek_combine_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const moe
     kc_combine_bwd(ctx, kc_bf(dout), kc_bf(ys), slot_row, gates, kc_bf(dys), dgates, N, D, k, R);
 }
 
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half ---- */
+void moek_dispatch_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const int32_t *idx,
+                            moek_f16 *xs, int32_t *slot_row, int32_t *expert_rows, int64_t N,
+                            int64_t D, int64_t E, int64_t k, int64_t C)
+{
+    kc_dispatch_fwd(ctx, kc_hf(x), idx, kc_hf(xs), slot_row, expert_rows, N, D, E, k, C);
+}
+
+void moek_dispatch_bwd_f16(const moek_ctx *ctx, const moek_f16 *dxs, const int32_t *slot_row,
+                            moek_f16 *dx, int64_t N, int64_t D, int64_t k, int64_t R)
+{
+    kc_dispatch_bwd(ctx, kc_hf(dxs), slot_row, kc_hf(dx), N, D, k, R);
+}
+
+void moek_combine_fwd_f16(const moek_ctx *ctx, const moek_f16 *ys, const int32_t *slot_row,
+                           const float *gates, moek_f16 *out, int64_t N, int64_t D, int64_t k,
+                           int64_t R)
+{
+    kc_combine_fwd(ctx, kc_hf(ys), slot_row, gates, kc_hf(out), N, D, k, R);
+}
+
+void moek_combine_bwd_f16(const moek_ctx *ctx, const moek_f16 *dout, const moek_f16 *ys,
+                           const int32_t *slot_row, const float *gates, moek_f16 *dys,
+                           float *dgates, int64_t N, int64_t D, int64_t k, int64_t R)
+{
+    kc_combine_bwd(ctx, kc_hf(dout), kc_hf(ys), slot_row, gates, kc_hf(dys), dgates, N, D, k, R);
+}
+
 } /* extern "C" */

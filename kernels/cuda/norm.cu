@@ -300,4 +300,50 @@ void moek_embedding_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const i
     kc_launched(ctx);
 }
 
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half ---- */
+void moek_rmsnorm_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w,
+                           moek_f16 *y, float *rstd, int64_t N, int64_t D, float eps)
+{
+    kc_rmsnorm_fwd(ctx, kc_hf(x), kc_hf(w), kc_hf(y), rstd, N, D, eps);
+}
+
+void moek_rmsnorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                           const moek_f16 *w, const float *rstd, moek_f16 *dx, moek_f16 *dw,
+                           int64_t N, int64_t D)
+{
+    kc_rmsnorm_bwd(ctx, kc_hf(dy), kc_hf(x), kc_hf(w), rstd, kc_hf(dx), kc_hf(dw), N, D);
+}
+
+void moek_rope_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, moek_f16 *y, int64_t B,
+                        int64_t T, int64_t H, int64_t Dh, float theta)
+{
+    kc_rope(ctx, kc_hf(x), kc_hf(y), B, T, H, Dh, theta, 1.0);
+}
+
+void moek_rope_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, moek_f16 *dx, int64_t B,
+                        int64_t T, int64_t H, int64_t Dh, float theta)
+{
+    kc_rope(ctx, kc_hf(dy), kc_hf(dx), B, T, H, Dh, theta, -1.0);
+}
+
+void moek_embedding_fwd_f16(const moek_ctx *ctx, const int32_t *ids, const moek_f16 *table,
+                             moek_f16 *out, int64_t N, int64_t V, int64_t D)
+{
+    kc_embedding_fwd(ctx, ids, kc_hf(table), kc_hf(out), N, V, D);
+}
+
+void moek_embedding_bwd_f16(const moek_ctx *ctx, const moek_f16 *dout, const int32_t *ids,
+                             moek_f16 *dtable, int64_t N, int64_t V, int64_t D)
+{
+    if (!kc_shape(ctx, N >= 0 && V >= 0 && D >= 0) || V * D == 0)
+        return;
+    if (!kc_shape(ctx, (V + EB_IDS - 1) / EB_IDS <= 65535 && (D + 31) / 32 <= INT32_MAX))
+        return;
+    dim3 grid((unsigned)((D + 31) / 32), (unsigned)((V + EB_IDS - 1) / EB_IDS));
+    k_embedding_bwd_tiled<kc_f16><<<grid, 32 * EB_WARPS, 0, kc_stream(ctx)>>>(
+        kc_hf(dout), ids, kc_hf(dtable), N, V, D, kc_dev_status(ctx));
+    kc_launched(ctx);
+}
+
 } /* extern "C" */

@@ -293,3 +293,24 @@ extern "C" void moek_softmax_bwd_bf16(const moek_ctx *ctx, const float *dprobs, 
         dprobs, probs, kc_bf(dlogits), N, E);
     kc_launched(ctx);
 }
+
+/* ---- fp16 storage: the bf16 exports above instantiated with __half ---- */
+extern "C" void moek_softmax_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits, float *probs,
+                                      int64_t N, int64_t E)
+{
+    if (!kc_shape(ctx, N >= 0 && E >= 0 && N <= ((int64_t)1 << 36)) || N * E == 0)
+        return;
+    k_softmax_fwd<kc_f16><<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(kc_hf(logits),
+                                                                                    probs, N, E);
+    kc_launched(ctx);
+}
+
+extern "C" void moek_softmax_bwd_f16(const moek_ctx *ctx, const float *dprobs, const float *probs,
+                                      moek_f16 *dlogits, int64_t N, int64_t E)
+{
+    if (!kc_shape(ctx, N >= 0 && E >= 0 && N <= ((int64_t)1 << 36)) || N * E == 0)
+        return;
+    k_softmax_bwd<kc_f16><<<rt_warp_blocks(N), KCUDA_THREADS, 0, kc_stream(ctx)>>>(
+        dprobs, probs, kc_hf(dlogits), N, E);
+    kc_launched(ctx);
+}

@@ -308,3 +308,139 @@ const comm_backend *moec_comm_backend(void)
 {
     return &mpi_backend;
 }
+
+/* ---- expert parallelism: all-to-all (fixed blocks) and all-to-allv ------ */
+typedef struct a2a_args {
+    const void *send;
+    void *recv;
+    int n;                       /* fixed: bytes per peer */
+    const int *sc, *sd, *rc, *rd; /* variable: counts and displacements (bytes) */
+} a2a_args;
+
+static int post_alltoall(void *arg, MPI_Comm c, MPI_Request *req)
+{
+    a2a_args *a = arg;
+    return MPI_Ialltoall(a->send, a->n, MPI_BYTE, a->recv, a->n, MPI_BYTE, c, req) != MPI_SUCCESS;
+}
+
+static int post_alltoallv(void *arg, MPI_Comm c, MPI_Request *req)
+{
+    a2a_args *a = arg;
+    return MPI_Ialltoallv(a->send, a->sc, a->sd, MPI_BYTE, a->recv, a->rc, a->rd, MPI_BYTE, c,
+                          req) != MPI_SUCCESS;
+}
+
+static int mpi_alltoall(void *impl, const void *send, void *recv, int64_t bytes_per_peer,
+                        int group, const char *what, char *err, size_t errlen)
+{
+    mpi_impl *m = impl;
+    if (group < 0 || group >= COMM_NGROUPS)
+        return fail(err, errlen, "rank %d: collective names unknown group %d", m->rank, group);
+    if (bytes_per_peer > INT32_MAX)
+        return fail(err, errlen, "rank %d: %s of %" PRId64 " bytes per rank exceeds MPI's int "
+                    "count", m->rank, what, bytes_per_peer);
+    if (m->g[group].size == 1) {
+        memcpy(recv, send, (size_t)bytes_per_peer);
+        return 0;
+    }
+    a2a_args a = {send, recv, (int)bytes_per_peer, NULL, NULL, NULL, NULL};
+    return run_collective(m, group, what, post_alltoall, &a, err, errlen);
+}
+
+static int mpi_alltoallv(void *impl, const void *send, const int64_t *send_bytes, void *recv,
+                         const int64_t *recv_bytes, int group, const char *what, char *err,
+                         size_t errlen)
+{
+    mpi_impl *m = impl;
+    if (group < 0 || group >= COMM_NGROUPS)
+        return fail(err, errlen, "rank %d: collective names unknown group %d", m->rank, group);
+    int P = m->g[group].size;
+    int *v = calloc((size_t)P * 4, sizeof *v);
+    if (!v)
+        return fail(err, errlen, "rank %d: out of memory for %s", m->rank, what);
+    int64_t so = 0, ro = 0;
+    for (int k = 0; k < P; k++) {
+        if (send_bytes[k] < 0 || recv_bytes[k] < 0 || so + send_bytes[k] > INT32_MAX ||
+            ro + recv_bytes[k] > INT32_MAX) {
+            free(v);
+            return fail(err, errlen, "rank %d: %s moves more than MPI's int count of bytes; "
+                        "use a smaller batch", m->rank, what);
+        }
+        v[k] = (int)send_bytes[k];
+        v[P + k] = (int)so;
+        v[2 * P + k] = (int)recv_bytes[k];
+        v[3 * P + k] = (int)ro;
+        so += send_bytes[k];
+        ro += recv_bytes[k];
+    }
+    int rc = 0;
+    if (P == 1)
+        memcpy(recv, send, (size_t)send_bytes[0]);
+    else {
+        a2a_args a = {send, recv, 0, v, v + P, v + 2 * P, v + 3 * P};
+        rc = run_collective(m, group, what, post_alltoallv, &a, err, errlen);
+    }
+    free(v);
+    return rc;
+}
+
+static const comm_ep_backend mpi_ep_backend = {COMM_BACKEND_ABI, mpi_alltoall, mpi_alltoallv};
+
+const comm_ep_backend *moec_comm_backend_ep(void);
+const comm_ep_backend *moec_comm_backend_ep(void)
+{
+    return &mpi_ep_backend;
+}
+
+/* ---- ZeRO: all-gather and reduce-scatter (comm_zero_backend) ------------ */
+typedef struct ag_args { const void *slice; void *full; int64_t bytes; } ag_args;
+
+static int post_allgather(void *arg, MPI_Comm c, MPI_Request *req)
+{
+    ag_args *a = arg;
+    return MPI_Iallgather(a->slice, (int)a->bytes, MPI_BYTE, a->full, (int)a->bytes, MPI_BYTE, c,
+                          req) != MPI_SUCCESS;
+}
+
+static int mpi_allgather(void *impl, const void *slice, void *full, int64_t bytes, int group,
+                         const char *what, char *err, size_t errlen)
+{
+    mpi_impl *m = impl;
+    if (group < 0 || group >= COMM_NGROUPS)
+        return fail(err, errlen, "rank %d: collective names unknown group %d", m->rank, group);
+    if (bytes > INT32_MAX)
+        return fail(err, errlen, "rank %d: %s of %" PRId64 " bytes per rank exceeds MPI's int "
+                    "count", m->rank, what, bytes);
+    ag_args a = {slice, full, bytes};
+    return run_collective(m, group, what, post_allgather, &a, err, errlen);
+}
+
+typedef struct rs_args { const float *full; float *slice; int64_t s; } rs_args;
+
+static int post_reduce_scatter(void *arg, MPI_Comm c, MPI_Request *req)
+{
+    rs_args *a = arg;
+    return MPI_Ireduce_scatter_block(a->full, a->slice, (int)a->s, MPI_FLOAT, MPI_SUM, c, req) !=
+           MPI_SUCCESS;
+}
+
+static int mpi_reduce_scatter(void *impl, const float *full, float *slice, int64_t s, int group,
+                              const char *what, char *err, size_t errlen)
+{
+    mpi_impl *m = impl;
+    if (group < 0 || group >= COMM_NGROUPS)
+        return fail(err, errlen, "rank %d: collective names unknown group %d", m->rank, group);
+    if (s * m->g[group].size > INT32_MAX)
+        return fail(err, errlen, "rank %d: %s of %" PRId64 " floats exceeds MPI's int count",
+                    m->rank, what, s * m->g[group].size);
+    rs_args a = {full, slice, s};
+    return run_collective(m, group, what, post_reduce_scatter, &a, err, errlen);
+}
+
+static const comm_zero_backend mpi_zero = {COMM_BACKEND_ABI, mpi_allgather, mpi_reduce_scatter};
+
+const comm_zero_backend *moec_comm_zero_backend(void);
+const comm_zero_backend *moec_comm_zero_backend(void)
+{
+    return &mpi_zero;
+}

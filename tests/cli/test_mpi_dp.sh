@@ -50,7 +50,6 @@ mk dense_r2 "$NOPAR;\$a parallel { ranks = 2 }" tiny_dense.moe
 mk dense_b16 "$NOPAR;s/batch = 8 /batch = 16 /" tiny_dense.moe
 mk moe_r2 "$NOPAR;\$a parallel { ranks = 2 }" tiny_moe.moe
 mk moe_ga2 "$NOPAR;s/batch = 8 /batch = 8  grad_accum = 2 /" tiny_moe.moe
-sed "$NOPAR;\$a parallel { ranks = 2  expert = 2 }" "$ROOT/examples/tiny_moe.moe" > moe_ep2.moe
 
 # 1. dense: 2 ranks x batch 8 == 1 rank x batch 16 (loss, norm, val loss)
 "$RUN" dense_b16.bin --data "$DATA" --steps 12 --metrics d1.jsonl -q --checkpoint d1.st
@@ -79,11 +78,6 @@ expect_fail mpi.plan2_single 'compiled for 2 ranks .*single process; start it wi
     "$RUN" dense_r2.bin --data "$DATA" --steps 1 -q
 expect_fail mpi.plan1_on_2 'compiled for 1 rank .* but 2 were started' \
     timeout 60 "${MPIRUN[@]}" -np 2 "$RUN" dense_b16.bin --data "$DATA" --steps 1 -q
-expect_fail mpi.ep_not_yet 'expert parallelism .* not implemented yet' \
-    "$MOEC" --stdlib "$ROOT/stdlib" moe_ep2.moe -o x.bin
-sed "$NOPAR;\$a parallel { ranks = 2  zero = 1 }" "$ROOT/examples/tiny_dense.moe" > z1.moe
-expect_fail mpi.zero_not_yet 'ZeRO stages 1-3 are not implemented yet' \
-    "$MOEC" --stdlib "$ROOT/stdlib" z1.moe -o x.bin
 expect_fail mpi.unknown_backend "unknown communication backend 'tcp'" \
     "$RUN" dense_b16.bin --data "$DATA" --steps 1 -q --comm tcp
 

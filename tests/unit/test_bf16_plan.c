@@ -244,9 +244,9 @@ static void elab_errors(void)
     char text[2048];
     snprintf(text, sizeof text, "%smodel m(tokens: i32[B, seq], targets: i32[B, seq]) {\n"
              "  return cross_entropy(linear(embedding(tokens, vocab, d), vocab), targets)\n}\n"
-             "train { batch = 2 precision = fp16 }\n", head);
-    elab_error("bf16 errors: fp16 is refused with a hint", text,
-               "precision `fp16` is not supported yet by this compiler");
+             "train { batch = 2 precision = bf16 loss_scale = dynamic }\n", head);
+    elab_error("bf16 errors: loss_scale is refused outside fp16", text,
+               "`loss_scale` is only meaningful with precision = fp16");
     snprintf(text, sizeof text, "%sextern op pick(s: float[*N, E], k: int) -> (idx: i32[*N, k], g: float[*N, k]) {\n"
              "  forward = moek_topk_fwd(s, idx, g, N, E, k, 1)\n}\n"
              "model m(tokens: i32[B, seq], targets: i32[B, seq]) {\n"

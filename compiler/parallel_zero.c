@@ -1,0 +1,309 @@
+/* parallel_zero.c - ZeRO stages 1 and 2 over the data-parallel ranks
+ * (docs/parallel.md "ZeRO", docs/memory.md).
+ *
+ * Partitioning: every trainable tensor of n elements is cut into N equal
+ * slices of S = plan_zero_shard_numel(n, N) elements (runtime/plan.h; the
+ * tail of the last slice is zero padding) and rank i of the data-parallel
+ * group owns slice i of every tensor.  Per tensor rather than one flat
+ * buffer because the plan is one op list for every rank: each rank then
+ * runs the same ops with the same sizes (S), only the collectives know
+ * which slice is "mine", and each update keeps its own weight decay.  The
+ * optimizer state a rank holds is still one contiguous run of its pool.
+ *
+ * Runs at the end of the optimizer pass, rewriting what it built:
+ *   stage 1  m, v (and the fp32 master of a bf16 param) become [S] slices.
+ *            The gradients are all-reduced whole as in plain data
+ *            parallelism (pass_parallel), so the norm is unchanged; then per
+ *            param: slice(grad) and slice(param) into [S] temporaries,
+ *            the update on the slices, all-gather the param.
+ *   stage 2  the gradient itself is an [S] slice: autodiff's "grad +=
+ *            d.param" at the end of each micro-step becomes a reduce-scatter
+ *            that adds this rank's slice of the group's sum; the norm sums
+ *            the slices' squares and all-reduces that one number (each
+ *            element counted once: slices are disjoint, padding is zero).
+ * Every op is a "@comm" op without outputs, so the passes after this one
+ * keep them and order them like any in-place update.
+ */
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal_ops.h"
+#include "pass_util.h"
+#include "parallel_zero.h"
+#include "../runtime/comm.h"
+
+static int zerr(moec_error *err, ir_srcloc loc, const char *hint, const char *msg)
+{
+    memset(err, 0, sizeof *err);
+    err->loc = loc;
+    snprintf(err->msg, sizeof err->msg, "%s", msg);
+    snprintf(err->hint, sizeof err->hint, "%s", hint);
+    return -1;
+}
+
+int zero_check(const ir_graph *g, moec_error *err)
+{
+    if (g->par_zero == 3)
+        return zerr(err, g->train_loc, "use parallel { zero = 1 } or { zero = 2 } for now",
+                    "ZeRO stage 3 (sharded parameters) is not implemented yet");
+    if (g->par_zero < 0 || g->par_zero > 3)   /* elaboration rejects these */
+        return zerr(err, g->train_loc, "use zero = 0, 1, 2 or 3", "unknown ZeRO stage");
+    return 0;
+}
+
+/* An op of "@comm" without outputs: every tensor is updated in place. */
+static const ir_opdef *zdef(ir_graph *g, const char *name, const char *sym, int nin,
+                            const char *const *ins, int ndims, const char *const *dims,
+                            int nattrs, const char *const *attrs, const ir_ref *tmpl, int nt)
+{
+    const ir_opdef *d = ir_def_find(g, name);
+    if (d)
+        return d;
+    ir_opdef def;
+    memset(&def, 0, sizeof def);
+    def.name = name;
+    def.lib = COMM_LIB;
+    def.ninputs = nin;
+    for (int i = 0; i < nin; i++)
+        def.input_names[i] = ins[i];
+    def.ndims = ndims;
+    for (int i = 0; i < ndims; i++)
+        def.dim_names[i] = dims[i];
+    def.nattrs = nattrs;
+    for (int i = 0; i < nattrs; i++) {
+        def.attr_names[i] = attrs[i];
+        def.attr_kinds[i] = PLAN_ARG_I64;
+    }
+    def.bwd_kind = IR_BWD_NONE;
+    def.fwd_symbol = sym;
+    def.nfwd = nt;
+    memcpy(def.fwd, tmpl, sizeof *tmpl * (size_t)nt);
+    return ir_def_add(g, &def);
+}
+
+#define RIN(i) ((ir_ref){IR_REF_IN, (i), 0, 0})
+#define RDIM(i) ((ir_ref){IR_REF_DIM, (i), 0, 0})
+#define RATTR(i) ((ir_ref){IR_REF_ATTR, (i), 0, 0})
+
+/* moec_comm_zero_slice(group, full, n, slice, s, esize) */
+static const ir_opdef *slice_def(ir_graph *g)
+{
+    static const char *const ins[] = {"full", "slice"}, *const dims[] = {"n", "s"},
+                             *const attrs[] = {"group", "esize"};
+    const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1)};
+    return zdef(g, "__zero_slice", "moec_comm_zero_slice", 2, ins, 2, dims, 2, attrs, t, 6);
+}
+
+/* moec_comm_zero_allgather(group, slice, s, full, n, esize) */
+static const ir_opdef *allgather_def(ir_graph *g)
+{
+    static const char *const ins[] = {"slice", "full"}, *const dims[] = {"s", "n"},
+                             *const attrs[] = {"group", "esize"};
+    const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1)};
+    return zdef(g, "__zero_allgather", "moec_comm_zero_allgather", 2, ins, 2, dims, 2, attrs,
+                t, 6);
+}
+
+/* moec_comm_zero_reduce_scatter(group, full, n, slice, s, accumulate) */
+static const ir_opdef *reduce_scatter_def(ir_graph *g)
+{
+    static const char *const ins[] = {"full", "slice"}, *const dims[] = {"n", "s"},
+                             *const attrs[] = {"group", "accumulate"};
+    const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1)};
+    return zdef(g, "__zero_reduce_scatter", "moec_comm_zero_reduce_scatter", 2, ins, 2, dims, 2,
+                attrs, t, 6);
+}
+
+/* moec_comm_allreduce_f32(buf, n, group): the norm's sum of slice squares */
+static const ir_opdef *norm_def(ir_graph *g)
+{
+    static const char *const ins[] = {"x"}, *const dims[] = {"n"}, *const attrs[] = {"group"};
+    const ir_ref t[] = {RIN(0), RDIM(0), RATTR(0)};
+    return zdef(g, "__zero_norm_allreduce", "moec_comm_allreduce_f32", 1, ins, 1, dims, 1, attrs,
+                t, 3);
+}
+
+static void node_init(ir_node *n, const ir_opdef *def, int phase, ir_srcloc loc, const char *what)
+{
+    memset(n, 0, sizeof *n);
+    n->def = def;
+    for (int i = 0; i < IR_MAX_PORTS; i++)
+        n->inputs[i] = n->outputs[i] = n->grads_in[i] = n->grads_out[i] = -1;
+    n->phase = (uint8_t)phase;
+    n->grad_of = -1;
+    n->loc = loc;
+    n->what = what;
+}
+
+/* Appends a two-tensor ZeRO op; returns its index. */
+static int add2(ir_graph *g, const ir_opdef *def, int a, int b, int64_t d0, int64_t d1,
+                int64_t at0, int64_t at1, int phase, ir_srcloc loc, const char *what)
+{
+    ir_node n;
+    node_init(&n, def, phase, loc, what);
+    n.inputs[0] = a;
+    n.inputs[1] = b;
+    n.dims[0] = d0;
+    n.dims[1] = d1;
+    n.attrs[0].i = at0;
+    n.attrs[1].i = at1;
+    return ir_node_add(g, &n);
+}
+
+static void reshape_slice(ir_graph *g, int v, int64_t s)
+{
+    if (v < 0)
+        return;
+    g->values[v].ndim = 1;
+    memset(g->values[v].shape, 0, sizeof g->values[v].shape);
+    g->values[v].shape[0] = s;
+}
+
+static int name_is(const ir_node *n, const char *prefix)
+{
+    return n->def->name && strncmp(n->def->name, prefix, strlen(prefix)) == 0;
+}
+
+int pass_zero(ir_graph *g, moec_error *err)
+{
+    int64_t nr = g->par_ranks > 0 ? g->par_ranks : 1;
+    int stage = (int)g->par_zero;
+    if (nr == 1 || stage == 0)
+        return 0;
+    if (zero_check(g, err))
+        return -1;
+    const int group = COMM_GROUP_DP;
+    /* per value: the param whose value (pv) or gradient (gv) it is */
+    int nv = g->nvalues, nold = g->nnodes, norm = -1;
+    int *pv = malloc(sizeof(int) * ((size_t)nv + 1)), *gv = malloc(sizeof(int) * ((size_t)nv + 1));
+    int *order = malloc(sizeof(int) * ((size_t)nold * 4 + 8));
+    if (!pv || !gv || !order)
+        abort();   /* out of memory, as ir_alloc */
+    for (int v = 0; v < nv; v++) {
+        pv[v] = gv[v] = -1;
+        if (g->values[v].role == PLAN_ROLE_NORM_SQ)
+            norm = v;
+    }
+    for (int p = 0; p < g->nparams; p++) {
+        const ir_param *pp = &g->params[p];
+        if (pp->grad < 0 || pp->tied_to >= 0)
+            continue;
+        pv[pp->value] = p;
+        gv[pp->grad] = p;
+    }
+    int last_sumsq = -1;
+    for (int i = 0; i < nold; i++) {
+        const ir_node *n = &g->nodes[i];
+        if (n->phase == PLAN_PHASE_BACKWARD && stage >= 2 && name_is(n, "__accumulate") &&
+            n->inputs[0] >= 0 && gv[n->inputs[0]] >= 0 &&
+            g->values[n->inputs[1]].dtype != PLAN_F32) {
+            int rc = zerr(err, g->params[gv[n->inputs[0]]].loc, "use parallel { zero = 1 }, or "
+                          "precision = fp32, for now", "ZeRO stage 2 reduce-scatters fp32 "
+                          "gradients; half-precision gradient sums are not supported yet");
+            free(pv), free(gv), free(order);
+            return rc;
+        }
+        if (n->phase == PLAN_PHASE_OPTIMIZER && name_is(n, "__sumsq_accum"))
+            last_sumsq = i;
+    }
+    int no = 0;
+    for (int i = 0; i < nold; i++) {
+        ir_node *n = &g->nodes[i];
+        int in0 = n->inputs[0];
+        int p = -1;
+        if (n->phase == PLAN_PHASE_BACKWARD && name_is(n, "__accumulate") && in0 >= 0)
+            p = gv[in0];
+        else if (n->phase == PLAN_PHASE_OPTIMIZER && in0 >= 0 &&
+                 (name_is(n, "__sumsq_accum") || name_is(n, "__fill_inplace")))
+            p = gv[in0];
+        else if (n->phase == PLAN_PHASE_OPTIMIZER && in0 >= 0 &&
+                 (name_is(n, "__adamw") || name_is(n, "__sgd")))
+            p = pv[in0];
+        if (p < 0) {
+            order[no++] = i;
+            continue;
+        }
+        ir_param pp = g->params[p];   /* copy: nodes and values may move */
+        int64_t numel = ir_value_numel(&g->values[pp.value]);
+        int64_t s = plan_zero_shard_numel(numel, nr);
+        const char *pname = g->values[pp.value].name;
+        if (n->phase == PLAN_PHASE_BACKWARD) {
+            /* stage 2: grad += d.param  ->  grad += my slice of the group's sum */
+            if (stage >= 2) {
+                int src = n->inputs[1];
+                node_init(n, reduce_scatter_def(g), PLAN_PHASE_BACKWARD, n->loc,
+                          ir_strfmt(g, "reduce-scatter %s.grad (ZeRO-2, %s group)", pname,
+                                    comm_group_name(group)));
+                n->inputs[0] = src;
+                n->inputs[1] = pp.grad;
+                n->dims[0] = numel;
+                n->dims[1] = s;
+                n->attrs[0].i = group;
+                n->attrs[1].i = 1;
+            }
+            order[no++] = i;
+            continue;
+        }
+        if (!name_is(n, "__adamw") && !name_is(n, "__sgd")) {
+            /* the norm term and the zeroing: slices from stage 2 on */
+            if (stage >= 2)
+                n->dims[0] = s;
+            order[no++] = i;
+            if (i == last_sumsq && stage >= 2 && norm >= 0) {
+                ir_node r;
+                node_init(&r, norm_def(g), PLAN_PHASE_OPTIMIZER, g->train_loc,
+                          "all-reduce the gradient norm's slice sums (ZeRO)");
+                r.inputs[0] = norm;
+                r.dims[0] = 1;
+                r.attrs[0].i = COMM_GROUP_WORLD;
+                order[no++] = ir_node_add(g, &r);
+            }
+            continue;
+        }
+        /* the update: on this rank's slice of everything, then gather the param */
+        int dt = g->values[pp.value].dtype;
+        int64_t es = (int64_t)plan_dtype_size((uint32_t)dt);
+        int ps = ir_value_add(g, ir_strfmt(g, "%s.zero_slice", pname), dt, PLAN_ST_ACT, 1, &s);
+        int gs = pp.grad;
+        ir_srcloc loc = g->nodes[i].loc;
+        reshape_slice(g, pp.state0, s);
+        reshape_slice(g, pp.state1, s);
+        reshape_slice(g, pp.master, s);
+        order[no++] = add2(g, slice_def(g), pp.value, ps, numel, s, group, es,
+                           PLAN_PHASE_OPTIMIZER, loc, ir_strfmt(g, "ZeRO slice of %s", pname));
+        if (stage == 1) {
+            gs = ir_value_add(g, ir_strfmt(g, "%s.grad.zero_slice", pname), PLAN_F32,
+                              PLAN_ST_ACT, 1, &s);
+            order[no++] = add2(g, slice_def(g), pp.grad, gs, numel, s, group, 4,
+                               PLAN_PHASE_OPTIMIZER, loc,
+                               ir_strfmt(g, "ZeRO slice of %s.grad", pname));
+        }
+        n = &g->nodes[i];
+        for (int k = 0; k < n->def->ninputs; k++) {
+            if (n->inputs[k] == pp.value)
+                n->inputs[k] = ps;
+            else if (n->inputs[k] == pp.grad)
+                n->inputs[k] = gs;
+        }
+        n->dims[0] = s;
+        order[no++] = i;
+        order[no++] = add2(g, allgather_def(g), ps, pp.value, s, numel, group, es,
+                           PLAN_PHASE_OPTIMIZER, loc,
+                           ir_strfmt(g, "all-gather %s (ZeRO, %s group)", pname,
+                                     comm_group_name(group)));
+    }
+    /* stage 2: the gradients themselves are slices (their only readers, the
+     * reduce-scatter, the norm, the update and the zeroing, use S) */
+    if (stage >= 2)
+        for (int p = 0; p < g->nparams; p++)
+            if (g->params[p].grad >= 0 && g->params[p].tied_to < 0)
+                reshape_slice(g, g->params[p].grad,
+                              plan_zero_shard_numel(ir_value_numel(&g->values[g->params[p].value]),
+                                                    nr));
+    pu_reorder(g, order, no);
+    free(pv);
+    free(gv);
+    free(order);
+    return 0;
+}

@@ -1,0 +1,218 @@
+/* test_kernels_cuda_fused.c - the CUDA fused kernels (kernels/cuda/fused.cu)
+ * against their CPU twins (kernels/cpu/fused.c, linked in).
+ *
+ * The CUDA library is dlopened from $MOEC_BUILD/libmoek_cuda.so (default
+ * build/); without it or without a GPU this prints one SKIP line.  Random
+ * inputs, GPU outputs poisoned with NaN; fp32 outputs within 1e-5 relative
+ * (L2), bf16 outputs within 1e-2 (a bf16 ulp is 2^-8 relative, and a
+ * different sum order in the row statistic can move a rounding). */
+#include <dlfcn.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../kernels/moek.h"
+#include "check.h"
+
+#define TG_SYMS(X)                                                                          \
+    X(device_count) X(device_init) X(device_fini) X(device_alloc) X(device_free)            \
+    X(device_copy) X(device_sync) X(add_rmsnorm_fwd) X(add_rmsnorm_bwd)                     \
+    X(add_rmsnorm_fwd_bf16) X(add_rmsnorm_bwd_bf16)
+
+typedef struct {
+#define TG_FIELD(n) __typeof__(&moek_##n) n;
+    TG_SYMS(TG_FIELD)
+#undef TG_FIELD
+} tg_lib;
+
+typedef struct {
+    tg_lib g;
+    moek_ctx gctx, cctx;
+    int gst, cst;
+    char err[256];
+    uint64_t rng;
+} tg_env;
+
+static float tg_unif(tg_env *t, float lo, float hi)
+{
+    t->rng ^= t->rng >> 12;
+    t->rng ^= t->rng << 25;
+    t->rng ^= t->rng >> 27;
+    uint64_t r = t->rng * 2685821657736338717ull;
+    return lo + (hi - lo) * (float)((r >> 40) / (double)(1ull << 24));
+}
+
+/* a device copy of host bytes (or NaN bytes when h is NULL) */
+static void *tg_up(tg_env *t, const void *h, int64_t bytes)
+{
+    void *d = t->g.device_alloc(&t->gctx, bytes, t->err, sizeof t->err);
+    void *nan = NULL;
+    if (!h) {
+        nan = malloc((size_t)bytes);
+        memset(nan, 0xff, (size_t)bytes);
+        h = nan;
+    }
+    if (!d || t->g.device_copy(&t->gctx, d, h, bytes, MOEK_COPY_H2D, t->err, sizeof t->err)) {
+        fprintf(stderr, "test_kernels_cuda_fused: %s\n", t->err);
+        exit(2);
+    }
+    free(nan);
+    return d;
+}
+
+static void *tg_down(tg_env *t, const void *d, int64_t bytes)
+{
+    void *h = malloc((size_t)bytes);
+    if (t->g.device_copy(&t->gctx, h, d, bytes, MOEK_COPY_D2H, t->err, sizeof t->err)) {
+        fprintf(stderr, "test_kernels_cuda_fused: %s\n", t->err);
+        exit(2);
+    }
+    return h;
+}
+
+/* relative L2 distance of n values (bf16 when half) */
+static double tg_rel(const void *got, const void *want, int64_t n, int half)
+{
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float g, w;
+        if (half) {
+            uint32_t ug = (uint32_t)((const uint16_t *)got)[i] << 16, uw = (uint32_t)((const uint16_t *)want)[i] << 16;
+            memcpy(&g, &ug, 4);
+            memcpy(&w, &uw, 4);
+        } else {
+            g = ((const float *)got)[i];
+            w = ((const float *)want)[i];
+        }
+        if (!isfinite(g))
+            return INFINITY;
+        num += ((double)g - w) * ((double)g - w);
+        den += (double)w * w;
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* one case: N x D, fp32 (half 0) or bf16 (half 1) */
+static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
+{
+    int64_t n = N * D, es = half ? 2 : 4;
+    float *f[6];
+    int64_t len[6] = {n, n, D, n, n, 0};
+    for (int i = 0; i < 5; i++) {
+        f[i] = malloc((size_t)len[i] * 4);
+        for (int64_t j = 0; j < len[i]; j++)
+            f[i][j] = i == 2 ? tg_unif(t, 0.5f, 1.5f) : tg_unif(t, -2, 2);
+    }
+    void *h[5];   /* a, b, w, dy, ds in the storage type */
+    for (int i = 0; i < 5; i++) {
+        h[i] = malloc((size_t)(len[i] * es));
+        if (half)
+            moek_cast_f32_bf16(&t->cctx, f[i], h[i], len[i]);
+        else
+            memcpy(h[i], f[i], (size_t)len[i] * 4);
+    }
+    /* CPU */
+    void *s = malloc((size_t)(n * es)), *y = malloc((size_t)(n * es)), *da = malloc((size_t)(n * es)),
+         *db = malloc((size_t)(n * es)), *dw = malloc((size_t)(D * es));
+    float *r = malloc((size_t)N * 4);
+    if (half) {
+        moek_add_rmsnorm_fwd_bf16(&t->cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
+        moek_add_rmsnorm_bwd_bf16(&t->cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
+    } else {
+        moek_add_rmsnorm_fwd(&t->cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
+        moek_add_rmsnorm_bwd(&t->cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
+    }
+    /* GPU */
+    void *d[5];
+    for (int i = 0; i < 5; i++)
+        d[i] = tg_up(t, h[i], len[i] * es);
+    void *gs = tg_up(t, NULL, n * es), *gy = tg_up(t, NULL, n * es), *gr = tg_up(t, NULL, N * 4),
+         *gda = tg_up(t, NULL, n * es), *gdb = tg_up(t, NULL, n * es), *gdw = tg_up(t, NULL, D * es);
+    if (half) {
+        t->g.add_rmsnorm_fwd_bf16(&t->gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
+        t->g.add_rmsnorm_bwd_bf16(&t->gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
+    } else {
+        t->g.add_rmsnorm_fwd(&t->gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
+        t->g.add_rmsnorm_bwd(&t->gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
+    }
+    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
+    char name[96];
+    snprintf(name, sizeof name, "cuda add_rmsnorm%s fwd+bwd %lldx%lld runs", half ? "_bf16" : "",
+             (long long)N, (long long)D);
+    CHECK(name, rc == 0 && t->gst == 0 && t->cst == 0, "sync %d (%s) gpu %d cpu %d", rc, t->err, t->gst, t->cst);
+    const void *gdev[6] = {gs, gy, gr, gda, gdb, gdw};
+    const void *cpu[6] = {s, y, r, da, db, dw};
+    const char *what[6] = {"s", "y", "rstd", "da", "db", "dw"};
+    int64_t cnt[6] = {n, n, N, n, n, D};
+    double tol = half ? 1e-2 : 1e-5, worst = 0;
+    const char *wn = "";
+    for (int i = 0; i < 6; i++) {
+        int ishalf = half && i != 2;
+        void *g = tg_down(t, gdev[i], cnt[i] * (ishalf ? 2 : 4));
+        double e = tg_rel(g, cpu[i], cnt[i], ishalf);
+        if (!(e <= worst)) {
+            worst = e;
+            wn = what[i];
+        }
+        free(g);
+    }
+    snprintf(name, sizeof name, "cuda add_rmsnorm%s == cpu %lldx%lld", half ? "_bf16" : "", (long long)N,
+             (long long)D);
+    CHECK(name, worst <= tol, "worst %s: %.3g > %.3g", wn, worst, tol);
+    printf("# %s: worst relative error %.3g (%s)\n", name, worst, wn);
+    for (int i = 0; i < 5; i++)
+        free(f[i]), free(h[i]), t->g.device_free(&t->gctx, d[i]);
+    void *gall[6] = {gs, gy, gr, gda, gdb, gdw};
+    for (int i = 0; i < 6; i++)
+        t->g.device_free(&t->gctx, gall[i]);
+    free(s), free(y), free(da), free(db), free(dw), free(r);
+}
+
+int main(void)
+{
+    const char *dir = getenv("MOEC_BUILD");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/libmoek_cuda.so", dir && *dir ? dir : "build");
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        SKIP("cuda_fused_kernels", "no GPU (cannot load %s: %s)", path, dlerror());
+        return 0;
+    }
+    tg_env *t = calloc(1, sizeof *t);
+    int missing = 0;
+#define TG_LOOKUP(n)                                                                   \
+    *(void **)&t->g.n = dlsym(lib, "moek_" #n);                                       \
+    if (!t->g.n) {                                                                     \
+        CHECK("cuda library exports moek_" #n, 0, "symbol missing");                  \
+        missing++;                                                                     \
+    }
+    TG_SYMS(TG_LOOKUP)
+#undef TG_LOOKUP
+    if (missing)
+        return 1;
+    if (t->g.device_count() <= 0) {
+        SKIP("cuda_fused_kernels", "no GPU (moek_device_count() = %d)", t->g.device_count());
+        free(t);
+        dlclose(lib);
+        return 0;
+    }
+    if (t->g.device_init(&t->gctx, 0, 1 << 20, t->err, sizeof t->err)) {
+        CHECK("cuda device_init", 0, "%s", t->err);
+        return 1;
+    }
+    t->gctx.status = &t->gst;
+    t->cctx.status = &t->cst;
+    t->cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(8 << 20);
+    t->cctx.workspace = malloc((size_t)t->cctx.workspace_bytes);
+    t->rng = 0x9e3779b97f4a7c15ull;
+    for (int half = 0; half < 2; half++) {
+        tg_case(t, 5, 33, half);
+        tg_case(t, 1024, 768, half);
+    }
+    free(t->cctx.workspace);
+    t->g.device_fini(&t->gctx);
+    free(t);
+    CHECK_DONE();
+}
