@@ -76,10 +76,10 @@ $(BUILD)/libmoek_cpu.a: $(KCPU_OBJ)
 # a sanitizer build puts its own pair in its build folder instead.
 MOEC_BIN ?= moec
 RUN_BIN  ?= run
+ifneq ($(MOEC_BIN),moec)
 .PHONY: moec run
 moec: $(MOEC_BIN)
 run: $(RUN_BIN)
-ifneq ($(MOEC_BIN),moec)
 $(MOEC_BIN): $(BUILD)/compiler/main.o $(BUILD)/libmoec_front.a
 	$(CC) $(LDFLAGS) -o $@ $^ -lm
 $(RUN_BIN): $(BUILD)/runtime/main.o $(BUILD)/libmoec_runtime.a
