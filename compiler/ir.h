@@ -81,6 +81,13 @@ typedef union ir_scalar {
     double f;
 } ir_scalar;
 
+/* Same attribute value, bit for bit (both members are 8 bytes, so .i
+ * carries every bit of either; -0.0 and NaN payloads stay distinct). */
+static inline bool ir_scalar_same(ir_scalar a, ir_scalar b)
+{
+    return a.i == b.i;
+}
+
 typedef struct ir_value {
     const char *name;          /* params: stable dotted path "layers.0.attn.wq"; others: debug name */
     uint8_t dtype;             /* enum plan_dtype */

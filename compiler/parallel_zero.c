@@ -212,10 +212,10 @@ int pass_zero(ir_graph *g, moec_error *err)
         ir_node *n = &g->nodes[i];
         int in0 = n->inputs[0];
         int p = -1;
-        if (n->phase == PLAN_PHASE_BACKWARD && name_is(n, "__accumulate") && in0 >= 0)
-            p = gv[in0];
-        else if (n->phase == PLAN_PHASE_OPTIMIZER && in0 >= 0 &&
-                 (name_is(n, "__sumsq_accum") || name_is(n, "__fill_inplace")))
+        bool grad_op = (n->phase == PLAN_PHASE_BACKWARD && name_is(n, "__accumulate")) ||
+                       (n->phase == PLAN_PHASE_OPTIMIZER &&
+                        (name_is(n, "__sumsq_accum") || name_is(n, "__fill_inplace")));
+        if (grad_op && in0 >= 0)
             p = gv[in0];
         else if (n->phase == PLAN_PHASE_OPTIMIZER && in0 >= 0 &&
                  (name_is(n, "__adamw") || name_is(n, "__sgd")))

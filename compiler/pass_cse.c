@@ -47,7 +47,7 @@ static bool cse_same(const ir_graph *g, const ir_node *a, const ir_node *b)
         if (a->dims[i] != b->dims[i])
             return false;
     for (int i = 0; i < d->nattrs; i++)
-        if (memcmp(&a->attrs[i], &b->attrs[i], sizeof a->attrs[i]) != 0)
+        if (!ir_scalar_same(a->attrs[i], b->attrs[i]))
             return false;
     for (int o = 0; o < d->noutputs; o++) {
         if ((a->outputs[o] < 0) != (b->outputs[o] < 0))

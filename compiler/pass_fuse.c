@@ -368,10 +368,10 @@ static bool fu_match(fu_state *st, const ir_opdef *fused, const char *suffix, in
         for (int a = 0; a < po->nattr; a++) {
             int fa = po->attr_src[a];
             if (fa < 0) {
-                if (memcmp(&n->attrs[a], &po->attr_lit[a], sizeof n->attrs[a]) != 0)
+                if (!ir_scalar_same(n->attrs[a], po->attr_lit[a]))
                     return false;
             } else if (attr_set[fa]) {
-                if (memcmp(&n->attrs[a], &attrs[fa], sizeof attrs[fa]) != 0)
+                if (!ir_scalar_same(n->attrs[a], attrs[fa]))
                     return false;
             } else {
                 attrs[fa] = n->attrs[a];
