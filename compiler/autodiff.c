@@ -84,15 +84,15 @@ static void ad_contribute(ad_state *s, int v, int c, ir_srcloc loc)
         s->grad[key] = c;
         return;
     }
-    const ir_value *cv = &g->values[c];
-    int sum = ir_value_add(g, ir_strfmt(g, "d.%s.sum", g->values[key].name), cv->dtype,
-                           PLAN_ST_ACT, cv->ndim, cv->shape);
-    int64_t n = ir_value_numel(cv);
+    const ir_value cv = g->values[c];   /* a copy: ir_value_add may move the array */
+    int sum = ir_value_add(g, ir_strfmt(g, "d.%s.sum", g->values[key].name), cv.dtype,
+                           PLAN_ST_ACT, cv.ndim, cv.shape);
+    int64_t n = ir_value_numel(&cv);
     int ins[2] = {s->grad[key], c};
     /* prefer the stdlib's add when its template is the plain elementwise one */
     const ir_opdef *add = ir_def_find(g, "add");
-    if (iop_half_suffix(cv->dtype)) {
-        iop_node(g, iop_for_dtype(IOP_ADD, cv->dtype), ins, &sum, n, 0, PLAN_PHASE_BACKWARD, loc,
+    if (iop_half_suffix(cv.dtype)) {
+        iop_node(g, iop_for_dtype(IOP_ADD, cv.dtype), ins, &sum, n, 0, PLAN_PHASE_BACKWARD, loc,
                  "gradient sum");
     } else if (ad_plain_add(add)) {
         ir_node node;

@@ -36,14 +36,16 @@ static void usage(FILE *out)
             "                   schedule, inplace); the required ones always run\n"
             "  -I DIR           add DIR to the import search path (repeatable)\n"
             "  --stdlib DIR     the standard library (default: <moec dir>/stdlib,\n"
-            "                   then " "$PREFIX/share/moec/stdlib)\n"
+            "                   <moec dir>/../stdlib, then $PREFIX/share/moec/stdlib)\n"
             "  --max-errors N   stop after N errors (default 20)\n"
             "  --version, --help\n"
             "Imports are searched in the importing file's directory, the -I dirs,\n"
             "$MOEC_PATH (colon-separated), then the standard library.\n");
 }
 
-/* <dir of the executable>/stdlib, then <dir>/../share/moec/stdlib. */
+/* <dir of the executable>/stdlib (a top-level moec), <dir>/../stdlib (a
+ * moec inside a build folder, e.g. the sanitizer build), then
+ * <dir>/../share/moec/stdlib (installed). */
 static const char *default_stdlib(char *buf, size_t n)
 {
     char exe[PATH_MAX];
@@ -56,6 +58,9 @@ static const char *default_stdlib(char *buf, size_t n)
         return NULL;
     *slash = 0;
     snprintf(buf, n, "%s/stdlib", exe);
+    if (access(buf, R_OK) == 0)
+        return buf;
+    snprintf(buf, n, "%s/../stdlib", exe);
     if (access(buf, R_OK) == 0)
         return buf;
     snprintf(buf, n, "%s/../share/moec/stdlib", exe);
