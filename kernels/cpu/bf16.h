@@ -1,12 +1,10 @@
 /* bf16.h - helpers private to the CPU bf16 variants (bf16.c): the two
- * conversions and the thread count of their loops.  Nothing here is ABI. */
+ * conversions.  Nothing here is ABI. */
 #ifndef KBF16_H
 #define KBF16_H
 
 #include <stdint.h>
 #include <string.h>
-
-#include <omp.h>
 
 #include "../moek.h"
 
@@ -33,15 +31,6 @@ static inline float kbf16_widen(moek_bf16 h)
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
-}
-
-/* Threads for a conversion loop over n elements: one below 32K elements
- * (forking the team costs more), else ctx->num_threads or the default. */
-static inline int kbf16_team(const moek_ctx *ctx, int64_t n)
-{
-    if (n < 32768)
-        return 1;
-    return (ctx && ctx->num_threads > 0) ? ctx->num_threads : omp_get_max_threads();
 }
 
 #endif

@@ -187,95 +187,9 @@ void moek_bias_add_bwd(const moek_ctx *ctx, const float *dy, float *dx, float *d
 }
 
 /* ---- bf16 variants ----------------------------------------------------------
- * As kernels/cpu/bf16.c: widen the bf16 tensors into ctx->workspace, run the
- * fp32 kernel, round each output once.  Needs MOEK_BF16_WORKSPACE_BYTES(sum
- * of the element counts of the non-NULL bf16 arguments), else MOEK_E_SHAPE
- * and nothing is written. */
-#define KL_MAX 6
-
-typedef struct {
-    int n;
-    const moek_bf16 *src[KL_MAX];
-    moek_bf16 *out[KL_MAX];
-    int64_t len[KL_MAX];
-    float *f[KL_MAX];
-    float empty[1];
-} kl_call;
-
-static void kl_arg(kl_call *c, const moek_bf16 *src, moek_bf16 *out, int64_t len)
-{
-    c->src[c->n] = src;
-    c->out[c->n] = out;
-    c->len[c->n] = len > 0 ? len : 0;
-    c->n++;
-}
-
-static int kl_widen(const moek_ctx *ctx, kl_call *c)
-{
-    int64_t total = 0;
-    for (int i = 0; i < c->n; i++)
-        if (c->src[i])
-            total += c->len[i];
-    if (total > 0 && (!ctx || !ctx->workspace ||
-                      ctx->workspace_bytes < MOEK_BF16_WORKSPACE_BYTES(total))) {
-        kcpu_fail(ctx, MOEK_E_SHAPE);
-        return 0;
-    }
-    uintptr_t at = total > 0 ? (uintptr_t)ctx->workspace : 0;
-    for (int i = 0; i < c->n; i++) {
-        if (!c->src[i]) {
-            c->f[i] = NULL;
-        } else if (c->len[i] == 0) {
-            c->f[i] = c->empty;
-        } else {
-            at = (at + 63) & ~(uintptr_t)63;
-            c->f[i] = (float *)at;
-            at += (uintptr_t)c->len[i] * sizeof(float);
-            moek_cast_bf16_f32(ctx, c->src[i], c->f[i], c->len[i]);
-        }
-    }
-    return 1;
-}
-
-static void kl_round(const moek_ctx *ctx, const kl_call *c)
-{
-    for (int i = 0; i < c->n; i++)
-        if (c->out[i] && c->len[i] > 0)
-            moek_cast_f32_bf16(ctx, c->f[i], c->out[i], c->len[i]);
-}
-
-void moek_layernorm_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w,
-                             const moek_bf16 *b, moek_bf16 *y, float *mean, float *rstd, int64_t N,
-                             int64_t D, float eps)
-{
-    kl_call c = {0};
-    kl_arg(&c, x, NULL, N * D);
-    kl_arg(&c, w, NULL, D);
-    kl_arg(&c, b, NULL, D);
-    kl_arg(&c, y, y, N * D);
-    if (!kl_widen(ctx, &c))
-        return;
-    moek_layernorm_fwd(ctx, c.f[0], c.f[1], c.f[2], c.f[3], mean, rstd, N, D, eps);
-    kl_round(ctx, &c);
-}
-
-void moek_layernorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
-                             const moek_bf16 *w, const float *mean, const float *rstd,
-                             moek_bf16 *dx, moek_bf16 *dw, moek_bf16 *db, int64_t N, int64_t D)
-{
-    kl_call c = {0};
-    kl_arg(&c, dy, NULL, N * D);
-    kl_arg(&c, x, NULL, N * D);
-    kl_arg(&c, w, NULL, D);
-    kl_arg(&c, dx, dx, N * D);
-    kl_arg(&c, dw, dw, D);
-    kl_arg(&c, db, db, D);
-    if (!kl_widen(ctx, &c))
-        return;
-    moek_layernorm_bwd(ctx, c.f[0], c.f[1], c.f[2], mean, rstd, c.f[3], c.f[4], c.f[5], N, D);
-    kl_round(ctx, &c);
-}
-
+ * The bf16 layernorm variants widen into ctx->workspace like every other
+ * half variant: they are in half_variants.inc (bf16.c).  SiLU, repeat_kv and
+ * bias_add below work on bf16 directly. */
 /* SiLU: elementwise, so chunks widened on the stack need no workspace (the
  * fp32 kernel on each chunk, serially; the chunks spread over the team) */
 #define KL_CHUNK 1024

@@ -19,6 +19,7 @@
 
 #include "../../kernels/moek.h"
 #include "check.h"
+#include "cuda_harness.h"
 
 /* every kernel and device service, looked up in the CUDA library */
 #define TC_KERNELS(X)                                                                          \
@@ -69,19 +70,6 @@ typedef struct {
 } tc_env;
 
 /* ---- small helpers ------------------------------------------------------ */
-static uint64_t tc_next(tc_env *t)
-{
-    t->rng ^= t->rng >> 12;
-    t->rng ^= t->rng << 25;
-    t->rng ^= t->rng >> 27;
-    return t->rng * 2685821657736338717ull;
-}
-
-static float tc_unif(tc_env *t, float lo, float hi)
-{
-    return lo + (hi - lo) * (float)((tc_next(t) >> 40) / (double)(1ull << 24));
-}
-
 static void *tc_hmalloc(tc_env *t, int64_t bytes)
 {
     void *p = calloc(1, (size_t)(bytes > 0 ? bytes : 1));
@@ -147,7 +135,7 @@ static tc_f tc_in(tc_env *t, int64_t n, float lo, float hi)
 {
     tc_f b = {tc_hmalloc(t, n * 4), tc_dmalloc(t, n * 4), n};
     for (int64_t i = 0; i < n; i++)
-        b.h[i] = tc_unif(t, lo, hi);
+        b.h[i] = ch_unif(&t->rng, lo, hi);
     tc_h2d(t, b.d, b.h, n * 4);
     return b;
 }
@@ -166,7 +154,7 @@ static tc_i tc_iin(tc_env *t, int64_t n, int64_t lo, int64_t hi)
 {
     tc_i b = {tc_hmalloc(t, n * 4), tc_dmalloc(t, n * 4), n};
     for (int64_t i = 0; i < n; i++)
-        b.h[i] = (int32_t)(lo + (int64_t)(tc_next(t) % (uint64_t)(hi - lo)));
+        b.h[i] = (int32_t)(lo + (int64_t)(ch_next(&t->rng) % (uint64_t)(hi - lo)));
     tc_h2d(t, b.d, b.h, n * 4);
     return b;
 }
@@ -477,7 +465,7 @@ static void tc_router(tc_env *t)
             tc_cmp(t, name, dx, TOL);
         /* scores on a coarse grid so that ties are common */
         for (int64_t i = 0; i < N * E; i++)
-            x.h[i] = (float)(tc_next(t) % 5) * 0.25f + 0.1f;
+            x.h[i] = (float)(ch_next(&t->rng) % 5) * 0.25f + 0.1f;
         tc_h2d(t, x.d, x.h, N * E * 4);
         for (int renorm = 0; renorm < 2; renorm++) {
             tc_i idx = tc_iout(t, N * k);
@@ -528,8 +516,8 @@ static void tc_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, i
             int64_t e;
             int dup;
             do {
-                e = pattern == 2 ? E - 1 : pattern == 1 ? 1 + (int64_t)(tc_next(t) % (uint64_t)(E - 1))
-                                                        : (int64_t)(tc_next(t) % (uint64_t)E);
+                e = pattern == 2 ? E - 1 : pattern == 1 ? 1 + (int64_t)(ch_next(&t->rng) % (uint64_t)(E - 1))
+                                                        : (int64_t)(ch_next(&t->rng) % (uint64_t)E);
                 dup = 0;
                 for (int64_t i = 0; i < j; i++)
                     dup |= idx.h[n * k + i] == e;
@@ -768,7 +756,7 @@ static tc_b tc_bin(tc_env *t, int64_t n, float lo, float hi)
 {
     tc_b b = {tc_hmalloc(t, n * 2), tc_dmalloc(t, n * 2), n};
     for (int64_t i = 0; i < n; i++)
-        b.h[i] = tc_round(tc_unif(t, lo, hi));
+        b.h[i] = tc_round(ch_unif(&t->rng, lo, hi));
     tc_h2d(t, b.d, b.h, n * 2);
     return b;
 }
@@ -1088,8 +1076,8 @@ static void tc_b_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k,
             int64_t e;
             int dup;
             do {
-                e = pattern == 2 ? E - 1 : pattern == 1 ? 1 + (int64_t)(tc_next(t) % (uint64_t)(E - 1))
-                                                        : (int64_t)(tc_next(t) % (uint64_t)E);
+                e = pattern == 2 ? E - 1 : pattern == 1 ? 1 + (int64_t)(ch_next(&t->rng) % (uint64_t)(E - 1))
+                                                        : (int64_t)(ch_next(&t->rng) % (uint64_t)E);
                 dup = 0;
                 for (int64_t i = 0; i < j; i++)
                     dup |= idx.h[n * k + i] == e;
@@ -1220,38 +1208,22 @@ static void tc_bf16(tc_env *t)
 
 int main(void)
 {
-    const char *dir = getenv("MOEC_BUILD");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/libmoek_cuda.so", dir && *dir ? dir : "build");
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        SKIP("cuda_kernels", "no GPU (cannot load %s: %s)", path, dlerror());
+    void *lib = ch_open("cuda_kernels");
+    if (!lib)
         return 0;
-    }
     tc_env *t = calloc(1, sizeof *t);
     if (!t)
         return 2;
-    int missing = 0;
-#define TC_LOOKUP(n)                                                                      \
-    *(void **)&t->g.n = dlsym(lib, "moek_" #n);                                          \
-    if (!t->g.n) {                                                                        \
-        CHECK("cuda library exports moek_" #n, 0, "symbol missing");                     \
-        missing++;                                                                        \
-    }
-    TC_KERNELS(TC_LOOKUP)
-#undef TC_LOOKUP
-    if (missing)
+#define TC_SYM(n) CH_ENTRY(t->g, n)
+    ch_sym syms[] = {TC_KERNELS(TC_SYM)};
+#undef TC_SYM
+    int go = ch_start(lib, "cuda_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
+    if (go < 0)
         return 1;
-    int ndev = t->g.device_count();
-    if (ndev <= 0) {
-        SKIP("cuda_kernels", "no GPU (moek_device_count() = %d)", ndev);
+    if (go == 0) {
         free(t);
         dlclose(lib);
         return 0;
-    }
-    if (t->g.device_init(&t->gctx, 0, 1 << 20, t->err, sizeof t->err)) {
-        CHECK("cuda device_init", 0, "%s", t->err);
-        return 1;
     }
     t->gctx.status = &t->gstatus;
     t->cctx.status = &t->cstatus;

@@ -15,6 +15,7 @@
 
 #include "../../kernels/moek.h"
 #include "check.h"
+#include "cuda_harness.h"
 
 #define TG_SYMS(X)                                                                          \
     X(device_count) X(device_init) X(device_fini) X(device_alloc) X(device_free)            \
@@ -34,15 +35,6 @@ typedef struct {
     char err[256];
     uint64_t rng;
 } tg_env;
-
-static float tg_unif(tg_env *t, float lo, float hi)
-{
-    t->rng ^= t->rng >> 12;
-    t->rng ^= t->rng << 25;
-    t->rng ^= t->rng >> 27;
-    uint64_t r = t->rng * 2685821657736338717ull;
-    return lo + (hi - lo) * (float)((r >> 40) / (double)(1ull << 24));
-}
 
 /* a device copy of host bytes (or NaN bytes when h is NULL) */
 static void *tg_up(tg_env *t, const void *h, int64_t bytes)
@@ -103,7 +95,7 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
     for (int i = 0; i < 5; i++) {
         f[i] = malloc((size_t)len[i] * 4);
         for (int64_t j = 0; j < len[i]; j++)
-            f[i][j] = i == 2 ? tg_unif(t, 0.5f, 1.5f) : tg_unif(t, -2, 2);
+            f[i][j] = i == 2 ? ch_unif(&t->rng, 0.5f, 1.5f) : ch_unif(&t->rng, -2, 2);
     }
     void *h[5];   /* a, b, w, dy, ds in the storage type */
     for (int i = 0; i < 5; i++) {
@@ -172,35 +164,20 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
 
 int main(void)
 {
-    const char *dir = getenv("MOEC_BUILD");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/libmoek_cuda.so", dir && *dir ? dir : "build");
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        SKIP("cuda_fused_kernels", "no GPU (cannot load %s: %s)", path, dlerror());
+    void *lib = ch_open("cuda_fused_kernels");
+    if (!lib)
         return 0;
-    }
     tg_env *t = calloc(1, sizeof *t);
-    int missing = 0;
-#define TG_LOOKUP(n)                                                                   \
-    *(void **)&t->g.n = dlsym(lib, "moek_" #n);                                       \
-    if (!t->g.n) {                                                                     \
-        CHECK("cuda library exports moek_" #n, 0, "symbol missing");                  \
-        missing++;                                                                     \
-    }
-    TG_SYMS(TG_LOOKUP)
-#undef TG_LOOKUP
-    if (missing)
+#define TG_SYM(n) CH_ENTRY(t->g, n)
+    ch_sym syms[] = {TG_SYMS(TG_SYM)};
+#undef TG_SYM
+    int go = ch_start(lib, "cuda_fused_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
+    if (go < 0)
         return 1;
-    if (t->g.device_count() <= 0) {
-        SKIP("cuda_fused_kernels", "no GPU (moek_device_count() = %d)", t->g.device_count());
+    if (go == 0) {
         free(t);
         dlclose(lib);
         return 0;
-    }
-    if (t->g.device_init(&t->gctx, 0, 1 << 20, t->err, sizeof t->err)) {
-        CHECK("cuda device_init", 0, "%s", t->err);
-        return 1;
     }
     t->gctx.status = &t->gst;
     t->cctx.status = &t->cst;

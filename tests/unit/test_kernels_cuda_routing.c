@@ -18,6 +18,7 @@
 
 #include "../../kernels/moek.h"
 #include "check.h"
+#include "cuda_harness.h"
 
 #define RC_KERNELS(X)                                                                          \
     X(sigmoid_fwd) X(sigmoid_bwd) X(topk_biased_fwd) X(topk_biased_bwd) X(topk_grouped_fwd)     \
@@ -49,19 +50,6 @@ typedef struct {
 
 typedef struct { float *h, *d; int64_t n; } rc_f;
 typedef struct { int32_t *h, *d; int64_t n; } rc_i;
-
-static uint64_t rc_next(rc_env *t)
-{
-    t->rng ^= t->rng >> 12;
-    t->rng ^= t->rng << 25;
-    t->rng ^= t->rng >> 27;
-    return t->rng * 2685821657736338717ull;
-}
-
-static float rc_unif(rc_env *t, float lo, float hi)
-{
-    return lo + (hi - lo) * (float)((rc_next(t) >> 40) / (double)(1ull << 24));
-}
 
 static void rc_die(const char *what, const char *why)
 {
@@ -106,7 +94,7 @@ static rc_f rc_in(rc_env *t, int64_t n, float lo, float hi, float quant)
 {
     rc_f b = {rc_h(t, n * 4), rc_d(t, n * 4), n};
     for (int64_t i = 0; i < n; i++) {
-        b.h[i] = rc_unif(t, lo, hi);
+        b.h[i] = ch_unif(&t->rng, lo, hi);
         if (quant > 0)
             b.h[i] = roundf(b.h[i] * quant) / quant;
     }
@@ -304,8 +292,8 @@ static void rc_losses_and_stats(rc_env *t)
         rc_f dloss = rc_in(t, 1, 0.5f, 2, 0), load = rc_out(t, E + 1), bias = rc_in(t, E, -1, 1, 0);
         rc_i idx = rc_iout(t, N * k), sr = rc_iout(t, N * k);
         for (int64_t i = 0; i < N * k; i++) {
-            idx.h[i] = (int32_t)(rc_next(t) % (uint64_t)(i % 4 ? E : (E + 1) / 2));
-            sr.h[i] = rc_next(t) % 5 ? (int32_t)i : -1;
+            idx.h[i] = (int32_t)(ch_next(&t->rng) % (uint64_t)(i % 4 ? E : (E + 1) / 2));
+            sr.h[i] = ch_next(&t->rng) % 5 ? (int32_t)i : -1;
         }
         rc_iup(t, idx);
         rc_iup(t, sr);
@@ -345,7 +333,7 @@ static void rc_dispatch(rc_env *t)
         rc_f x = rc_in(t, N * D, -1, 1, 0), gt = rc_in(t, S, 0, 1, 8), xs = rc_out(t, R * D);
         rc_i idx = rc_iout(t, S), sr = rc_iout(t, S), er = rc_iout(t, 2 * E);
         for (int64_t i = 0; i < S; i++) /* a third of the slots piled on expert 0 */
-            idx.h[i] = (int32_t)(i % 3 ? rc_next(t) % (uint64_t)E : 0);
+            idx.h[i] = (int32_t)(i % 3 ? ch_next(&t->rng) % (uint64_t)E : 0);
         rc_iup(t, idx);
         moek_dispatch_by_score_fwd(C, x.h, idx.h, gt.h, xs.h, sr.h, er.h, N, D, E, k, Cap);
         t->g.dispatch_by_score_fwd(G, x.d, idx.d, gt.d, xs.d, sr.d, er.d, N, D, E, k, Cap);
@@ -387,38 +375,22 @@ static void rc_errors(rc_env *t)
 
 int main(void)
 {
-    const char *dir = getenv("MOEC_BUILD");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/libmoek_cuda.so", dir && *dir ? dir : "build");
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        SKIP("cuda_routing_kernels", "no GPU (cannot load %s: %s)", path, dlerror());
+    void *lib = ch_open("cuda_routing_kernels");
+    if (!lib)
         return 0;
-    }
     rc_env *t = calloc(1, sizeof *t);
     if (!t)
         return 2;
-    int missing = 0;
-#define RC_LOOKUP(n)                                                                      \
-    *(void **)&t->g.n = dlsym(lib, "moek_" #n);                                          \
-    if (!t->g.n) {                                                                        \
-        CHECK("cuda library exports moek_" #n, 0, "symbol missing");                     \
-        missing++;                                                                        \
-    }
-    RC_KERNELS(RC_LOOKUP)
-#undef RC_LOOKUP
-    if (missing)
+#define RC_SYM(n) CH_ENTRY(t->g, n)
+    ch_sym syms[] = {RC_KERNELS(RC_SYM)};
+#undef RC_SYM
+    int go = ch_start(lib, "cuda_routing_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
+    if (go < 0)
         return 1;
-    int ndev = t->g.device_count();
-    if (ndev <= 0) {
-        SKIP("cuda_routing_kernels", "no GPU (moek_device_count() = %d)", ndev);
+    if (go == 0) {
         free(t);
         dlclose(lib);
         return 0;
-    }
-    if (t->g.device_init(&t->gctx, 0, 1 << 20, t->err, sizeof t->err)) {
-        CHECK("cuda device_init", 0, "%s", t->err);
-        return 1;
     }
     t->gctx.status = &t->gstatus;
     t->cctx.status = &t->cstatus;

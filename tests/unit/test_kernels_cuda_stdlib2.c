@@ -19,6 +19,7 @@
 
 #include "../../kernels/moek.h"
 #include "check.h"
+#include "cuda_harness.h"
 
 #define S2_KERNELS(X)                                                                          \
     X(layernorm_fwd) X(layernorm_bwd) X(silu_fwd) X(silu_bwd) X(repeat_kv_fwd) X(repeat_kv_bwd) \
@@ -50,14 +51,6 @@ typedef struct {
 
 /* a tensor on both sides: fp32 (es 4) or bf16 (es 2) storage */
 typedef struct { void *h, *d; int64_t n; int es; } s2_t;
-
-static uint64_t s2_next(s2_env *t)
-{
-    t->rng ^= t->rng >> 12;
-    t->rng ^= t->rng << 25;
-    t->rng ^= t->rng >> 27;
-    return t->rng * 2685821657736338717ull;
-}
 
 static void s2_die(const char *what, const char *why)
 {
@@ -125,7 +118,7 @@ static s2_t s2_in(s2_env *t, int es, int64_t n, float lo, float hi)
 {
     s2_t b = {s2_h(t, n * es), s2_d(t, n * es), n, es};
     for (int64_t i = 0; i < n; i++) {
-        float v = lo + (hi - lo) * (float)((s2_next(t) >> 40) / (double)(1ull << 24));
+        float v = ch_unif(&t->rng, lo, hi);
         if (es == 4)
             ((float *)b.h)[i] = v;
         else
@@ -319,38 +312,22 @@ static void s2_repeat_kv(s2_env *t)
 
 int main(void)
 {
-    const char *dir = getenv("MOEC_BUILD");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/libmoek_cuda.so", dir && *dir ? dir : "build");
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        SKIP("cuda_stdlib2_kernels", "no GPU (cannot load %s: %s)", path, dlerror());
+    void *lib = ch_open("cuda_stdlib2_kernels");
+    if (!lib)
         return 0;
-    }
     s2_env *t = calloc(1, sizeof *t);
     if (!t)
         return 2;
-    int missing = 0;
-#define S2_LOOKUP(n)                                                                      \
-    *(void **)&t->g.n = dlsym(lib, "moek_" #n);                                          \
-    if (!t->g.n) {                                                                        \
-        CHECK("cuda library exports moek_" #n, 0, "symbol missing");                     \
-        missing++;                                                                        \
-    }
-    S2_KERNELS(S2_LOOKUP)
-#undef S2_LOOKUP
-    if (missing)
+#define S2_SYM(n) CH_ENTRY(t->g, n)
+    ch_sym syms[] = {S2_KERNELS(S2_SYM)};
+#undef S2_SYM
+    int go = ch_start(lib, "cuda_stdlib2_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
+    if (go < 0)
         return 1;
-    int ndev = t->g.device_count();
-    if (ndev <= 0) {
-        SKIP("cuda_stdlib2_kernels", "no GPU (moek_device_count() = %d)", ndev);
+    if (go == 0) {
         free(t);
         dlclose(lib);
         return 0;
-    }
-    if (t->g.device_init(&t->gctx, 0, 1 << 20, t->err, sizeof t->err)) {
-        CHECK("cuda device_init", 0, "%s", t->err);
-        return 1;
     }
     /* the CPU bf16 variants widen into a workspace */
     int64_t wsb = MOEK_BF16_WORKSPACE_BYTES(4 * 300 * 1000);
