@@ -154,6 +154,66 @@ static int *mp_bucket(const ir_graph *g, const int *key, int *out)
     return beg;
 }
 
+/* ---- second opinion: offline greedy by size ------------------------------
+ * Online best-fit (above) places values in the order they are born and can
+ * leave holes no later value fits.  Knowing every lifetime in advance, the
+ * largest values can be placed first, each at the lowest offset where it
+ * overlaps no placed value that is live at the same time (the classic
+ * "greedy by size" planner).  Neither strategy wins always, so the pass runs
+ * both and keeps the smaller pool.  Two values conflict when their node
+ * intervals [first, last] intersect: a value dying at node i must not share
+ * bytes with one born at node i (the node reads one while writing the other). */
+typedef struct mp_item {
+    int v, first, last;
+    uint64_t off, size;
+} mp_item;
+
+static int mp_by_size(const void *pa, const void *pb)
+{
+    const mp_item *a = pa, *b = pb;
+    if (a->size != b->size)
+        return a->size > b->size ? -1 : 1;
+    if (a->first != b->first)
+        return a->first < b->first ? -1 : 1;
+    return a->v < b->v ? -1 : a->v > b->v;
+}
+
+static int mp_by_off(const void *pa, const void *pb)
+{
+    const mp_item *a = *(const mp_item *const *)pa, *b = *(const mp_item *const *)pb;
+    return a->off < b->off ? -1 : a->off > b->off;
+}
+
+/* Plans the unpinned activations above `base`; returns the pool end and
+ * leaves each item's offset in items[]. */
+static uint64_t mp_greedy_by_size(mp_item *items, int n, uint64_t base)
+{
+    qsort(items, (size_t)n, sizeof *items, mp_by_size);
+    mp_item **conf = malloc(sizeof *conf * ((size_t)n + 1));
+    if (!conf)
+        abort();
+    uint64_t end = base;
+    for (int i = 0; i < n; i++) {
+        int nc = 0;
+        for (int j = 0; j < i; j++)
+            if (items[j].first <= items[i].last && items[i].first <= items[j].last)
+                conf[nc++] = &items[j];
+        qsort(conf, (size_t)nc, sizeof *conf, mp_by_off);
+        uint64_t cand = base;
+        for (int c = 0; c < nc; c++) {
+            if (cand + items[i].size <= conf[c]->off)
+                break;
+            if (conf[c]->off + conf[c]->size > cand)
+                cand = conf[c]->off + conf[c]->size;
+        }
+        items[i].off = cand;
+        if (cand + items[i].size > end)
+            end = cand + items[i].size;
+    }
+    free(conf);
+    return end;
+}
+
 int pass_memplan(ir_graph *g, moec_error *err)
 {
     int *first = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
@@ -203,6 +263,7 @@ int pass_memplan(ir_graph *g, moec_error *err)
         val->pool = PLAN_ST_ACT;
         val->offset = mp_take(&a, memplan_size(val));
     }
+    uint64_t pinned_end = a.end;
     /* values by first and by last use: counting sorts over the node order */
     int *sbeg = mp_bucket(g, first, order);
     int *elist = malloc(sizeof(int) * (size_t)(g->nvalues + 1));
@@ -230,6 +291,24 @@ int pass_memplan(ir_graph *g, moec_error *err)
     }
     free(sbeg), free(ebeg), free(elist);
     g->pool_bytes[PLAN_ST_ACT] = (int64_t)a.end;
+
+    mp_item *items = malloc(sizeof *items * ((size_t)g->nvalues + 1));
+    if (!items)
+        abort();
+    int nitems = 0;
+    for (int v = 0; v < g->nvalues; v++) {
+        const ir_value *val = &g->values[v];
+        if (val->pool != PLAN_ST_ACT || memplan_pinned(g, v) || memplan_size(val) == 0)
+            continue;
+        items[nitems++] = (mp_item){v, first[v], last[v], 0, memplan_size(val)};
+    }
+    uint64_t greedy_end = mp_greedy_by_size(items, nitems, pinned_end);
+    if (greedy_end < a.end) {
+        for (int i = 0; i < nitems; i++)
+            g->values[items[i].v].offset = items[i].off;
+        g->pool_bytes[PLAN_ST_ACT] = (int64_t)greedy_end;
+    }
+    free(items);
     free(a.free);
     free(first), free(last), free(order);
     return 0;
