@@ -17,8 +17,11 @@
  * still reduces their zero gradients).  A one-rank plan gets no op at all.
  */
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "internal_ops.h"
+#include "pass_util.h"
 #include "parallel_zero.h"
 #include "parallel_ep.h"
 #include "passes.h"
@@ -94,6 +97,61 @@ static void emit_bucket(ir_graph *g, const int *vals, int k, int group, int buck
     ir_node_add(g, &n);
 }
 
+/* Aux-loss-free balancing moves the router bias (a buffer, not a param)
+ * inside forward from this micro-batch's expert load.  Each rank sees only
+ * its own rows, so the load is summed over the data-parallel group first
+ * (into a copy: the metrics keep reading this rank's load, which run sums
+ * on the host); every rank then takes the same step, the bias stays
+ * replicated, and N ranks move it as one rank with batch N x B does
+ * (counts in fp32 are exact integers, so the sum is exact). */
+static int bias_loads(ir_graph *g)
+{
+    int nold = g->nnodes, nb = 0;
+    for (int i = 0; i < nold; i++)
+        nb += g->nodes[i].def->fwd_symbol &&
+              strcmp(g->nodes[i].def->fwd_symbol, "moek_router_bias_update") == 0;
+    if (!nb)
+        return 0;
+    int *order = malloc(sizeof(int) * ((size_t)nold + 2 * (size_t)nb));
+    if (!order)
+        return -1;
+    int no = 0;
+    for (int i = 0; i < nold; i++) {
+        const ir_node *n = &g->nodes[i];
+        if (!n->def->fwd_symbol || strcmp(n->def->fwd_symbol, "moek_router_bias_update") != 0 ||
+            n->inputs[1] < 0) {
+            order[no++] = i;
+            continue;
+        }
+        int load = n->inputs[1], phase = n->phase;
+        ir_srcloc loc = n->loc;
+        int64_t numel = ir_value_numel(&g->values[load]);
+        int sum = ir_value_add(g, ir_strfmt(g, "%s.dp_sum", g->values[load].name), PLAN_F32,
+                               PLAN_ST_ACT, 1, &numel);
+        order[no++] = iop_node(g, IOP_COPY, &load, &sum, numel, 0.0, phase, loc,
+                               "copy of the expert load for the data-parallel sum");
+        ir_node a;
+        memset(&a, 0, sizeof a);
+        a.def = allreduce_def(g, 1);
+        for (int k = 0; k < IR_MAX_PORTS; k++)
+            a.inputs[k] = a.outputs[k] = a.grads_in[k] = a.grads_out[k] = -1;
+        a.inputs[0] = sum;
+        a.dims[0] = numel;
+        a.attrs[0].i = COMM_GROUP_DP;
+        a.attrs[1].i = -1;
+        a.phase = (uint8_t)phase;
+        a.grad_of = -1;
+        a.loc = loc;
+        a.what = "all-reduce the expert load before the router bias update (dp group)";
+        order[no++] = ir_node_add(g, &a);
+        g->nodes[i].inputs[1] = sum;
+        order[no++] = i;
+    }
+    pu_reorder(g, order, no);
+    free(order);
+    return 0;
+}
+
 int pass_parallel(ir_graph *g, moec_error *err)
 {
     int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;
@@ -103,10 +161,12 @@ int pass_parallel(ir_graph *g, moec_error *err)
     if (ranks % ep)   /* elaboration reports this with the source; never reached */
         return perr(err, g->train_loc, "make expert divide ranks",
                     "impossible layout: expert-parallel size does not divide the ranks");
+    if (g->par_zero != 0 && zero_check(g, err))   /* before any rewrite */
+        return -1;
     if (ep > 1 && parallel_ep_rewrite(g, err))   /* compiler/parallel_ep.c */
         return -1;
-    if (g->par_zero != 0 && zero_check(g, err))
-        return -1;
+    if (bias_loads(g))   /* after the rewrite, which re-runs autodiff */
+        return perr(err, g->train_loc, "", "out of memory");
     if (g->par_zero >= 2)
         return 0;   /* gradients are reduce-scattered instead (parallel_zero.c) */
     /* one pass per group so a bucket never mixes groups; forward param order

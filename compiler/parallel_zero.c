@@ -49,6 +49,13 @@ int zero_check(const ir_graph *g, moec_error *err)
                     "ZeRO stage 3 (sharded parameters) is not implemented yet");
     if (g->par_zero < 0 || g->par_zero > 3)   /* elaboration rejects these */
         return zerr(err, g->train_loc, "use zero = 0, 1, 2 or 3", "unknown ZeRO stage");
+    /* expert params would need slices over their own expert-DP group in the
+     * plan checks, the norm and the checkpoints; until then say so rather
+     * than train something else than one rank would */
+    if (g->par_expert > 1)
+        return zerr(err, g->train_loc, "use parallel { expert = 1 } with zero, or zero = 0 "
+                    "with expert > 1, for now", "ZeRO combined with expert parallelism "
+                    "(expert > 1) is not implemented yet");
     return 0;
 }
 

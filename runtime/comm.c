@@ -244,7 +244,10 @@ void moec_comm_allreduce_f32_multi(const moek_ctx *ctx, int64_t group, int64_t b
     float *const bufs[COMM_MULTI_MAX] = {t0, t1, t2, t3, t4, t5, t6, t7};
     const int64_t ns[COMM_MULTI_MAX] = {n0, n1, n2, n3, n4, n5, n6, n7};
     char what[96], e[1024];
-    snprintf(what, sizeof what, "all-reduce of gradient bucket %" PRId64, bucket);
+    if (bucket < 0)   /* not gradients: the expert load of a router bias update */
+        snprintf(what, sizeof what, "all-reduce of an expert load (router bias update)");
+    else
+        snprintf(what, sizeof what, "all-reduce of gradient bucket %" PRId64, bucket);
     if (c->be->allreduce_f32(c->impl, bufs, ns, (int)count, (int)group, what, e, sizeof e))
         collective_failed(ctx, c, e);
 }

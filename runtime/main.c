@@ -39,6 +39,8 @@ static void usage(FILE *f)
           "  --no-graph             on cuda, run every op eagerly (no CUDA graph replay)\n"
           "  --routing-stats        one forward pass on a batch, then each MoE layer's\n"
           "                         per-expert token counts (weights: --checkpoint/--resume)\n"
+          "  --eval-logits PATH     one forward pass on the first validation batch; write\n"
+          "                         its logits as raw fp32 (weights: --resume/--init-from)\n"
           "  --sample               generate text: --prompt S --tokens N --temperature T\n"
           "                         --top-k K --seed S, weights from --checkpoint/--resume\n"
           "  -q, --quiet            no per-step lines\n"
@@ -51,7 +53,7 @@ int main(int argc, char **argv)
 {
     const char *plan_path = NULL, *device = NULL, *data = NULL, *metrics = "metrics.jsonl";
     const char *ckpt = NULL, *resume = NULL, *init_from = NULL, *prompt = "";
-    const char *trace = NULL, *comm_name = NULL;
+    const char *trace = NULL, *comm_name = NULL, *eval_logits = NULL;
     double comm_timeout = 300;
     const char *allow[64];
     int nallow = 0, inspect = 0, sample = 0, quiet = 0, no_graph = 0, routing_stats = 0;
@@ -76,6 +78,7 @@ int main(int argc, char **argv)
         else if (OPT("--resume")) resume = v;
         else if (OPT("--init-from")) init_from = v;
         else if (OPT("--trace")) trace = v;
+        else if (OPT("--eval-logits")) eval_logits = v;
         else if (OPT("--prompt")) prompt = v;
         else if (OPT("--comm")) comm_name = v;
         else if (OPT("--comm-timeout")) { comm_timeout = strtod(v, &end); if (*end || !(comm_timeout > 0)) goto bad; }
@@ -176,7 +179,14 @@ int main(int argc, char **argv)
         fprintf(stderr, "run: %d ranks, communication backend %s\n", world, comm_backend_name(cm));
     exec_set_graphs(&ex, !no_graph, stderr);   /* a failed capture is said even with -q */
     int rc;
-    if (routing_stats) {
+    if (eval_logits) {
+        train_opts to = {0};
+        to.data_path = data;
+        to.exe_dir = exe_dir;
+        to.resume_path = resume;
+        to.init_from = init_from ? init_from : ckpt;
+        rc = train_eval_logits(&ex, &to, eval_logits, err, sizeof err);
+    } else if (routing_stats) {
         train_opts to = {0};
         to.data_path = data;
         to.exe_dir = exe_dir;

@@ -520,6 +520,78 @@ out:
     return rc;
 }
 
+int train_eval_logits(exec_state *ex, const train_opts *o, const char *out_path, char *err,
+                      size_t errlen)
+{
+    const plan_file *pf = ex->pf;
+    const plan_train *t = pf->train;
+    roles r;
+    data_file d = {0};
+    int32_t *tok = NULL, *tgt = NULL;
+    float *mine = NULL, *all = NULL;
+    int rc = -1;
+    char path[4096];
+    if (find_roles(pf, &r))
+        return fail(err, errlen, "out of memory");
+    r.shard = comm_rank(ex->ctx.comm);
+    r.nshards = comm_world(ex->ctx.comm);
+    if (r.logits < 0 || pf->tensors[r.logits].dtype != PLAN_F32) {
+        fail(err, errlen, "--eval-logits: the plan keeps no fp32 logits tensor (role logits); "
+             "return the logits from the model in fp32");
+        goto out;
+    }
+    uint64_t rows = (uint64_t)(t->batch * t->seq), bytes = rows * (uint64_t)t->vocab * 4;
+    ckpt_meta m[16];
+    int nm = 0;
+    const char *w = o->resume_path ? o->resume_path : o->init_from;
+    if (train_init_params(ex, err, errlen) ||
+        (w && ckpt_load(ex, w, CKPT_WEIGHTS, m, 16, &nm, err, errlen)) ||
+        train_data_path(pf, o->data_path, o->exe_dir, path, sizeof path, err, errlen) ||
+        data_open(&d, path, t->data_format, t->val_fraction, err, errlen))
+        goto out;
+    tok = malloc(rows * 4);
+    tgt = malloc(rows * 4);
+    mine = malloc(bytes);
+    all = malloc(bytes * (uint64_t)r.nshards);
+    if (!tok || !tgt || !mine || !all) {
+        fail(err, errlen, "out of memory");
+        goto out;
+    }
+    /* the first validation batch, as evaluate() draws it: every rank runs the
+     * forward (expert exchanges need all of them) on its block of rows */
+    rng g = rng_seeded((uint64_t)t->seed, "eval");
+    float loss;
+    if (micro_step(ex, &r, &d, DATA_VAL, &g, tok, tgt, 0, &loss, NULL, err, errlen) ||
+        exec_check(ex, "--eval-logits", PLAN_PHASE_FORWARD, PLAN_PHASE_FORWARD, err, errlen) ||
+        exec_read(ex, (uint64_t)r.logits, 0, mine, bytes, err, errlen) ||
+        comm_allgather_host(ex->ctx.comm, mine, all, (int64_t)bytes, COMM_GROUP_DP,
+                            "gather of the logits (--eval-logits)", err, errlen))
+        goto out;
+    if (r.shard == 0) {
+        /* raw little-endian fp32 [ranks x batch x seq, vocab], rows in rank order */
+        FILE *f = fopen(out_path, "wb");
+        if (!f || fwrite(all, 1, bytes * (uint64_t)r.nshards, f) != bytes * (uint64_t)r.nshards) {
+            if (f)
+                fclose(f);
+            fail(err, errlen, "--eval-logits: cannot write %s", out_path);
+            goto out;
+        }
+        if (fclose(f)) {
+            fail(err, errlen, "--eval-logits: cannot write %s", out_path);
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    free(all);
+    free(mine);
+    free(tok);
+    free(tgt);
+    free(r.metric);
+    data_close(&d);
+    return rc;
+}
+
 int train_run(exec_state *ex, const train_opts *o, char *err, size_t errlen)
 {
     return train_run_trace(ex, o, NULL, err, errlen);

@@ -50,5 +50,10 @@ int train_sample(exec_state *ex, const sample_opts *o, FILE *out, char *err, siz
 /* --routing-stats: one forward pass on a training batch (initial weights, or
  * o->resume_path / o->init_from), then each MoE layer's per-expert counts. */
 int train_routing_stats(exec_state *ex, const train_opts *o, FILE *out, char *err, size_t errlen);
+/* --eval-logits PATH: one forward pass on the first validation batch (weights
+ * as train_routing_stats), every rank on its block of rows; rank 0 writes the
+ * logits of all ranks as raw fp32 [ranks x batch x seq, vocab] (docs/parallel.md). */
+int train_eval_logits(exec_state *ex, const train_opts *o, const char *out_path, char *err,
+                      size_t errlen);
 
 #endif
