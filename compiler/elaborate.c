@@ -88,6 +88,8 @@ typedef struct el_op {
                                                the bf16 calls with bf16 -> f16 in the symbol */
     const ast_node *fuses;                  /* `fuses { }`: the pattern it replaces (fuse.h) */
     ir_fuse *rule;                          /* its lowered form, shared by the half instances */
+    const ast_node *bwd_body;               /* `backward { }`: gradients as calls of other ops */
+    bool bwd_bad;                           /* its run for one call failed: not tried again */
 } el_op;
 
 typedef struct el_decl {
@@ -126,6 +128,7 @@ typedef struct el {
     const ast_file *main;
     int compute;                              /* PLAN_F32, PLAN_BF16 or PLAN_F16: train { precision } */
     ir_node *updates; int nupdates;           /* optimizer-phase calls, appended after the model */
+    int bwd_depth;                            /* > 0 while a `backward { }` block runs */
 } el;
 
 typedef struct el_frame {
@@ -786,7 +789,13 @@ static bool el_bind_tensor(el *E, el_frame *scope, el_syms *s, const ast_node *s
         s->float_dt = v->dtype + 1;
         s->float_from = t;
     } else if (v->dtype != dt) {
+        /* routing ops keep their scores fp32 in every precision (docs/moe.md) */
+        bool route = dt == PLAN_F32 && (v->dtype == PLAN_BF16 || v->dtype == PLAN_F16) &&
+                     (strcmp(sig->name, "scores") == 0 || strcmp(sig->name, "logits") == 0 ||
+                      strcmp(sig->name, "probs") == 0);
         const char *hint = dt == PLAN_I32 ? "token ids and expert indices are i32"
+                         : route ? "router logits, scores and gates are fp32 in every precision: "
+                                   "convert with to_f32(...) first (import \"moe\"), as the moe block does"
                          : dt == PLAN_F32 && v->dtype == PLAN_BF16
                              ? "precision = bf16 stores activations as bf16: declare the port `float` "
                                "(and give the op a <kernel>_bf16 variant) to accept them"
@@ -940,6 +949,7 @@ static bool el_bind_args(el *E, const ast_node *call, const char *callee, const 
 /* ------------------------------------------------------------ op calls */
 
 static const ir_opdef *el_half_def(el *E, el_op *op, const ast_node *call, int dtype);
+static void el_bwd_instance(el *E, el_op *op, const ir_node *fn);
 
 static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call, ev *pos, int npos,
                      const ast_node **kwn, ev *kwv, int nkw)
@@ -1107,6 +1117,10 @@ static ev el_call_op(el *E, el_frame *fr, const el_op *op, const ast_node *call,
         return (ev){.k = EV_TUPLE, .n = 0};
     }
     ir_node_add(E->g, &node);
+    /* not inside another op's backward block: a step op's own backward is
+     * never wanted (steps are not differentiated) */
+    if (op->def.bwd_kind == IR_BWD_EXPR && !E->bwd_depth && !op->bwd_bad)
+        el_bwd_instance(E, (el_op *)op, &node);
     if (nres == 1)
         return res[0];
     ev t = {.k = EV_TUPLE, .n = nres};
@@ -1276,12 +1290,14 @@ static ev el_builtin(el *E, el_frame *fr, const ast_node *x, ev *pos, int npos, 
         return first ? pos[0] : pos[1];
     }
     if (strcmp(n, "error") == 0) {
-        if (npos != 1 || pos[0].k != EV_STRING) {
-            ERR(x->span, NULL, "`error` takes one string");
+        /* error("message") or error("message", "hint") */
+        if (npos < 1 || npos > 2 || pos[0].k != EV_STRING || (npos == 2 && pos[1].k != EV_STRING)) {
+            ERR(x->span, NULL, "`error` takes a message string and an optional hint string");
             return ev_none;
         }
         /* report at the call into the block, then where the check is */
-        ERR(E->depth ? E->calls[E->depth - 1]->span : x->span, NULL, "%s", pos[0].s);
+        ERR(E->depth ? E->calls[E->depth - 1]->span : x->span, npos == 2 ? pos[1].s : NULL, "%s",
+            pos[0].s);
         if (E->depth)
             diag_note(E->d, x->span, "reported by this check in `%s`", E->stack[E->depth - 1]->name);
         if (fr)
@@ -1702,6 +1718,10 @@ static const el_ksig el_kernels[] = {
     /* fused ops (issue 8; kernels/cpu/fused.c), fp32 and bf16 */
     {"moek_add_rmsnorm_fwd", "TTTTTTiif"}, {"moek_add_rmsnorm_bwd", "TTTTTTTTii"},
     {"moek_add_rmsnorm_fwd_bf16", "TTTTTTiif"}, {"moek_add_rmsnorm_bwd_bf16", "TTTTTTTTii"},
+    {"moek_swiglu_proj_fwd", "TTTTTTiii"}, {"moek_swiglu_proj_bwd", "TTTTTTTTTiii"},
+    {"moek_swiglu_proj_fwd_bf16", "TTTTTTiii"}, {"moek_swiglu_proj_bwd_bf16", "TTTTTTTTTiii"},
+    {"moek_softmax_topk_fwd", "TTTTiiii"}, {"moek_softmax_topk_bwd", "TTTTTiiii"},
+    {"moek_softmax_topk_fwd_bf16", "TTTTiiii"}, {"moek_softmax_topk_bwd_bf16", "TTTTTiiii"},
 };
 
 static const el_ksig *el_kernel_find(const char *sym)
@@ -1898,6 +1918,307 @@ static bool el_lower_call(el *E, el_op *op, const ast_node *call, bool bwd, cons
     return false;
 }
 
+/* ------------------------------------------------ backward { } blocks */
+
+/* A name or call a `backward { }` block may use: the op's inputs, outputs,
+ * d<output> of outputs that carry a gradient, attributes, dims, config
+ * values, the d<input>s assigned above it, and calls of extern ops.  Checked
+ * at the declaration, so a mistake shows even when no model calls the op. */
+static bool el_bwd_names(el *E, el_op *op, const ast_node *x, const bool *assigned)
+{
+    const char *opname = op->ast->name;
+    switch (x->kind) {
+    case AST_INT: case AST_FLOAT: case AST_BOOL:
+        return true;
+    case AST_BINOP:
+        return el_bwd_names(E, op, x->a, assigned) && el_bwd_names(E, op, x->b, assigned);
+    case AST_UNOP:
+        return el_bwd_names(E, op, x->a, assigned);
+    case AST_NAME: {
+        const char *c[4 * IR_MAX_PORTS + 2 * IR_MAX_SYMS];
+        int nc = 0;
+        for (int i = 0; i < op->nin; i++) {
+            c[nc++] = op->in[i]->name;
+            if (assigned[i])
+                c[nc++] = el_fmt(E, "d%s", op->in[i]->name);
+        }
+        for (int o = 0; o < op->nout; o++) {
+            c[nc++] = op->out[o]->name;
+            if (op->def.output_diff[o])
+                c[nc++] = el_fmt(E, "d%s", op->out[o]->name);
+        }
+        for (int i = 0; i < op->nattr; i++)
+            c[nc++] = op->attr[i]->name;
+        for (int i = 0; i < op->def.ndims; i++)
+            c[nc++] = op->def.dim_names[i];
+        for (int i = 0; i < nc; i++)
+            if (strcmp(c[i], x->name) == 0)
+                return true;
+        if (env_get(&E->globals, x->name))
+            return true;
+        const char *hint = el_suggest_list(E, x->name, c, nc);
+        ERR(x->span, hint ? hint : "a backward block reads the op's inputs, outputs, d<output>, "
+            "attributes and dims", "unknown name `%s` in the backward of `%s`", x->name, opname);
+        return false;
+    }
+    case AST_CALL: {
+        const el_op *callee = NULL;
+        for (int i = 0; i < E->nops && !callee; i++)
+            if (strcmp(E->ops[i].ast->name, x->name) == 0)
+                callee = &E->ops[i];
+        if (!callee) {
+            const char *c[256];
+            int nc = 0;
+            for (int i = 0; i < E->nops && nc < 256; i++)
+                c[nc++] = E->ops[i].ast->name;
+            const char *hint = el_suggest_list(E, x->name, c, nc);
+            ERR(x->span, hint ? hint : "a backward block calls extern ops (blocks and builtins "
+                "are not allowed)", "unknown op `%s` in the backward of `%s`", x->name, opname);
+            return false;
+        }
+        const ast_list *sig = &callee->ast->list;
+        bool has[IR_MAX_PORTS + IR_MAX_SYMS] = {false}, ok = true;
+        int npos = 0;
+        for (int i = 0; i < x->list.n; i++) {
+            const ast_node *a = x->list.items[i];
+            if (a->name) {
+                int k = -1;
+                for (int j = 0; j < sig->n && j < IR_MAX_PORTS + IR_MAX_SYMS; j++)
+                    if (strcmp(sig->items[j]->name, a->name) == 0)
+                        k = j;
+                if (k < 0) {
+                    ERR(a->span, NULL, "`%s` has no argument `%s`", x->name, a->name);
+                    ok = false;
+                } else {
+                    has[k] = true;
+                }
+            } else if (npos < IR_MAX_PORTS + IR_MAX_SYMS) {
+                has[npos++] = true;
+            }
+            ok &= el_bwd_names(E, op, a->a, assigned);
+        }
+        if (npos > sig->n) {
+            ERR(x->span, NULL, "`%s` takes at most %d argument%s, got %d", x->name, sig->n,
+                sig->n == 1 ? "" : "s", npos);
+            return false;
+        }
+        for (int j = 0; ok && j < sig->n && j < IR_MAX_PORTS + IR_MAX_SYMS; j++)
+            if (!has[j] && !sig->items[j]->b) {
+                ERR(x->span, NULL, "missing argument `%s` of `%s`", sig->items[j]->name, x->name);
+                ok = false;
+            }
+        return ok;
+    }
+    default:
+        ERR(x->span, "write a gradient with calls of extern ops, `+` and `*` by a number",
+            "this cannot appear in the backward of `%s`", opname);
+        return false;
+    }
+}
+
+/* Index of the input whose gradient `name` is ("dx" -> x), or -1. */
+static int el_bwd_target(const el_op *op, const char *name)
+{
+    for (int i = 0; i < op->nin; i++)
+        if (name[0] == 'd' && strcmp(op->in[i]->name, name + 1) == 0)
+            return i;
+    return -1;
+}
+
+static bool el_bwd_check(el *E, el_op *op, const ast_node *blk)
+{
+    const char *opname = op->ast->name;
+    bool assigned[IR_MAX_PORTS] = {false}, ok = true;
+    for (int s = 0; s < blk->list.n; s++) {
+        const ast_node *st = blk->list.items[s];
+        if (!st)
+            continue;   /* a syntax error, already reported */
+        if (st->kind != AST_ASSIGN || st->list.n != 1) {
+            ERR(st->span, "write `d<input> = <expression>`, one per line",
+                "the backward of `%s` may only assign input gradients", opname);
+            ok = false;
+            continue;
+        }
+        const ast_node *t = st->list.items[0];
+        int k = el_bwd_target(op, t->name);
+        if (k < 0) {
+            const char *c[IR_MAX_PORTS];
+            int nc = 0;
+            for (int i = 0; i < op->nin; i++)
+                if (op->def.input_diff[i])
+                    c[nc++] = el_fmt(E, "d%s", op->in[i]->name);
+            const char *hint = el_suggest_list(E, t->name, c, nc);
+            ERR(t->span, hint ? hint : el_fmt(E, "assign d<input>, e.g. `%s`", nc ? c[0] : "dx"),
+                "`%s` is not the gradient of an input of `%s`", t->name, opname);
+            ok = false;
+            continue;
+        }
+        if (!op->def.input_diff[k]) {
+            ERR(t->span, el_fmt(E, "`%s` is nograd or an integer: drop this line", op->in[k]->name),
+                "`%s` is assigned, but input `%s` of `%s` has no gradient", t->name, op->in[k]->name,
+                opname);
+            ok = false;
+            continue;
+        }
+        if (assigned[k]) {
+            ERR(t->span, "sum the terms in one expression with `+`",
+                "`%s` is assigned twice in the backward of `%s`", t->name, opname);
+            ok = false;
+            continue;
+        }
+        ok &= el_bwd_names(E, op, st->a, assigned);
+        assigned[k] = true;
+    }
+    for (int i = 0; ok && i < op->nin; i++)
+        if (op->def.input_diff[i] && !assigned[i]) {
+            ERR(blk->span, el_fmt(E, "assign `d%s = ...` in the block, or mark `%s` nograd",
+                                  op->in[i]->name, op->in[i]->name),
+                "backward of `%s` does not assign the gradient of `%s`", opname, op->in[i]->name);
+            ok = false;
+        }
+    return ok;
+}
+
+/* Where value v of a backward block's run comes from: the forward node fn's
+ * ports, the d<output> stand-ins dout, or step k < nsteps (graph node n0+k). */
+static bool el_bwd_ref(const ir_graph *g, const ir_node *fn, const int *dout, int n0, int nsteps,
+                       int v, ir_bwd_ref *r)
+{
+    memset(r, 0, sizeof *r);
+    for (int i = 0; i < fn->def->ninputs; i++)
+        if (fn->inputs[i] == v) {
+            r->src = IR_BWD_SRC_IN, r->index = i;
+            return true;
+        }
+    for (int o = 0; o < fn->def->noutputs; o++) {
+        if (fn->outputs[o] == v) {
+            r->src = IR_BWD_SRC_OUT, r->index = o;
+            return true;
+        }
+        if (dout[o] == v) {
+            r->src = IR_BWD_SRC_DOUT, r->index = o;
+            return true;
+        }
+    }
+    for (int k = 0; k < nsteps; k++) {
+        const ir_node *sn = &g->nodes[n0 + k];
+        for (int p = 0; p < sn->def->noutputs; p++)
+            if (sn->outputs[p] == v) {
+                r->src = IR_BWD_SRC_STEP, r->index = k, r->port = p;
+                return true;
+            }
+    }
+    return false;
+}
+
+/* Runs op's `backward { }` for the forward node fn just added: the calls go
+ * through el_call_op like any other (shapes, dtypes, half variants), their
+ * nodes and values are kept as fn's instance (ir.h ir_bwd_inst) and taken
+ * out of the graph again; autodiff puts back the ones it needs. */
+static void el_bwd_instance(el *E, el_op *op, const ir_node *fn)
+{
+    ir_graph *g = E->g;
+    const ast_node *blk = op->bwd_body;
+    const char *opname = op->ast->name;
+    int v0 = g->nvalues, n0 = g->nnodes, u0 = E->nupdates, errs = diag_count(E->d);
+    el_frame fr;
+    memset(&fr, 0, sizeof fr);
+    fr.prefix = "";
+    int dout[IR_MAX_PORTS], grad[IR_MAX_PORTS];
+    for (int i = 0; i < IR_MAX_PORTS; i++)
+        dout[i] = grad[i] = -1;
+    for (int i = 0; i < op->nin; i++)
+        env_set(&fr.env, op->in[i]->name, ev_tensor(fn->inputs[i]));
+    for (int o = 0; o < op->nout; o++) {
+        env_set(&fr.env, op->out[o]->name, ev_tensor(fn->outputs[o]));
+        if (!op->def.output_diff[o])
+            continue;
+        const ir_value ov = g->values[fn->outputs[o]];   /* a copy: el_value may move them */
+        dout[o] = el_value(E, el_fmt(E, "d%s", op->out[o]->name), ov.dtype, PLAN_ST_ACT, ov.ndim,
+                           ov.shape, blk->span);
+        env_set(&fr.env, el_fmt(E, "d%s", op->out[o]->name), ev_tensor(dout[o]));
+    }
+    for (int a = 0; a < op->nattr; a++)
+        env_set(&fr.env, op->attr[a]->name, op->def.attr_kinds[a] == PLAN_ARG_I64
+                                                ? ev_int(fn->attrs[a].i) : ev_float(fn->attrs[a].f));
+    for (int d = 0; d < op->def.ndims; d++)
+        if (!op->derived[d])
+            env_set(&fr.env, op->def.dim_names[d], ev_int(fn->dims[d]));
+    E->bwd_depth++;
+    for (int s = 0; s < blk->list.n; s++) {
+        const ast_node *st = blk->list.items[s];
+        const char *tname = st->list.items[0]->name;
+        int k = el_bwd_target(op, tname);
+        ev r = el_eval(E, &fr, st->a);
+        if (r.k != EV_TENSOR) {
+            if (r.k != EV_NONE)
+                ERR(st->a->span, NULL, "the gradient `%s` of `%s` must be a tensor, got a %s", tname,
+                    opname, ev_kind_name(r.k));
+            continue;
+        }
+        const ir_value *iv = &g->values[fn->inputs[k]], *rv = &g->values[r.t];
+        if (iv->dtype != rv->dtype || iv->ndim != rv->ndim ||
+            memcmp(iv->shape, rv->shape, (size_t)iv->ndim * sizeof *iv->shape) != 0) {
+            ERR(st->a->span, "a gradient has the shape and dtype of its input",
+                "`%s` of `%s` is %s, but `%s` is %s", tname, opname, el_shape_str(E, r.t),
+                op->in[k]->name, el_shape_str(E, fn->inputs[k]));
+            continue;
+        }
+        grad[k] = r.t;
+        env_set(&fr.env, tname, r);
+    }
+    E->bwd_depth--;
+    free(fr.env.vars);
+    if (E->nupdates != u0) {
+        ERR(blk->span, NULL, "the backward of `%s` calls an optimizer-phase op", opname);
+        E->nupdates = u0;
+    }
+    ir_bwd_inst *in = ir_alloc(g, sizeof *in);
+    memset(in, 0, sizeof *in);
+    in->key = fn->outputs[0];
+    in->nsteps = g->nnodes - n0;
+    in->steps = ir_alloc(g, sizeof *in->steps * ((size_t)in->nsteps + 1));
+    for (int k = 0; k < in->nsteps && diag_count(E->d) == errs; k++) {
+        const ir_node *sn = &g->nodes[n0 + k];
+        ir_bwd_step *st = &in->steps[k];
+        memset(st, 0, sizeof *st);
+        st->def = sn->def;
+        memcpy(st->dims, sn->dims, sizeof st->dims);
+        memcpy(st->attrs, sn->attrs, sizeof st->attrs);
+        for (int i = 0; i < sn->def->ninputs; i++)
+            if (!el_bwd_ref(g, fn, dout, n0, k, sn->inputs[i], &st->in[i]))
+                ERR(blk->span, NULL, "internal error: input %d of step %d in the backward of `%s` "
+                    "comes from outside the block", i, k, opname);
+        for (int o = 0; o < sn->def->noutputs; o++) {
+            const ir_value *ov = &g->values[sn->outputs[o]];
+            st->out_dtype[o] = ov->dtype;
+            st->out_ndim[o] = ov->ndim;
+            memcpy(st->out_shape[o], ov->shape, sizeof st->out_shape[o]);
+        }
+    }
+    for (int i = 0; i < op->nin && diag_count(E->d) == errs; i++) {
+        if (grad[i] < 0)
+            continue;
+        in->has_grad[i] = el_bwd_ref(g, fn, dout, n0, in->nsteps, grad[i], &in->grad[i]);
+        if (in->grad[i].src == IR_BWD_SRC_IN || in->grad[i].src == IR_BWD_SRC_OUT) {
+            const ast_node *st = NULL;
+            for (int s = 0; s < blk->list.n && !st; s++)
+                if (el_bwd_target(op, blk->list.items[s]->list.items[0]->name) == i)
+                    st = blk->list.items[s];
+            ERR(st ? st->a->span : blk->span, "compute it from the incoming gradients (d<output>)",
+                "the gradient `d%s` of `%s` is a forward value", op->in[i]->name, opname);
+        }
+    }
+    g->nvalues = v0;   /* the block's values and nodes live on in the instance only */
+    g->nnodes = n0;
+    if (diag_count(E->d) != errs) {
+        op->bwd_bad = true;
+        return;
+    }
+    in->next = op->def.bwd_expr->first;
+    op->def.bwd_expr->first = in;
+}
+
 static void el_lower_op(el *E, el_op *op)
 {
     const ast_node *a = op->ast;
@@ -1995,7 +2316,8 @@ static void el_lower_op(el *E, el_op *op)
             ERR(e->span, el_suggest_list(E, e->name, keys, 8), "unknown key `%s` in extern op `%s`", e->name, a->name);
             continue;
         }
-        if ((slot == &op->fuses) != (e->a == NULL)) {   /* only `fuses` takes a { } body */
+        /* `fuses` takes a { } body, `backward` either form, the rest `= ...` */
+        if (e->a ? slot == &op->fuses : slot != &op->fuses && slot != &bwd) {
             ERR(e->span, e->a ? "write `fuses { out = op(args) ... }`" : el_fmt(E, "write `%s = ...`", e->name),
                 "`%s` in extern op `%s` %s", e->name, a->name, e->a ? "takes a { } body" : "is not a { } body");
             continue;
@@ -2019,7 +2341,7 @@ static void el_lower_op(el *E, el_op *op)
     }
     if (a->list2.n == 0 && !op->update)
         ERR(a->span, "only a `phase = optimizer` op may have no outputs", "op `%s` has no outputs", a->name);
-    if (op->update && (a->list2.n != 0 || (bwd && !(bwd->a->kind == AST_NAME && strcmp(bwd->a->name, "none") == 0))))
+    if (op->update && (a->list2.n != 0 || (bwd && !(bwd->a && bwd->a->kind == AST_NAME && strcmp(bwd->a->name, "none") == 0))))
         ERR(phase->span, "an optimizer-phase op writes its inputs in place: -> () and no backward",
             "op `%s` runs in the optimizer phase, so it has no outputs and no backward", a->name);
     if (diag_count(E->d) != before)
@@ -2031,7 +2353,14 @@ static void el_lower_op(el *E, el_op *op)
     }
     if (!el_lower_call(E, op, fwd->a, false, &op->def.fwd_symbol, op->def.fwd, &op->def.nfwd))
         return;
-    if (!bwd || (bwd->a->kind == AST_NAME && strcmp(bwd->a->name, "none") == 0)) {
+    if (bwd && !bwd->a) {
+        op->def.bwd_kind = IR_BWD_EXPR;
+        op->bwd_body = bwd;
+        if (!el_bwd_check(E, op, bwd))
+            return;
+        op->def.bwd_expr = ir_alloc(E->g, sizeof *op->def.bwd_expr);
+        op->def.bwd_expr->first = NULL;
+    } else if (!bwd || (bwd->a->kind == AST_NAME && strcmp(bwd->a->name, "none") == 0)) {
         op->def.bwd_kind = IR_BWD_NONE;
         for (int i = 0; i < op->nin; i++)
             op->def.input_diff[i] = false;
@@ -2052,7 +2381,8 @@ static void el_lower_op(el *E, el_op *op)
             }
         }
     } else {
-        ERR(bwd->a->span, "backward = kernel(args...), none or passthrough", "bad backward for extern op `%s`", a->name);
+        ERR(bwd->a->span, "backward = kernel(args...), backward { dx = <ops of dy> }, none or passthrough",
+            "bad backward for extern op `%s`", a->name);
         return;
     }
     if (op->fuses) {   /* filled once every op is lowered (el_fuse_rules) */

@@ -3,7 +3,9 @@
 # For each model: compile, train 10 fp32 AdamW steps with `run --trace`, then
 # tests/parity/torch_ref.py rebuilds the model by hand in PyTorch, loads the
 # step-0 weights, replays the same batches and compares the step-1 loss,
-# every parameter's step-1 gradient and the 10-step loss curve.
+# every parameter's step-1 gradient and the 10-step loss curve; from run's
+# --metrics JSONL, every step's per-expert load and dropped slots of every
+# MoE layer (integer for integer) and its named aux losses.
 source "$(dirname "$0")/../lib.sh"
 PY=${PYTHON:-/usr/bin/python3}
 REF=$ROOT/tests/parity/torch_ref.py
@@ -57,6 +59,8 @@ moe_model moe_sigmoid 2 'router = "sigmoid", bias_rate = 0.001, groups = 4, topk
 moe_model moe_topk_softmax 2 'router = "topk_softmax", expert_act = "gelu", shared = 1, shared_gate = true, capacity = 1.25, balance = 0.01, zloss = 0.001'
 # softmax router, group-limited (no renorm), k = 3, both balance losses
 moe_model moe_grouped 3 'router = "softmax", groups = 2, topk_groups = 1, renorm = false, balance = 0.01, seq_balance = 0.01'
+# the zoo models themselves (examples/*.moe, batch 4 x seq 32), unedited
+for z in switch mixtral_like deepseek_like; do cp "$ROOT/examples/$z.moe" "$TMP/zoo_$z.moe"; done
 ROUTE="--layers 2 --heads 4 --experts 8"
 DENSE="--layers 2 --heads 4"
 MOE="--layers 2 --heads 4 --experts 4 --top-k 2 --balance 0.01"
@@ -68,6 +72,9 @@ VARIANTS=(
     "moe_sigmoid|$ROUTE --top-k 2 --router sigmoid --bias-rate 0.001 --groups 4 --topk-groups 2 --gate-scale 2.5 --seq-balance 0.001 --shared 1"
     "moe_topk_softmax|$ROUTE --top-k 2 --router topk_softmax --expert-act gelu --shared 1 --shared-gate --capacity 1.25 --balance 0.01 --zloss 0.001 --expect-drops"
     "moe_grouped|$ROUTE --top-k 3 --router softmax --groups 2 --topk-groups 1 --renorm 0 --balance 0.01 --seq-balance 0.01"
+    "zoo_switch|$ROUTE --top-k 1 --router softmax --capacity 1.25 --balance 0.01 --moe-layers 1 --expect-drops"
+    "zoo_mixtral_like|$ROUTE --top-k 2 --router softmax --balance 0.01 --zloss 0.001"
+    "zoo_deepseek_like|--layers 3 --heads 4 --experts 16 --top-k 4 --router sigmoid --bias-rate 0.001 --groups 4 --topk-groups 2 --seq-balance 0.001 --shared 1 --moe-layers 1,2"
 )
 
 # ---- compile and trace every variant (needs no torch) ----
@@ -76,16 +83,20 @@ for v in "${VARIANTS[@]}"; do
     if ! out=$("$MOEC" "$TMP/$name.moe" -o "$TMP/$name.bin" 2>&1); then
         fail "parity.$name.compile" "$(echo "$out" | head -5)"; continue
     fi
-    out=$("$RUN" "$TMP/$name.bin" -q --device cpu --steps $STEPS --data "$DATA" --metrics "" \
+    out=$("$RUN" "$TMP/$name.bin" -q --device cpu --steps $STEPS --data "$DATA" --metrics "$TMP/$name.jsonl" \
           --checkpoint "$TMP/$name.ckpt" --trace "$TMP/$name.trace" 2>&1)
     rc=$?
     if [ $rc -ne 0 ]; then
         fail "parity.$name.trace" "run exited $rc: $(echo "$out" | tail -5)"; continue
     fi
-    # batches.bin: STEPS x grad_accum x (tokens + targets) x 8 x 64 int32 = 40960 bytes
+    # batches.bin: STEPS x grad_accum x (tokens + targets) x batch x seq int32
+    # (40960 bytes for 8 x 64, batch 4 x grad_accum 2 included)
     size=$(stat -c %s "$TMP/$name.trace/batches.bin" 2>/dev/null || echo 0)
     nl=$(wc -l < "$TMP/$name.trace/trace.jsonl" 2>/dev/null || echo 0)
-    if [ "$size" -eq $((STEPS * 2 * 8 * 64 * 4)) ] && [ "$nl" -eq $((STEPS + 1)) ] &&
+    bs=$(head -1 "$TMP/$name.trace/trace.jsonl" | grep -o '"batch":[0-9]*,"seq":[0-9]*,"grad_accum":[0-9]*' |
+         tr -dc '0-9,' | awk -F, '{print $1 * $2 * $3}')
+    case $name in zoo_*) want=$((4 * 32)) ;; *) want=$((8 * 64)) ;; esac
+    if [ "${bs:-0}" -eq "$want" ] && [ "$size" -eq $((STEPS * 2 * want * 4)) ] && [ "$nl" -eq $((STEPS + 1)) ] &&
        [ -s "$TMP/$name.trace/init.safetensors" ] && [ -s "$TMP/$name.trace/grads.safetensors" ]; then
         pass "parity.$name.trace"
     else
@@ -113,7 +124,8 @@ for v in "${VARIANTS[@]}"; do
     name=${v%%|*}; opts=${v#*|}
     [ -s "$TMP/$name.trace/grads.safetensors" ] || continue
     # shellcheck disable=SC2086
-    out=$("$PY" "$REF" "$TMP/$name.trace" --label "parity.$name" $opts "${TOLS[@]}" 2>&1)
+    out=$("$PY" "$REF" "$TMP/$name.trace" --label "parity.$name" $opts "${TOLS[@]}" \
+          --metrics "$TMP/$name.jsonl" 2>&1)
     rc=$?
     grep -E '^(PASS|FAIL|RESULT) ' <<<"$out"
     if [ $rc -ne 0 ] && ! grep -q '^FAIL ' <<<"$out"; then

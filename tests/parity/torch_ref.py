@@ -127,10 +127,12 @@ def moe_block(x, p, pre, cfg, B, aux, stats, loads):
     loads[pre] = torch.bincount(idx.reshape(-1), minlength=E).double()
     cap = math.ceil(cfg.capacity * N * k / E) if cfg.capacity > 0 else 0
     out = torch.zeros_like(x)
+    dropped = 0
     for e in range(E):
         sel = (idx == e).nonzero(as_tuple=False)
         if cap > 0 and sel.shape[0] > cap:
             stats["dropped"] = stats.get("dropped", 0) + sel.shape[0] - cap
+            dropped += sel.shape[0] - cap
             sel = sel[:cap]
         if sel.shape[0] == 0:
             continue
@@ -140,16 +142,23 @@ def moe_block(x, p, pre, cfg, B, aux, stats, loads):
         else:
             y = swiglu_mlp(x[t], p[pre + "w1"][e], p[pre + "w3"][e], p[pre + "w2"][e])
         out = out.index_add(0, t, y * gates[t, j][:, None])
+    # the layer's expert load as `run` logs it (the last micro-batch's): slots
+    # per expert before capacity, then the dropped slots
+    stats.setdefault("routing", {})[pre[:-1]] = loads[pre].tolist() + [float(dropped)]
+    named = stats.setdefault("named", {})
     if cfg.balance > 0:
         f = torch.bincount(idx.reshape(-1), minlength=E).float() / (N * k)
         aux.append(cfg.balance * (E * (f * probs.mean(0)).sum()))
+        named[pre + "balance"] = named.get(pre + "balance", 0.0) + float(aux[-1])
     if cfg.zloss > 0:
         aux.append(cfg.zloss * torch.logsumexp(logits, -1).pow(2).mean())
+        named[pre + "zloss"] = named.get(pre + "zloss", 0.0) + float(aux[-1])
     if cfg.seq_balance > 0:
         T = N // B
         oh = F.one_hot(idx, E).sum(1).view(B, T, E).sum(1).float() / (T * k)   # f per sequence
         P = probs.view(B, T, E).mean(1)
         aux.append(cfg.seq_balance * (E * (oh * P).sum(-1)).mean())
+        named[pre + "seq_balance"] = named.get(pre + "seq_balance", 0.0) + float(aux[-1])
     if cfg.shared > 0:
         if cfg.expert_act == "gelu":
             s = F.gelu(x @ p[pre + "shared_w1.weight"].T, approximate="tanh") @ p[pre + "shared_w2.weight"].T
@@ -181,21 +190,28 @@ def moe(x, p, pre, top_k, capacity, balance, zloss, aux, stats):
     gates = chosen / chosen.sum(-1, keepdim=True)
     cap = math.ceil(capacity * N * top_k / E) if capacity > 0 else 0
     out = torch.zeros_like(x)
+    dropped = 0
     for e in range(E):
         sel = (idx == e).nonzero(as_tuple=False)   # rows in (token, choice) order
         if cap > 0 and sel.shape[0] > cap:
             stats["dropped"] = stats.get("dropped", 0) + sel.shape[0] - cap
+            dropped += sel.shape[0] - cap
             sel = sel[:cap]
         if sel.shape[0] == 0:
             continue
         t, j = sel[:, 0], sel[:, 1]
         y = swiglu_mlp(x[t], w1[e], w3[e], w2[e])
         out = out.index_add(0, t, y * gates[t, j][:, None])
+    stats.setdefault("routing", {})[pre[:-1]] = (
+        torch.bincount(idx.reshape(-1), minlength=E).double().tolist() + [float(dropped)])
+    named = stats.setdefault("named", {})
     if balance > 0:
         f = torch.bincount(idx.reshape(-1), minlength=E).float() / (N * top_k)
         aux.append(balance * (E * (f * probs.mean(0)).sum()))
+        named[pre + "balance"] = named.get(pre + "balance", 0.0) + float(aux[-1])
     if zloss > 0:
         aux.append(zloss * torch.logsumexp(logits, -1).pow(2).mean())
+        named[pre + "zloss"] = named.get(pre + "zloss", 0.0) + float(aux[-1])
     return out
 
 
@@ -209,7 +225,10 @@ def forward(p, tokens, targets, cfg, stats, loads=None):
         pre = "layers.%d." % l
         x = x + attention(rmsnorm(x, p[pre + "attn_norm.weight"]), p, pre + "attn.", B, T, H)
         h = rmsnorm(x, p[pre + "ffn_norm.weight"])
-        if cfg.router:
+        if cfg.router and l not in cfg.moe_layers:   # a dense layer of an interleaved model
+            x = x + swiglu_mlp(h, p[pre + "mlp.w1.weight"], p[pre + "mlp.w3.weight"],
+                               p[pre + "mlp.w2.weight"])
+        elif cfg.router:
             x = x + moe_block(h, p, pre + "moe.", cfg, B, aux, stats, loads if loads is not None else {})
         elif cfg.experts > 0:
             x = x + moe(h, p, pre + "moe.", cfg.top_k, cfg.capacity, cfg.balance, cfg.zloss,
@@ -230,7 +249,9 @@ def expected_names(cfg):
         pre = "layers.%d." % l
         names += [pre + "attn_norm.weight", pre + "ffn_norm.weight"]
         names += [pre + "attn.w%s.weight" % w for w in "qkvo"]
-        if cfg.router:
+        if cfg.router and l not in cfg.moe_layers:
+            names += [pre + "mlp.w%d.weight" % i for i in (1, 2, 3)]
+        elif cfg.router:
             m = pre + "moe."
             names += [m + "router.weight", m + "w1", m + "w2"]
             names += [m + "w3"] if cfg.expert_act == "swiglu" else []
@@ -291,10 +312,20 @@ def main():
     ap.add_argument("--expert-act", default="swiglu")
     ap.add_argument("--shared", type=int, default=0)
     ap.add_argument("--shared-gate", action="store_true")
+    ap.add_argument("--moe-layers", default="",
+                    help="comma list of the MoE layers (the rest are dense SwiGLU `mlp`); default all")
+    ap.add_argument("--metrics", default="",
+                    help="run's --metrics JSONL: compare every step's per-layer expert load, "
+                         "dropped slots and named aux losses")
     ap.add_argument("--loss-tol", type=float, default=1e-5)
     ap.add_argument("--grad-tol", type=float, default=1e-4)
     ap.add_argument("--curve-tol", type=float, default=1e-4)
+    ap.add_argument("--grad-atol", type=float, default=0.0,
+                    help="also accept a gradient whose absolute error norm is <= this (for "
+                         "gradients that are exactly zero mathematically: only rounding is left)")
     cfg = ap.parse_args()
+    cfg.moe_layers = ([int(v) for v in cfg.moe_layers.split(",")] if cfg.moe_layers
+                      else list(range(cfg.layers)))
     torch.manual_seed(0)
     L = cfg.label
     ok = True
@@ -334,6 +365,41 @@ def main():
     opt = torch.optim.AdamW([{"params": v, "weight_decay": wd} for wd, v in groups.items()],
                             lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"])
     res = {"label": L}
+    # run's metrics: per step the routing of each MoE layer and the named losses
+    mrec, rt = None, {"steps": 0, "bad": [], "drops": 0, "aux_worst": 0.0, "aux_bad": []}
+    if cfg.metrics:
+        with open(cfg.metrics) as f:
+            mrec = {r["step"]: r for r in (json.loads(s) for s in f if s.strip())}
+
+    def compare_routing(step, stats, rec, A):
+        """per-expert load (before capacity) and dropped slots must be equal,
+        integer for integer, in every layer; the named aux losses close."""
+        if rec is None:
+            rt["bad"].append("step %d: no metrics line" % step)
+            return
+        got = rec.get("routing", {})
+        want = stats.get("routing", {})
+        rt["steps"] += 1
+        if sorted(got) != sorted(want):
+            rt["bad"].append("step %d: layers %s, torch %s" % (step, sorted(got), sorted(want)))
+        for layer, ld in want.items():
+            g = got.get(layer)
+            if g is None:
+                continue
+            mine = [float(v) for v in g["load"]] + [float(g["dropped"])]
+            if mine != ld:
+                rt["bad"].append("step %d %s: moec load %s dropped %s, torch %s dropped %s" %
+                                 (step, layer, g["load"], g["dropped"], ld[:-1], ld[-1]))
+            if step == 1:
+                rt["drops"] += int(ld[-1])
+        for name, v in stats.get("named", {}).items():
+            if name not in rec:
+                rt["aux_bad"].append("step %d: %s not logged" % (step, name))
+                continue
+            e = abs(rec[name] - v / A) / max(abs(v / A), 1e-12)
+            rt["aux_worst"] = max(rt["aux_worst"], e)
+            if e > cfg.curve_tol:
+                rt["aux_bad"].append("step %d %s: moec %.9g torch %.9g" % (step, name, rec[name], v / A))
     worst_curve, worst_lr, worst_norm = 0.0, 0.0, 0.0
     for i, st in enumerate(steps):
         step = st["step"]
@@ -347,6 +413,8 @@ def main():
             (loss / A).backward()
             loss_sum += float(loss)
         loss_t = loss_sum / A
+        if mrec is not None:
+            compare_routing(step, stats, mrec.get(step), A)
         err = abs(loss_t - st["loss"]) / abs(loss_t)
         if i == 0:
             res["loss1"] = loss_t
@@ -360,10 +428,13 @@ def main():
             worst, wname, bad = 0.0, "", []
             for n in trained:
                 r = rel(grads[n], p[n].grad)
+                a = float(torch.linalg.vector_norm(grads[n].double() - p[n].grad.double()))
+                if a <= cfg.grad_atol:   # a gradient that is zero in exact arithmetic
+                    continue
                 if r > worst:
                     worst, wname = r, n
                 if not r <= cfg.grad_tol:
-                    bad.append("%s %.3g" % (n, r))
+                    bad.append("%s %.3g (|g| %.3g)" % (n, r, float(p[n].grad.norm())))
             res["grad_worst_rel"], res["grad_worst_param"] = worst, wname
             res["nparams"] = len(pnames)
             check("step1_grads", not bad,
@@ -387,6 +458,12 @@ def main():
                     ld = loads[n[:-len("bias")]]
                     d = ld.mean() - ld
                     p[n] += (torch.sign(d) * cfg.bias_rate).float()
+    if mrec is not None:
+        res["routing_steps"], res["dropped_slots_step1_by_layer"] = rt["steps"], rt["drops"]
+        res["aux_worst_rel"] = rt["aux_worst"]
+        check("routing_load", rt["steps"] == len(steps) and not rt["bad"],
+              "%d of %d steps compared; %s" % (rt["steps"], len(steps), "; ".join(rt["bad"][:4])))
+        check("aux_losses", not rt["aux_bad"], "; ".join(rt["aux_bad"][:4]))
     res["steps"] = len(steps)
     res["curve_worst_rel"] = worst_curve
     res["lr_worst_rel"] = worst_lr
