@@ -130,7 +130,7 @@ test-asan:
 install: all
 	install -d $(PREFIX)/bin $(PREFIX)/lib/moec $(PREFIX)/share/moec/stdlib
 	install -m 755 moec run $(PREFIX)/bin/
-	install -m 644 $(BUILD)/libmoek_*.so $(PREFIX)/lib/moec/
+	install -m 644 $(BUILD)/libmoek_*.so $(wildcard $(BUILD)/libmoec_comm_*.so) $(PREFIX)/lib/moec/
 	install -m 644 stdlib/*.moe $(PREFIX)/share/moec/stdlib/
 	install -m 644 $(BUILD)/data/default.txt $(PREFIX)/share/moec/default.txt
 
