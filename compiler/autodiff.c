@@ -142,6 +142,102 @@ static bool ad_template_uses(const ir_opdef *d, ir_ref_kind kind, int index)
     return false;
 }
 
+/* d(output o) of fwd for a backward { } step: the arriving gradient, or
+ * zeros when none arrives (cached in *z). */
+static int ad_expr_dout(ad_state *s, const ir_node *fwd, int o, int *z, int *cap)
+{
+    ir_graph *g = s->g;
+    int v = fwd->outputs[o];
+    if (fwd->def->output_diff[o] && s->grad[v] >= 0)
+        return s->grad[v];
+    if (*z < 0) {
+        const ir_value ov = g->values[v];   /* a copy: ir_value_add may move the array */
+        *z = ir_value_add(g, ir_strfmt(g, "d.%s.zero", ov.name), ov.dtype, PLAN_ST_ACT, ov.ndim,
+                          ov.shape);
+        iop_node(g, iop_for_dtype(IOP_FILL, ov.dtype), NULL, z, ir_value_numel(&ov), 0.0,
+                 PLAN_PHASE_BACKWARD, fwd->loc, "zero gradient");
+        ad_grow(s, cap);
+    }
+    return *z;
+}
+
+/* IR_BWD_EXPR: adds the steps of fwd's backward { } instance (ir.h) that the
+ * wanted gradients need, as plain backward-phase nodes of the step ops. */
+static int ad_expr(ad_state *s, int ni, const ir_node *fwd, const bool *need, moec_error *err,
+                   int *cap)
+{
+    ir_graph *g = s->g;
+    const ir_opdef *d = fwd->def;
+    const ir_bwd_inst *in = NULL;
+    for (const ir_bwd_inst *p = d->bwd_expr ? d->bwd_expr->first : NULL; p && !in; p = p->next)
+        if (p->key == fwd->outputs[0])
+            in = p;
+    if (!in) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "internal error: op %d ('%s') has a backward { } block but no "
+                 "instance of it (was it created by a pass after elaboration?)", ni, d->name);
+        ad_fail(err, fwd->loc, NULL, msg);
+        return -1;
+    }
+    bool *live = calloc((size_t)in->nsteps + 1, sizeof *live);
+    int *val = malloc(sizeof *val * ((size_t)in->nsteps * IR_MAX_PORTS + 1));
+    if (!live || !val)
+        abort();
+    for (int i = 0; i < d->ninputs; i++)
+        if (need[i] && in->has_grad[i] && in->grad[i].src == IR_BWD_SRC_STEP)
+            live[in->grad[i].index] = true;
+    for (int k = in->nsteps - 1; k >= 0; k--)
+        for (int i = 0; live[k] && i < in->steps[k].def->ninputs; i++)
+            if (in->steps[k].in[i].src == IR_BWD_SRC_STEP)
+                live[in->steps[k].in[i].index] = true;
+    int zero[IR_MAX_PORTS];
+    for (int o = 0; o < IR_MAX_PORTS; o++)
+        zero[o] = -1;
+    const char *base = fwd->what ? fwd->what : d->name;
+    for (int k = 0; k < in->nsteps; k++) {
+        if (!live[k])
+            continue;
+        const ir_bwd_step *st = &in->steps[k];
+        ir_node n;
+        memset(&n, 0, sizeof n);
+        n.def = st->def;
+        for (int i = 0; i < IR_MAX_PORTS; i++)
+            n.inputs[i] = n.outputs[i] = n.grads_in[i] = n.grads_out[i] = -1;
+        for (int i = 0; i < st->def->ninputs; i++) {
+            const ir_bwd_ref *r = &st->in[i];
+            n.inputs[i] = r->src == IR_BWD_SRC_IN ? fwd->inputs[r->index]
+                        : r->src == IR_BWD_SRC_OUT ? fwd->outputs[r->index]
+                        : r->src == IR_BWD_SRC_DOUT ? ad_expr_dout(s, fwd, r->index, &zero[r->index], cap)
+                        : val[r->index * IR_MAX_PORTS + r->port];
+        }
+        for (int o = 0; o < st->def->noutputs; o++) {
+            val[k * IR_MAX_PORTS + o] = n.outputs[o] =
+                ir_value_add(g, ir_strfmt(g, "d.%s.%d.%s", base, k, st->def->output_names[o]),
+                             st->out_dtype[o], PLAN_ST_ACT, st->out_ndim[o], st->out_shape[o]);
+            ad_grow(s, cap);
+        }
+        memcpy(n.dims, st->dims, sizeof n.dims);
+        memcpy(n.attrs, st->attrs, sizeof n.attrs);
+        n.phase = PLAN_PHASE_BACKWARD;
+        n.grad_of = -1;
+        n.loc = fwd->loc;
+        n.what = ir_strfmt(g, "%s (backward: %s)", base, st->def->name);
+        ir_node_add(g, &n);
+    }
+    for (int i = 0; i < d->ninputs; i++) {
+        if (!need[i] || !in->has_grad[i])
+            continue;
+        const ir_bwd_ref *r = &in->grad[i];
+        int v = r->src == IR_BWD_SRC_DOUT ? ad_expr_dout(s, fwd, r->index, &zero[r->index], cap)
+                                          : val[r->index * IR_MAX_PORTS + r->port];
+        ad_contribute(s, fwd->inputs[i], v, fwd->loc);
+        ad_grow(s, cap);
+    }
+    free(live);
+    free(val);
+    return 0;
+}
+
 /* Emits the backward work of forward node ni.  Returns 0 or -1 with err. */
 static int ad_node(ad_state *s, int ni, moec_error *err, int *cap)
 {
@@ -161,6 +257,8 @@ static int ad_node(ad_state *s, int ni, moec_error *err, int *cap)
     }
     if (!any_out || !any_in)
         return 0;
+    if (d->bwd_kind == IR_BWD_EXPR)
+        return ad_expr(s, ni, &fwd, need, err, cap);
 
     if (d->bwd_kind == IR_BWD_PASSTHROUGH) {
         int dy = s->grad[fwd.outputs[0]];

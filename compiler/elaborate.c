@@ -2353,7 +2353,12 @@ static void el_lower_op(el *E, el_op *op)
     }
     if (!el_lower_call(E, op, fwd->a, false, &op->def.fwd_symbol, op->def.fwd, &op->def.nfwd))
         return;
-    if (bwd && !bwd->a) {
+    if (bwd && !bwd->a && op->fuses) {
+        /* the fuse pass makes its calls, so no call of it runs the block */
+        ERR(bwd->span, "give a fused op a backward kernel", "fused op `%s` cannot have a backward { } block",
+            a->name);
+        return;
+    } else if (bwd && !bwd->a) {
         op->def.bwd_kind = IR_BWD_EXPR;
         op->bwd_body = bwd;
         if (!el_bwd_check(E, op, bwd))

@@ -100,9 +100,13 @@ uint64_t explain_workspace_bytes(const ir_graph *g)
         int count;
         const ir_ref *t = iop_template(n, &count);
         int64_t elems = 0;
+        /* a fused op's kernels may need scratch in fp32 too (swiglu_proj's
+         * backward: dgate, dup, one dx), never more than their arguments */
+        bool fused = n->def && n->def->fuse;
         for (int a = 0; a < count; a++) {
             int v = iop_ref_value(n, &t[a]);
-            if (v >= 0 && v < g->nvalues && (g->values[v].dtype == PLAN_BF16 || g->values[v].dtype == PLAN_F16))
+            if (v >= 0 && v < g->nvalues && (g->values[v].dtype == PLAN_BF16 || g->values[v].dtype == PLAN_F16 ||
+                                             (fused && g->values[v].dtype == PLAN_F32)))
                 elems += ir_value_numel(&g->values[v]);
         }
         if (elems > 0 && MOEK_BF16_WORKSPACE_BYTES(elems) > most)
@@ -314,10 +318,10 @@ double explain_node_flops(const ir_graph *g, const ir_node *n)
                             ? (double)ir_value_numel(q) / (double)q->shape[q->ndim - 1] : 0;
         return mul * 4.0 * ct * tokens;
     }
-    bool weight = false;
+    int weight = 0;   /* weight matrices: a fused op (swiglu_proj) has one matmul per weight */
     for (int i = 0; i < d->ninputs; i++) {
         int v = n->inputs[i];
-        weight |= v >= 0 && (g->values[v].storage == PLAN_ST_PARAM || g->values[v].storage == PLAN_ST_BUFFER) &&
+        weight += v >= 0 && (g->values[v].storage == PLAN_ST_PARAM || g->values[v].storage == PLAN_ST_BUFFER) &&
                   g->values[v].ndim >= 2 && g->values[v].dtype != PLAN_I32;
     }
     int x = d->ninputs > 0 ? n->inputs[0] : -1;
@@ -325,7 +329,7 @@ double explain_node_flops(const ir_graph *g, const ir_node *n)
     if (weight && x >= 0 && y >= 0 && g->values[x].dtype != PLAN_I32 && g->values[x].ndim >= 1 &&
         g->values[x].storage == PLAN_ST_ACT) {
         const ir_value *xv = &g->values[x];
-        return mul * 2.0 * (double)ir_value_numel(&g->values[y]) * (double)xv->shape[xv->ndim - 1];
+        return mul * 2.0 * weight * (double)ir_value_numel(&g->values[y]) * (double)xv->shape[xv->ndim - 1];
     }
     return ex_written(g, n);
 }

@@ -51,6 +51,7 @@ typedef enum ir_bwd_kind {
     IR_BWD_NONE,         /* not differentiable: gradients stop here */
     IR_BWD_KERNEL,       /* one backward kernel writes every differentiable input's gradient */
     IR_BWD_PASSTHROUGH,  /* every differentiable input's gradient is d(output 0) (add) */
+    IR_BWD_EXPR,         /* `backward { dx = op(dy, ...) }`: calls of other ops (bwd_expr) */
 } ir_bwd_kind;
 
 typedef struct ir_opdef {
@@ -74,6 +75,8 @@ typedef struct ir_opdef {
     ir_ref bwd[PLAN_MAX_KERNEL_ARGS];
     const struct ir_fuse *fuse;             /* NULL, or the forward pattern this op replaces
                                                (`fuses { }`; compiler/fuse.h) */
+    struct ir_bwd_expr *bwd_expr;           /* IR_BWD_EXPR: its instances (below); shared by
+                                               the op's half-precision copies */
 } ir_opdef;
 
 typedef union ir_scalar {
@@ -87,6 +90,44 @@ static inline bool ir_scalar_same(ir_scalar a, ir_scalar b)
 {
     return a.i == b.i;
 }
+
+/* `backward { }` (IR_BWD_EXPR).  Elaboration runs the block once per forward
+ * node with the ordinary call code (shapes, dtypes, half variants), keeps
+ * the ops it called as steps and drops them from the graph; autodiff adds
+ * the steps a wanted gradient needs as plain backward-phase nodes. */
+typedef enum ir_bwd_src {
+    IR_BWD_SRC_IN,       /* forward input #index */
+    IR_BWD_SRC_OUT,      /* forward output #index */
+    IR_BWD_SRC_DOUT,     /* gradient of output #index (zeros if none arrives) */
+    IR_BWD_SRC_STEP,     /* output #port of step #index */
+} ir_bwd_src;
+
+typedef struct ir_bwd_ref {
+    ir_bwd_src src;
+    int index, port;
+} ir_bwd_ref;
+
+typedef struct ir_bwd_step {
+    const ir_opdef *def;                    /* the instance for its dtype (scale<bf16>) */
+    ir_bwd_ref in[IR_MAX_PORTS];            /* def->ninputs of them */
+    int64_t dims[IR_MAX_SYMS];
+    ir_scalar attrs[IR_MAX_SYMS];
+    uint8_t out_dtype[IR_MAX_PORTS], out_ndim[IR_MAX_PORTS];
+    int64_t out_shape[IR_MAX_PORTS][PLAN_MAX_DIMS];
+} ir_bwd_step;
+
+typedef struct ir_bwd_inst {
+    int key;                                /* the forward node's output 0 */
+    int nsteps;
+    ir_bwd_step *steps;
+    bool has_grad[IR_MAX_PORTS];            /* per forward input: the block assigns d<input> */
+    ir_bwd_ref grad[IR_MAX_PORTS];          /* ... to this (a DOUT or a STEP) */
+    struct ir_bwd_inst *next;
+} ir_bwd_inst;
+
+typedef struct ir_bwd_expr {
+    ir_bwd_inst *first;
+} ir_bwd_expr;
 
 typedef struct ir_value {
     const char *name;          /* params: stable dotted path "layers.0.attn.wq"; others: debug name */

@@ -26,6 +26,7 @@
  * Runs before autodiff (-O2), so the backward of the fused op is its own
  * backward kernel: one launch instead of one per op.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -304,11 +305,31 @@ typedef struct fu_state {
     bool *taken;       /* per node: part of a match already */
 } fu_state;
 
-/* "rms_norm<bf16>" is rms_norm's instance for the suffix "<bf16>". */
-static bool fu_is(const ir_opdef *def, const char *base, const char *suffix)
+/* "rms_norm<bf16>" is rms_norm's instance for the suffix "<bf16>".  An op
+ * whose ports are all fixed-type (topk: f32 and i32) has no instances, so
+ * its one def goes with every instance of the fused op, provided none of
+ * the node's values is half. */
+static bool fu_is(const ir_graph *g, const ir_node *n, const char *base, const char *suffix)
 {
-    size_t n = strlen(base);
-    return strncmp(def->name, base, n) == 0 && strcmp(def->name + n, suffix) == 0;
+    size_t len = strlen(base);
+    const ir_opdef *def = n->def;
+    if (strncmp(def->name, base, len) != 0)
+        return false;
+    if (strcmp(def->name + len, suffix) == 0)
+        return true;
+    if (def->name[len] != '\0' || !*suffix)
+        return false;
+    char inst[160];
+    snprintf(inst, sizeof inst, "%s%s", base, suffix);
+    if (ir_def_find(g, inst))
+        return false;
+    for (int i = 0; i < IR_MAX_PORTS; i++) {
+        int vs[2] = {i < def->ninputs ? n->inputs[i] : -1, i < def->noutputs ? n->outputs[i] : -1};
+        for (int j = 0; j < 2; j++)
+            if (vs[j] >= 0 && (g->values[vs[j]].dtype == PLAN_BF16 || g->values[vs[j]].dtype == PLAN_F16))
+                return false;
+    }
+    return true;
 }
 
 static bool fu_bind(int *slot_val, int s, int v)
@@ -355,7 +376,7 @@ static bool fu_match(fu_state *st, const ir_opdef *fused, const char *suffix, in
             if (nodes[j] == ni)
                 return false;
         const ir_node *n = &g->nodes[ni];
-        if (n->is_backward || n->phase != PLAN_PHASE_FORWARD || !fu_is(n->def, po->op, suffix) ||
+        if (n->is_backward || n->phase != PLAN_PHASE_FORWARD || !fu_is(g, n, po->op, suffix) ||
             n->def->ninputs != po->nin || n->def->noutputs != po->nout || n->def->nattrs != po->nattr)
             return false;
         nodes[k] = ni;
@@ -396,8 +417,9 @@ static bool fu_match(fu_state *st, const ir_opdef *fused, const char *suffix, in
         for (int k = 0; k < r->nops; k++)
             for (int i = 0; i < r->ops[k].nin; i++)
                 inner += r->ops[k].in[i] == s;
-        if (r->slot_out[s] >= 0 && inner > 0 && slot_val[s] >= 0 && st->reads[slot_val[s]] <= inner)
-            return false;
+        if (r->slot_out[s] >= 0 && fused->output_diff[r->slot_out[s]] && inner > 0 && slot_val[s] >= 0 &&
+            st->reads[slot_val[s]] <= inner)
+            return false;   /* (a saved output, e.g. SwiGLU's gate, has no gradient: no such cost) */
     }
     for (int s = 0; s < r->nslots; s++)
         if (r->slot_out[s] >= 0 && slot_val[s] >= 0 && st->last_read[slot_val[s]] >= 0) {

@@ -543,4 +543,53 @@ void moek_add_rmsnorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moe
                               const moek_f16 *s, const moek_f16 *w, const float *rstd, moek_f16 *da,
                               moek_f16 *db, moek_f16 *dw, int64_t N, int64_t D);
 
+/* SwiGLU with its projections (stdlib/core.moe swiglu_proj): gate = x W1^T,
+ * up = x W3^T (as moek_matmul_fwd), y = swiglu(gate, up).  Backward: dgate,
+ * dup as moek_swiglu_bwd, then each projection's moek_matmul_bwd, and
+ * dx = dx1 + dx3 (the gradient sum of the unfused graph).  The backward
+ * needs MOEK_BF16_WORKSPACE_BYTES(2 N M + N K) in fp32 too (dgate, dup and
+ * the first dx), and otherwise sets MOEK_E_SHAPE and writes nothing.
+ * _bf16/_f16 round gate, up, dgate, dup, each dx and each dw where the
+ * unfused ops round: bit for bit the same. */
+void moek_swiglu_proj_fwd(const moek_ctx *ctx, const float *x, const float *w1, const float *w3, float *gate,
+                          float *up, float *y, int64_t N, int64_t K, int64_t M);
+void moek_swiglu_proj_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w1,
+                          const float *w3, const float *gate, const float *up, float *dx, float *dw1,
+                          float *dw3, int64_t N, int64_t K, int64_t M);
+void moek_swiglu_proj_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w1,
+                               const moek_bf16 *w3, moek_bf16 *gate, moek_bf16 *up, moek_bf16 *y,
+                               int64_t N, int64_t K, int64_t M);
+void moek_swiglu_proj_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                               const moek_bf16 *w1, const moek_bf16 *w3, const moek_bf16 *gate,
+                               const moek_bf16 *up, moek_bf16 *dx, moek_bf16 *dw1, moek_bf16 *dw3,
+                               int64_t N, int64_t K, int64_t M);
+void moek_swiglu_proj_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w1,
+                              const moek_f16 *w3, moek_f16 *gate, moek_f16 *up, moek_f16 *y,
+                              int64_t N, int64_t K, int64_t M);
+void moek_swiglu_proj_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                              const moek_f16 *w1, const moek_f16 *w3, const moek_f16 *gate,
+                              const moek_f16 *up, moek_f16 *dx, moek_f16 *dw1, moek_f16 *dw3,
+                              int64_t N, int64_t K, int64_t M);
+
+/* Router softmax + top-k (stdlib/core.moe softmax_topk): probs as
+ * moek_softmax_fwd, idx and gates as moek_topk_fwd on probs.  Backward:
+ * dlogits = softmax_bwd(topk_bwd(dgates) + dprobs), dprobs the gradient
+ * of probs from its other readers (the balance loss).  probs, gates and
+ * their gradients are fp32 under any precision; _bf16/_f16 take half
+ * logits (and need MOEK_BF16_WORKSPACE_BYTES(N E) for them). */
+void moek_softmax_topk_fwd(const moek_ctx *ctx, const float *logits, float *probs, int32_t *idx, float *gates,
+                           int64_t N, int64_t E, int64_t k, int64_t renorm);
+void moek_softmax_topk_bwd(const moek_ctx *ctx, const float *dprobs, const float *dgates, const float *probs,
+                           const int32_t *idx, float *dlogits, int64_t N, int64_t E, int64_t k, int64_t renorm);
+void moek_softmax_topk_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits, float *probs, int32_t *idx,
+                                float *gates, int64_t N, int64_t E, int64_t k, int64_t renorm);
+void moek_softmax_topk_bwd_bf16(const moek_ctx *ctx, const float *dprobs, const float *dgates,
+                                const float *probs, const int32_t *idx, moek_bf16 *dlogits, int64_t N,
+                                int64_t E, int64_t k, int64_t renorm);
+void moek_softmax_topk_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits, float *probs, int32_t *idx,
+                               float *gates, int64_t N, int64_t E, int64_t k, int64_t renorm);
+void moek_softmax_topk_bwd_f16(const moek_ctx *ctx, const float *dprobs, const float *dgates,
+                               const float *probs, const int32_t *idx, moek_f16 *dlogits, int64_t N,
+                               int64_t E, int64_t k, int64_t renorm);
+
 #endif

@@ -155,3 +155,208 @@ void moek_add_rmsnorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moe
 {
     kfu_add_rmsnorm_bwd(ctx, &kfu_f16, dy, ds, s, w, rstd, da, db, dw, N, D);
 }
+
+/* ---- SwiGLU with its projections ----------------------------------------- */
+void moek_swiglu_proj_fwd(const moek_ctx *ctx, const float *x, const float *w1, const float *w3, float *gate,
+                          float *up, float *y, int64_t N, int64_t K, int64_t M)
+{
+    moek_matmul_fwd(ctx, x, w1, gate, N, K, M);
+    moek_matmul_fwd(ctx, x, w3, up, N, K, M);
+    moek_swiglu_fwd(ctx, gate, up, y, N * M);
+}
+
+void moek_swiglu_proj_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w1,
+                          const float *w3, const float *gate, const float *up, float *dx, float *dw1,
+                          float *dw3, int64_t N, int64_t K, int64_t M)
+{
+    int64_t len[3] = {N * M, N * M, N * K};
+    float *f[3];
+    if (!kfu_carve(ctx, 3, len, f))
+        return;
+    float *dg = f[0], *du = f[1], *dx1 = f[2];
+    moek_swiglu_bwd(ctx, dy, gate, up, dg, du, N * M);
+    moek_matmul_bwd(ctx, dg, x, w1, dx1, dw1, N, K, M);
+    moek_matmul_bwd(ctx, du, x, w3, dx, dw3, N, K, M);
+    int64_t n = N * K;
+#pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, n))
+    for (int64_t i = 0; i < n; i++)
+        dx[i] = dx1[i] + dx[i];   /* the unfused gradient sum; a + b == b + a in IEEE */
+}
+
+/* Widens h[0..n) into f and rounds it back: the fp32 view of a half value
+ * the unfused op would have stored. */
+static void kfu_store(const moek_ctx *ctx, const kfu_half *h, float *f, uint16_t *out, int64_t n)
+{
+#pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, n))
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t r = h->round(f[i]);
+        if (out)
+            out[i] = r;
+        f[i] = h->widen(r);
+    }
+}
+
+/* x, w1, w3, gate, up, y: six pieces, the half arguments' element count. */
+static void kfu_swiglu_proj_fwd(const moek_ctx *ctx, const kfu_half *h, const uint16_t *x, const uint16_t *w1,
+                                const uint16_t *w3, uint16_t *gate, uint16_t *up, uint16_t *y, int64_t N,
+                                int64_t K, int64_t M)
+{
+    int64_t len[6] = {N * K, M * K, M * K, N * M, N * M, N * M};
+    float *f[6];
+    if (!kfu_carve(ctx, 6, len, f))
+        return;
+    kfu_widen(ctx, h, x, f[0], N * K);
+    kfu_widen(ctx, h, w1, f[1], M * K);
+    kfu_widen(ctx, h, w3, f[2], M * K);
+    moek_matmul_fwd(ctx, f[0], f[1], f[3], N, K, M);
+    kfu_store(ctx, h, f[3], gate, N * M);
+    moek_matmul_fwd(ctx, f[0], f[2], f[4], N, K, M);
+    kfu_store(ctx, h, f[4], up, N * M);
+    moek_swiglu_fwd(ctx, f[3], f[4], f[5], N * M);
+    kfu_round(ctx, h, f[5], y, N * M);
+}
+
+/* dgate, dup, x, w1, w3, dx, dw: 2NM + 2NK + 3MK of the 3NM + 2NK + 4MK
+ * half elements the arguments hold.  dy, gate and up widen on the stack. */
+static void kfu_swiglu_proj_bwd(const moek_ctx *ctx, const kfu_half *h, const uint16_t *dy, const uint16_t *x,
+                                const uint16_t *w1, const uint16_t *w3, const uint16_t *gate,
+                                const uint16_t *up, uint16_t *dx, uint16_t *dw1, uint16_t *dw3, int64_t N,
+                                int64_t K, int64_t M)
+{
+    int64_t len[7] = {N * M, N * M, N * K, M * K, M * K, N * K, M * K};
+    float *f[7];
+    if (!kfu_carve(ctx, 7, len, f))
+        return;
+    float *dg = f[0], *du = f[1], *xf = f[2], *w1f = f[3], *w3f = f[4], *dxf = f[5], *dwf = f[6];
+    enum { CH = 256 };
+    int64_t nm = N * M, chunks = (nm + CH - 1) / CH;
+    moek_ctx one = ctx ? *ctx : (moek_ctx){0};
+    one.num_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, 8 * nm))
+    for (int64_t c = 0; c < chunks; c++) {
+        float d[CH], g[CH], u[CH];
+        int64_t o = c * CH, m = nm - o < CH ? nm - o : CH;
+        for (int64_t i = 0; i < m; i++) {
+            d[i] = h->widen(dy[o + i]);
+            g[i] = h->widen(gate[o + i]);
+            u[i] = h->widen(up[o + i]);
+        }
+        moek_swiglu_bwd(&one, d, g, u, dg + o, du + o, m);
+        for (int64_t i = 0; i < m; i++) {   /* the stored dgate and dup */
+            dg[o + i] = h->widen(h->round(dg[o + i]));
+            du[o + i] = h->widen(h->round(du[o + i]));
+        }
+    }
+    kfu_widen(ctx, h, x, xf, N * K);
+    kfu_widen(ctx, h, w1, w1f, M * K);
+    kfu_widen(ctx, h, w3, w3f, M * K);
+    moek_matmul_bwd(ctx, dg, xf, w1f, dxf, dwf, N, K, M);
+    kfu_round(ctx, h, dwf, dw1, M * K);
+    kfu_round(ctx, h, dxf, dx, N * K);
+    moek_matmul_bwd(ctx, du, xf, w3f, dxf, dwf, N, K, M);
+    kfu_round(ctx, h, dwf, dw3, M * K);
+    int64_t n = N * K;
+#pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, n))
+    for (int64_t i = 0; i < n; i++)   /* the stored dx3, then the gradient sum */
+        dx[i] = h->round(h->widen(dx[i]) + h->widen(h->round(dxf[i])));
+}
+
+void moek_swiglu_proj_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w1,
+                               const moek_bf16 *w3, moek_bf16 *gate, moek_bf16 *up, moek_bf16 *y,
+                               int64_t N, int64_t K, int64_t M)
+{
+    kfu_swiglu_proj_fwd(ctx, &kfu_bf16, x, w1, w3, gate, up, y, N, K, M);
+}
+
+void moek_swiglu_proj_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                               const moek_bf16 *w1, const moek_bf16 *w3, const moek_bf16 *gate,
+                               const moek_bf16 *up, moek_bf16 *dx, moek_bf16 *dw1, moek_bf16 *dw3,
+                               int64_t N, int64_t K, int64_t M)
+{
+    kfu_swiglu_proj_bwd(ctx, &kfu_bf16, dy, x, w1, w3, gate, up, dx, dw1, dw3, N, K, M);
+}
+
+void moek_swiglu_proj_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w1,
+                              const moek_f16 *w3, moek_f16 *gate, moek_f16 *up, moek_f16 *y,
+                              int64_t N, int64_t K, int64_t M)
+{
+    kfu_swiglu_proj_fwd(ctx, &kfu_f16, x, w1, w3, gate, up, y, N, K, M);
+}
+
+void moek_swiglu_proj_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                              const moek_f16 *w1, const moek_f16 *w3, const moek_f16 *gate,
+                              const moek_f16 *up, moek_f16 *dx, moek_f16 *dw1, moek_f16 *dw3,
+                              int64_t N, int64_t K, int64_t M)
+{
+    kfu_swiglu_proj_bwd(ctx, &kfu_f16, dy, x, w1, w3, gate, up, dx, dw1, dw3, N, K, M);
+}
+
+/* ---- router softmax + top-k ---------------------------------------------- */
+void moek_softmax_topk_fwd(const moek_ctx *ctx, const float *logits, float *probs, int32_t *idx, float *gates,
+                           int64_t N, int64_t E, int64_t k, int64_t renorm)
+{
+    moek_softmax_fwd(ctx, logits, probs, N, E);
+    moek_topk_fwd(ctx, probs, idx, gates, N, E, k, renorm);
+}
+
+/* dlogits holds the summed dprobs first: softmax_bwd reads a row's dp
+ * (for the dot) before it writes that row, and element i before i. */
+void moek_softmax_topk_bwd(const moek_ctx *ctx, const float *dprobs, const float *dgates, const float *probs,
+                           const int32_t *idx, float *dlogits, int64_t N, int64_t E, int64_t k, int64_t renorm)
+{
+    moek_topk_bwd(ctx, dgates, probs, idx, dlogits, N, E, k, renorm);
+    int64_t n = N * E;
+#pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, n))
+    for (int64_t i = 0; i < n; i++)
+        dlogits[i] = dlogits[i] + dprobs[i];
+    moek_softmax_bwd(ctx, dlogits, probs, dlogits, N, E);
+}
+
+static void kfu_softmax_topk_fwd(const moek_ctx *ctx, const kfu_half *h, const uint16_t *logits, float *probs,
+                                 int32_t *idx, float *gates, int64_t N, int64_t E, int64_t k, int64_t renorm)
+{
+    int64_t len[1] = {N * E};
+    float *f[1];
+    if (!kfu_carve(ctx, 1, len, f))
+        return;
+    kfu_widen(ctx, h, logits, f[0], N * E);
+    moek_softmax_topk_fwd(ctx, f[0], probs, idx, gates, N, E, k, renorm);
+}
+
+static void kfu_softmax_topk_bwd(const moek_ctx *ctx, const kfu_half *h, const float *dprobs, const float *dgates,
+                                 const float *probs, const int32_t *idx, uint16_t *dlogits, int64_t N, int64_t E,
+                                 int64_t k, int64_t renorm)
+{
+    int64_t len[1] = {N * E};
+    float *f[1];
+    if (!kfu_carve(ctx, 1, len, f))
+        return;
+    moek_softmax_topk_bwd(ctx, dprobs, dgates, probs, idx, f[0], N, E, k, renorm);
+    kfu_round(ctx, h, f[0], dlogits, N * E);
+}
+
+void moek_softmax_topk_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *logits, float *probs, int32_t *idx,
+                                float *gates, int64_t N, int64_t E, int64_t k, int64_t renorm)
+{
+    kfu_softmax_topk_fwd(ctx, &kfu_bf16, logits, probs, idx, gates, N, E, k, renorm);
+}
+
+void moek_softmax_topk_bwd_bf16(const moek_ctx *ctx, const float *dprobs, const float *dgates,
+                                const float *probs, const int32_t *idx, moek_bf16 *dlogits, int64_t N,
+                                int64_t E, int64_t k, int64_t renorm)
+{
+    kfu_softmax_topk_bwd(ctx, &kfu_bf16, dprobs, dgates, probs, idx, dlogits, N, E, k, renorm);
+}
+
+void moek_softmax_topk_fwd_f16(const moek_ctx *ctx, const moek_f16 *logits, float *probs, int32_t *idx,
+                               float *gates, int64_t N, int64_t E, int64_t k, int64_t renorm)
+{
+    kfu_softmax_topk_fwd(ctx, &kfu_f16, logits, probs, idx, gates, N, E, k, renorm);
+}
+
+void moek_softmax_topk_bwd_f16(const moek_ctx *ctx, const float *dprobs, const float *dgates,
+                               const float *probs, const int32_t *idx, moek_f16 *dlogits, int64_t N,
+                               int64_t E, int64_t k, int64_t renorm)
+{
+    kfu_softmax_topk_bwd(ctx, &kfu_f16, dprobs, dgates, probs, idx, dlogits, N, E, k, renorm);
+}

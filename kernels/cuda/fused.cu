@@ -125,3 +125,60 @@ extern "C" void moek_add_rmsnorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *
     kfu_add_rmsnorm_bwd(ctx, kc_bf(dy), kc_bf(ds), kc_bf(s), kc_bf(w), rstd, kc_bf(da), kc_bf(db), kc_bf(dw),
                         N, D);
 }
+
+/* ---- SwiGLU with its projections; router softmax + top-k -----------------
+ * Composed of this library's own kernels, in the unfused order and storage
+ * type, so each result equals the unfused ops' bit for bit and the CPU twin
+ * (kernels/cpu/fused.c) within the tolerance of those kernels.  One plan op
+ * instead of three (four in backward); the GEMMs are not yet epilogue-fused.
+ * Scratch (dgate, dup, the first dx) comes from ctx->workspace. */
+#define KFU_PROJ(SFX, T)                                                                                        \
+    extern "C" void moek_swiglu_proj_fwd##SFX(const moek_ctx *ctx, const T *x, const T *w1, const T *w3,       \
+                                              T *gate, T *up, T *y, int64_t N, int64_t K, int64_t M)          \
+    {                                                                                                           \
+        moek_matmul_fwd##SFX(ctx, x, w1, gate, N, K, M);                                                        \
+        moek_matmul_fwd##SFX(ctx, x, w3, up, N, K, M);                                                          \
+        moek_swiglu_fwd##SFX(ctx, gate, up, y, N * M);                                                          \
+    }                                                                                                           \
+    extern "C" void moek_swiglu_proj_bwd##SFX(const moek_ctx *ctx, const T *dy, const T *x, const T *w1,       \
+                                              const T *w3, const T *gate, const T *up, T *dx, T *dw1, T *dw3,  \
+                                              int64_t N, int64_t K, int64_t M)                                  \
+    {                                                                                                           \
+        if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
+            return;                                                                                             \
+        size_t nm = (size_t)(N * M) * sizeof(T), nk = (size_t)(N * K) * sizeof(T);                              \
+        size_t at1 = (nm + 255) & ~(size_t)255, at2 = at1 + ((nm + 255) & ~(size_t)255);                        \
+        if (!kc_shape(ctx, ctx->workspace && (size_t)ctx->workspace_bytes >= at2 + nk))                         \
+            return;                                                                                             \
+        char *ws = (char *)ctx->workspace;                                                                      \
+        T *dg = (T *)ws, *du = (T *)(ws + at1), *dx1 = (T *)(ws + at2);                                         \
+        moek_swiglu_bwd##SFX(ctx, dy, gate, up, dg, du, N * M);                                                 \
+        moek_matmul_bwd##SFX(ctx, dg, x, w1, dx1, dw1, N, K, M);                                                \
+        moek_matmul_bwd##SFX(ctx, du, x, w3, dx, dw3, N, K, M);                                                 \
+        moek_add_fwd##SFX(ctx, dx1, dx, dx, N * K);                                                             \
+    }                                                                                                           \
+    extern "C" void moek_softmax_topk_fwd##SFX(const moek_ctx *ctx, const T *logits, float *probs,             \
+                                               int32_t *idx, float *gates, int64_t N, int64_t E, int64_t k,    \
+                                               int64_t renorm)                                                  \
+    {                                                                                                           \
+        moek_softmax_fwd##SFX(ctx, logits, probs, N, E);                                                        \
+        moek_topk_fwd(ctx, probs, idx, gates, N, E, k, renorm);                                                 \
+    }                                                                                                           \
+    extern "C" void moek_softmax_topk_bwd##SFX(const moek_ctx *ctx, const float *dprobs, const float *dgates,  \
+                                               const float *probs, const int32_t *idx, T *dlogits, int64_t N,  \
+                                               int64_t E, int64_t k, int64_t renorm)                            \
+    {                                                                                                           \
+        if (!kc_shape(ctx, N >= 0 && E >= 0))                                                                   \
+            return;                                                                                             \
+        size_t ne = (size_t)(N * E) * sizeof(float);                                                            \
+        if (!kc_shape(ctx, ctx->workspace && (size_t)ctx->workspace_bytes >= ne))                               \
+            return;                                                                                             \
+        float *sum = (float *)ctx->workspace;                                                                   \
+        moek_topk_bwd(ctx, dgates, probs, idx, sum, N, E, k, renorm);                                           \
+        moek_add_fwd(ctx, sum, dprobs, sum, N * E);                                                             \
+        moek_softmax_bwd##SFX(ctx, sum, probs, dlogits, N, E);                                                  \
+    }
+
+KFU_PROJ(, float)
+KFU_PROJ(_bf16, moek_bf16)
+KFU_PROJ(_f16, moek_f16)

@@ -23,8 +23,49 @@ else
     fail fusion_dump_after_fuse "fused fwd $nf bwd $nb, at -O0 $n0: $(grep add_rms "$TMP/fuse.ir" | head -3)"
 fi
 
-# --explain: fewer launches at -O2 than at -O0, activation peak no higher
+# Goldens of --dump=ir --after=fuse (UPDATE=1 rewrites them): tiny_dense
+# shows SwiGLU fused with its two projections, tiny_moe the router softmax
+# fused with top-k, both beside the residual add + RMSNorm fusions
 for ex in tiny_dense tiny_moe; do
+    "$MOEC" --stdlib stdlib --dump=ir --after=fuse examples/$ex.moe >"$TMP/after_fuse_$ex.ir" 2>&1   # relative paths
+    [ "${UPDATE:-0}" = 1 ] && cp "$TMP/after_fuse_$ex.ir" "tests/golden/ir/after_fuse_$ex.ir"
+    expect_same "fusion_golden_after_fuse_$ex" "tests/golden/ir/after_fuse_$ex.ir" "$TMP/after_fuse_$ex.ir"
+done
+
+# fused ops per example: "add_rms_norm swiglu_proj softmax_topk" counts, and
+# at -O2 each fused op's backward kernel is in the plan and the ops it
+# replaced are gone from the forward (no swiglu/topk kernel left where all fused)
+fused_counts() {
+    printf '%s %s %s' "$(grep -c 'moek_add_rmsnorm_fwd' "$1")" "$(grep -c 'moek_swiglu_proj_fwd' "$1")" \
+        "$(grep -c 'moek_softmax_topk_fwd' "$1")"
+}
+for spec in "tiny_dense:3 2 0" "tiny_moe:3 0 2" "mixtral_like:3 0 2" "switch:3 1 1" "deepseek_like:5 3 0" \
+            "tiny_moe_bf16:3 0 2"; do
+    ex=${spec%%:*}; want=${spec#*:}
+    M --dump=ir --after=fuse examples/$ex.moe >"$TMP/f_$ex.ir" 2>&1
+    M --dump=ir --after=autodiff examples/$ex.moe >"$TMP/b_$ex.ir" 2>&1
+    got=$(fused_counts "$TMP/f_$ex.ir")
+    nbs=$(grep -c ' backward .*moek_swiglu_proj_bwd' "$TMP/b_$ex.ir")
+    nbt=$(grep -c ' backward .*moek_softmax_topk_bwd' "$TMP/b_$ex.ir")
+    set -- $want
+    if [ "$got" = "$want" ] && [ "$nbs" = "$2" ] && [ "$nbt" = "$3" ]; then
+        pass "fusion_ops_$ex"
+    else
+        fail "fusion_ops_$ex" "fused (add_rms_norm swiglu_proj softmax_topk) $got, want $want; backward $nbs $nbt"
+    fi
+done
+# the pattern's ops are gone where everything fused: tiny_dense has no
+# swiglu or projection matmul of the MLP left, tiny_moe no softmax or topk
+if ! grep -q ' moek_swiglu_fwd(' "$TMP/f_tiny_dense.ir" && ! grep -q '^node .*mlp\.w[13]\.matmul"' "$TMP/f_tiny_dense.ir" &&
+   ! grep -q ' moek_softmax_fwd(\| moek_topk_fwd(' "$TMP/f_tiny_moe.ir" &&
+   grep -q 'moek_softmax_topk_fwd_bf16(' "$TMP/f_tiny_moe_bf16.ir"; then
+    pass fusion_patterns_replaced
+else
+    fail fusion_patterns_replaced "$(grep -m3 ' moek_swiglu_fwd\| moek_softmax_fwd\| moek_topk_fwd' "$TMP/f_tiny_dense.ir" "$TMP/f_tiny_moe.ir")"
+fi
+
+# --explain: fewer launches at -O2 than at -O0, activation peak no higher
+for ex in tiny_dense tiny_moe tiny_moe_bf16 mixtral_like switch deepseek_like; do
     M -O0 --explain examples/$ex.moe >"$TMP/$ex.o0" 2>&1
     M --explain examples/$ex.moe >"$TMP/$ex.o2" 2>&1
     l0=$(awk '$1 == "memplan" {print $3}' "$TMP/$ex.o0"); l2=$(awk '$1 == "memplan" {print $3}' "$TMP/$ex.o2")
@@ -56,7 +97,7 @@ if [ "$(grep -c 'moek_add_rmsnorm_fwd(' "$TMP/only.ir")" = 3 ] && ! grep -q '^  
 DATA=$ROOT/build/data/default.txt
 [ -f "$ROOT/${MOEC_BUILD:-build}/data/default.txt" ] && DATA=$ROOT/${MOEC_BUILD:-build}/data/default.txt
 if [ -x "$RUN" ] && [ -f "$DATA" ]; then
-    for ex in tiny_dense tiny_moe; do
+    for ex in tiny_dense tiny_moe mixtral_like switch; do
         for o in O0 O2; do
             M -$o -o "$TMP/$ex-$o.bin" examples/$ex.moe >/dev/null 2>&1
             (cd "$TMP" && "$RUN" --device cpu --data "$DATA" --steps 5 -q --metrics "$TMP/$ex-$o.jsonl" \

@@ -5,7 +5,9 @@
  * build/); without it or without a GPU this prints one SKIP line.  Random
  * inputs, GPU outputs poisoned with NaN; fp32 outputs within 1e-5 relative
  * (L2), bf16 outputs within 1e-2 (a bf16 ulp is 2^-8 relative, and a
- * different sum order in the row statistic can move a rounding). */
+ * different sum order in the row statistic can move a rounding).  Also
+ * SwiGLU with its projections and router softmax + top-k (tolerances at
+ * tg_proj and tg_router). */
 #include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
@@ -20,7 +22,9 @@
 #define TG_SYMS(X)                                                                          \
     X(device_count) X(device_init) X(device_fini) X(device_alloc) X(device_free)            \
     X(device_copy) X(device_sync) X(add_rmsnorm_fwd) X(add_rmsnorm_bwd)                     \
-    X(add_rmsnorm_fwd_bf16) X(add_rmsnorm_bwd_bf16)
+    X(add_rmsnorm_fwd_bf16) X(add_rmsnorm_bwd_bf16) X(swiglu_proj_fwd) X(swiglu_proj_bwd)        \
+    X(swiglu_proj_fwd_bf16) X(swiglu_proj_bwd_bf16) X(softmax_topk_fwd) X(softmax_topk_bwd)      \
+    X(softmax_topk_fwd_bf16) X(softmax_topk_bwd_bf16)
 
 typedef struct {
 #define TG_FIELD(n) __typeof__(&moek_##n) n;
@@ -162,6 +166,120 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
     free(s), free(y), free(da), free(db), free(dw), free(r);
 }
 
+/* random values of n elements in the storage type (bf16 when half) */
+static void *tg_rand(tg_env *t, int64_t n, float lo, float hi, int half)
+{
+    float *f = malloc((size_t)n * 4);
+    for (int64_t j = 0; j < n; j++)
+        f[j] = ch_unif(&t->rng, lo, hi);
+    if (!half)
+        return f;
+    void *h = malloc((size_t)n * 2);
+    moek_cast_f32_bf16(&t->cctx, f, h, n);
+    free(f);
+    return h;
+}
+
+/* compares a device buffer with the CPU's; frees the download */
+static double tg_cmp(tg_env *t, const void *dev, const void *cpu, int64_t n, int half)
+{
+    void *g = tg_down(t, dev, n * (half ? 2 : 4));
+    double e = tg_rel(g, cpu, n, half);
+    free(g);
+    return e;
+}
+
+/* SwiGLU with its projections: gate, up, y, dx, dw1, dw3 against the CPU.
+ * fp32 within 1e-4 (cuBLAS and BLAS sum K terms in different orders), bf16
+ * within 2e-2 (a rounding of gate or up moved by that order moves y). */
+static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, int half)
+{
+    int64_t es = half ? 2 : 4, nk = N * K, mk = M * K, nm = N * M;
+    void *x = tg_rand(t, nk, -1, 1, half), *w1 = tg_rand(t, mk, -0.3f, 0.3f, half),
+         *w3 = tg_rand(t, mk, -0.3f, 0.3f, half), *dy = tg_rand(t, nm, -1, 1, half);
+    int64_t cnt[6] = {nm, nm, nm, nk, mk, mk};
+    void *c[6], *g[6];
+    for (int i = 0; i < 6; i++) {
+        c[i] = malloc((size_t)(cnt[i] * es));
+        g[i] = tg_up(t, NULL, cnt[i] * es);
+    }
+    void *dx_ = tg_up(t, x, nk * es), *dw1_ = tg_up(t, w1, mk * es), *dw3_ = tg_up(t, w3, mk * es),
+         *ddy = tg_up(t, dy, nm * es);
+    if (half) {
+        moek_swiglu_proj_fwd_bf16(&t->cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
+        moek_swiglu_proj_bwd_bf16(&t->cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
+        t->g.swiglu_proj_fwd_bf16(&t->gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
+        t->g.swiglu_proj_bwd_bf16(&t->gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
+    } else {
+        moek_swiglu_proj_fwd(&t->cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
+        moek_swiglu_proj_bwd(&t->cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
+        t->g.swiglu_proj_fwd(&t->gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
+        t->g.swiglu_proj_bwd(&t->gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
+    }
+    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
+    char name[96];
+    snprintf(name, sizeof name, "cuda swiglu_proj%s fwd+bwd %lldx%lldx%lld runs", half ? "_bf16" : "",
+             (long long)N, (long long)K, (long long)M);
+    CHECK(name, rc == 0 && t->gst == 0 && t->cst == 0, "sync %d (%s) gpu %d cpu %d", rc, t->err, t->gst, t->cst);
+    const char *what[6] = {"gate", "up", "y", "dx", "dw1", "dw3"};
+    double tol = half ? 2e-2 : 1e-4, worst = 0;
+    const char *wn = "";
+    for (int i = 0; i < 6; i++) {
+        double e = tg_cmp(t, g[i], c[i], cnt[i], half);
+        if (!(e <= worst))
+            worst = e, wn = what[i];
+    }
+    snprintf(name, sizeof name, "cuda swiglu_proj%s == cpu %lldx%lldx%lld", half ? "_bf16" : "", (long long)N,
+             (long long)K, (long long)M);
+    CHECK(name, worst <= tol, "worst %s: %.3g > %.3g", wn, worst, tol);
+    printf("# %s: worst relative error %.3g (%s)\n", name, worst, wn);
+    for (int i = 0; i < 6; i++)
+        free(c[i]), t->g.device_free(&t->gctx, g[i]);
+    void *dall[4] = {dx_, dw1_, dw3_, ddy};
+    for (int i = 0; i < 4; i++)
+        t->g.device_free(&t->gctx, dall[i]);
+    free(x), free(w1), free(w3), free(dy);
+}
+
+/* router softmax + top-k: probs, gates and dlogits within 1e-5 (fp32) or
+ * 1e-2 (bf16 dlogits), idx equal */
+static void tg_router(tg_env *t, int64_t N, int64_t E, int64_t k, int half)
+{
+    int64_t es = half ? 2 : 4, ne = N * E, nk = N * k;
+    void *lg = tg_rand(t, ne, -3, 3, half);
+    float *dp = tg_rand(t, ne, -1, 1, 0), *dgt = tg_rand(t, nk, -1, 1, 0);
+    float *p = malloc((size_t)ne * 4), *gt = malloc((size_t)nk * 4);
+    int32_t *ix = malloc((size_t)nk * 4);
+    void *dl = malloc((size_t)(ne * es));
+    void *glg = tg_up(t, lg, ne * es), *gdp = tg_up(t, dp, ne * 4), *gdg = tg_up(t, dgt, nk * 4);
+    void *gp = tg_up(t, NULL, ne * 4), *gix = tg_up(t, NULL, nk * 4), *ggt = tg_up(t, NULL, nk * 4),
+         *gdl = tg_up(t, NULL, ne * es);
+    if (half) {
+        moek_softmax_topk_fwd_bf16(&t->cctx, lg, p, ix, gt, N, E, k, 1);
+        moek_softmax_topk_bwd_bf16(&t->cctx, dp, dgt, p, ix, dl, N, E, k, 1);
+        t->g.softmax_topk_fwd_bf16(&t->gctx, glg, gp, gix, ggt, N, E, k, 1);
+        t->g.softmax_topk_bwd_bf16(&t->gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
+    } else {
+        moek_softmax_topk_fwd(&t->cctx, lg, p, ix, gt, N, E, k, 1);
+        moek_softmax_topk_bwd(&t->cctx, dp, dgt, p, ix, dl, N, E, k, 1);
+        t->g.softmax_topk_fwd(&t->gctx, glg, gp, gix, ggt, N, E, k, 1);
+        t->g.softmax_topk_bwd(&t->gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
+    }
+    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
+    int32_t *hix = tg_down(t, gix, nk * 4);
+    double ep = tg_cmp(t, gp, p, ne, 0), eg = tg_cmp(t, ggt, gt, nk, 0), ed = tg_cmp(t, gdl, dl, ne, half);
+    char name[96];
+    snprintf(name, sizeof name, "cuda softmax_topk%s == cpu %lldx%lld k %lld", half ? "_bf16" : "", (long long)N,
+             (long long)E, (long long)k);
+    CHECK(name, rc == 0 && t->gst == 0 && memcmp(hix, ix, (size_t)nk * 4) == 0 && ep <= 1e-5 && eg <= 1e-5 &&
+          ed <= (half ? 1e-2 : 1e-5), "sync %d gpu %d idx %s probs %.3g gates %.3g dlogits %.3g", rc, t->gst,
+          memcmp(hix, ix, (size_t)nk * 4) ? "differ" : "equal", ep, eg, ed);
+    free(hix), free(lg), free(dp), free(dgt), free(p), free(gt), free(ix), free(dl);
+    void *dall[7] = {glg, gdp, gdg, gp, gix, ggt, gdl};
+    for (int i = 0; i < 7; i++)
+        t->g.device_free(&t->gctx, dall[i]);
+}
+
 int main(void)
 {
     void *lib = ch_open("cuda_fused_kernels");
@@ -187,6 +305,10 @@ int main(void)
     for (int half = 0; half < 2; half++) {
         tg_case(t, 5, 33, half);
         tg_case(t, 1024, 768, half);
+        tg_proj(t, 3, 5, 7, half);
+        tg_proj(t, 64, 48, 96, half);   /* workspace 2NM + NK floats: within the harness's 1 MiB */
+        tg_router(t, 7, 4, 2, half);
+        tg_router(t, 512, 8, 2, half);
     }
     free(t->cctx.workspace);
     t->g.device_fini(&t->gctx);

@@ -4,7 +4,8 @@
  * (moek_add_fwd then moek_rmsnorm_fwd; moek_rmsnorm_bwd then moek_add_fwd
  * for the gradient sum), bit for bit in fp32, bf16 and f16; its backward
  * against central finite differences of its forward; the half variants'
- * workspace error. */
+ * workspace error.  The same for SwiGLU with its projections (two matmuls
+ * and swiglu; the backward's dx sum) and router softmax + top-k. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -164,6 +165,251 @@ static void tf_halfcase(const moek_ctx *ctx, const tf_half *h, int64_t N, int64_
     free(dy), free(ds), free(da), free(db), free(dw), free(dx0), free(dw0), free(g0);
 }
 
+/* ---- SwiGLU with its projections ----------------------------------------- */
+static float tf_maxrel(const float *a, const float *b, int64_t n, float floor_)
+{
+    float worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float d = fabsf(a[i] - b[i]) / fmaxf(fabsf(b[i]), floor_);
+        worst = d > worst || isnan(d) ? (isnan(d) ? INFINITY : d) : worst;
+    }
+    return worst;
+}
+
+/* fp32: fused == matmul, matmul, swiglu; backward == swiglu_bwd, two
+ * matmul_bwd and the gradient sum of dx, bit for bit */
+static void tf_swiglu_proj(const moek_ctx *ctx, int64_t N, int64_t K, int64_t M)
+{
+    int64_t nk = N * K, mk = M * K, nm = N * M;
+    float *x = tf_rand(nk, -1, 1), *w1 = tf_rand(mk, -0.5f, 0.5f), *w3 = tf_rand(mk, -0.5f, 0.5f);
+    float *g = tf_nan(nm), *u = tf_nan(nm), *y = tf_nan(nm), *g0 = tf_nan(nm), *u0 = tf_nan(nm), *y0 = tf_nan(nm);
+    moek_swiglu_proj_fwd(ctx, x, w1, w3, g, u, y, N, K, M);
+    moek_matmul_fwd(ctx, x, w1, g0, N, K, M);
+    moek_matmul_fwd(ctx, x, w3, u0, N, K, M);
+    moek_swiglu_fwd(ctx, g0, u0, y0, nm);
+    char name[112];
+    snprintf(name, sizeof name, "fused swiglu_proj_fwd == 2 matmul + swiglu (fp32, %lldx%lldx%lld)", (long long)N,
+             (long long)K, (long long)M);
+    CHECK(name, tf_same(g, g0, nm * 4) && tf_same(u, u0, nm * 4) && tf_same(y, y0, nm * 4) && !isnan(y[0]),
+          "gate %d up %d y %d", tf_same(g, g0, nm * 4), tf_same(u, u0, nm * 4), tf_same(y, y0, nm * 4));
+    float *dy = tf_rand(nm, -1, 1), *dx = tf_nan(nk), *dw1 = tf_nan(mk), *dw3 = tf_nan(mk);
+    float *dg = tf_nan(nm), *du = tf_nan(nm), *dx1 = tf_nan(nk), *dx3 = tf_nan(nk), *dx0 = tf_nan(nk),
+          *dw10 = tf_nan(mk), *dw30 = tf_nan(mk);
+    moek_swiglu_proj_bwd(ctx, dy, x, w1, w3, g, u, dx, dw1, dw3, N, K, M);
+    moek_swiglu_bwd(ctx, dy, g0, u0, dg, du, nm);
+    moek_matmul_bwd(ctx, dg, x, w1, dx1, dw10, N, K, M);
+    moek_matmul_bwd(ctx, du, x, w3, dx3, dw30, N, K, M);
+    moek_add_fwd(ctx, dx3, dx1, dx0, nk);   /* the other order on purpose: IEEE a + b == b + a */
+    snprintf(name, sizeof name, "fused swiglu_proj_bwd == swiglu_bwd + 2 matmul_bwd + sum (fp32, %lldx%lldx%lld)",
+             (long long)N, (long long)K, (long long)M);
+    CHECK(name, tf_same(dx, dx0, nk * 4) && tf_same(dw1, dw10, mk * 4) && tf_same(dw3, dw30, mk * 4),
+          "dx %d dw1 %d dw3 %d", tf_same(dx, dx0, nk * 4), tf_same(dw1, dw10, mk * 4), tf_same(dw3, dw30, mk * 4));
+
+    /* too small a workspace for dgate, dup, dx1: MOEK_E_SHAPE, nothing written */
+    int st = 0;
+    moek_ctx small = *ctx;
+    small.status = &st;
+    small.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(2 * nm + nk) - 1;
+    float *keep = tf_nan(nk);
+    moek_swiglu_proj_bwd(&small, dy, x, w1, w3, g, u, keep, keep, keep, N, K, M);
+    snprintf(name, sizeof name, "fused swiglu_proj_bwd: small workspace is MOEK_E_SHAPE (%lldx%lldx%lld)",
+             (long long)N, (long long)K, (long long)M);
+    CHECK(name, st == MOEK_E_SHAPE && isnan(keep[0]) && isnan(keep[nk - 1]), "status %d", st);
+    free(x), free(w1), free(w3), free(g), free(u), free(y), free(g0), free(u0), free(y0), free(dy), free(dx);
+    free(dw1), free(dw3), free(dg), free(du), free(dx1), free(dx3), free(dx0), free(dw10), free(dw30), free(keep);
+}
+
+/* L = sum dy * y; central differences of the fused forward in fp32 */
+static void tf_swiglu_proj_fd(const moek_ctx *ctx, int64_t N, int64_t K, int64_t M)
+{
+    int64_t nk = N * K, mk = M * K, nm = N * M;
+    float *x = tf_rand(nk, -1, 1), *w[2] = {tf_rand(mk, -1, 1), tf_rand(mk, -1, 1)}, *dy = tf_rand(nm, -1, 1);
+    float *g = tf_nan(nm), *u = tf_nan(nm), *y = tf_nan(nm), *dx = tf_nan(nk), *dw[2] = {tf_nan(mk), tf_nan(mk)};
+    moek_swiglu_proj_fwd(ctx, x, w[0], w[1], g, u, y, N, K, M);
+    moek_swiglu_proj_bwd(ctx, dy, x, w[0], w[1], g, u, dx, dw[0], dw[1], N, K, M);
+    float *num[3] = {tf_nan(nk), tf_nan(mk), tf_nan(mk)}, *param[3] = {x, w[0], w[1]};
+    int64_t len[3] = {nk, mk, mk};
+    const float h = 1e-2f;
+    for (int p = 0; p < 3; p++)
+        for (int64_t i = 0; i < len[p]; i++) {
+            double l[2];
+            float keep = param[p][i];
+            for (int sgn = 0; sgn < 2; sgn++) {
+                param[p][i] = keep + (sgn ? -h : h);
+                moek_swiglu_proj_fwd(ctx, x, w[0], w[1], g, u, y, N, K, M);
+                l[sgn] = 0;
+                for (int64_t j = 0; j < nm; j++)
+                    l[sgn] += (double)dy[j] * y[j];
+            }
+            param[p][i] = keep;
+            num[p][i] = (float)((l[0] - l[1]) / (2.0 * h));
+        }
+    float e0 = tf_maxrel(dx, num[0], nk, 0.05f), e1 = tf_maxrel(dw[0], num[1], mk, 0.05f),
+          e2 = tf_maxrel(dw[1], num[2], mk, 0.05f);
+    char name[112];
+    snprintf(name, sizeof name, "fused swiglu_proj_bwd matches finite differences (%lldx%lldx%lld)", (long long)N,
+             (long long)K, (long long)M);
+    CHECK(name, e0 < 2e-2f && e1 < 2e-2f && e2 < 2e-2f, "worst relative error dx %g dw1 %g dw3 %g", e0, e1, e2);
+    free(x), free(w[0]), free(w[1]), free(dy), free(g), free(u), free(y), free(dx), free(dw[0]), free(dw[1]);
+    free(num[0]), free(num[1]), free(num[2]);
+}
+
+/* half: fused == the unfused half kernels, bit for bit */
+typedef struct {
+    const char *name;
+    void (*cast)(const moek_ctx *, const float *, uint16_t *, int64_t);
+    void (*add)(const moek_ctx *, const uint16_t *, const uint16_t *, uint16_t *, int64_t);
+    void (*mf)(const moek_ctx *, const uint16_t *, const uint16_t *, uint16_t *, int64_t, int64_t, int64_t);
+    void (*mb)(const moek_ctx *, const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, uint16_t *,
+               int64_t, int64_t, int64_t);
+    void (*sf)(const moek_ctx *, const uint16_t *, const uint16_t *, uint16_t *, int64_t);
+    void (*sb)(const moek_ctx *, const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, uint16_t *,
+               int64_t);
+    void (*ff)(const moek_ctx *, const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, uint16_t *,
+               uint16_t *, int64_t, int64_t, int64_t);
+    void (*fb)(const moek_ctx *, const uint16_t *, const uint16_t *, const uint16_t *, const uint16_t *,
+               const uint16_t *, const uint16_t *, uint16_t *, uint16_t *, uint16_t *, int64_t, int64_t, int64_t);
+    void (*smf)(const moek_ctx *, const uint16_t *, float *, int64_t, int64_t);
+    void (*smb)(const moek_ctx *, const float *, const float *, uint16_t *, int64_t, int64_t);
+    void (*stf)(const moek_ctx *, const uint16_t *, float *, int32_t *, float *, int64_t, int64_t, int64_t, int64_t);
+    void (*stb)(const moek_ctx *, const float *, const float *, const float *, const int32_t *, uint16_t *, int64_t,
+                int64_t, int64_t, int64_t);
+} tf_half2;
+
+static void tf_swiglu_proj_half(const moek_ctx *ctx, const tf_half2 *h2, int64_t N, int64_t K, int64_t M)
+{
+    tf_half h = {h2->name, h2->cast, NULL, NULL, NULL, NULL, NULL};
+    int64_t nk = N * K, mk = M * K, nm = N * M;
+    uint16_t *x = tf_hrand(ctx, &h, nk, -1, 1), *w1 = tf_hrand(ctx, &h, mk, -0.5f, 0.5f),
+             *w3 = tf_hrand(ctx, &h, mk, -0.5f, 0.5f), *dy = tf_hrand(ctx, &h, nm, -1, 1);
+    uint16_t *g = tf_hbuf(nm), *u = tf_hbuf(nm), *y = tf_hbuf(nm), *g0 = tf_hbuf(nm), *u0 = tf_hbuf(nm),
+             *y0 = tf_hbuf(nm);
+    h2->ff(ctx, x, w1, w3, g, u, y, N, K, M);
+    h2->mf(ctx, x, w1, g0, N, K, M);
+    h2->mf(ctx, x, w3, u0, N, K, M);
+    h2->sf(ctx, g0, u0, y0, nm);
+    char name[112];
+    snprintf(name, sizeof name, "fused swiglu_proj_fwd_%s == 2 matmul + swiglu (%lldx%lldx%lld)", h2->name,
+             (long long)N, (long long)K, (long long)M);
+    CHECK(name, tf_same(g, g0, nm * 2) && tf_same(u, u0, nm * 2) && tf_same(y, y0, nm * 2),
+          "gate %d up %d y %d", tf_same(g, g0, nm * 2), tf_same(u, u0, nm * 2), tf_same(y, y0, nm * 2));
+    uint16_t *dx = tf_hbuf(nk), *dw1 = tf_hbuf(mk), *dw3 = tf_hbuf(mk), *dg = tf_hbuf(nm), *du = tf_hbuf(nm),
+             *dx1 = tf_hbuf(nk), *dx3 = tf_hbuf(nk), *dx0 = tf_hbuf(nk), *dw10 = tf_hbuf(mk), *dw30 = tf_hbuf(mk);
+    h2->fb(ctx, dy, x, w1, w3, g, u, dx, dw1, dw3, N, K, M);
+    h2->sb(ctx, dy, g0, u0, dg, du, nm);
+    h2->mb(ctx, dg, x, w1, dx1, dw10, N, K, M);
+    h2->mb(ctx, du, x, w3, dx3, dw30, N, K, M);
+    h2->add(ctx, dx1, dx3, dx0, nk);
+    snprintf(name, sizeof name, "fused swiglu_proj_bwd_%s == swiglu_bwd + 2 matmul_bwd + sum (%lldx%lldx%lld)",
+             h2->name, (long long)N, (long long)K, (long long)M);
+    CHECK(name, tf_same(dx, dx0, nk * 2) && tf_same(dw1, dw10, mk * 2) && tf_same(dw3, dw30, mk * 2),
+          "dx %d dw1 %d dw3 %d", tf_same(dx, dx0, nk * 2), tf_same(dw1, dw10, mk * 2), tf_same(dw3, dw30, mk * 2));
+    /* the compiler reserves MOEK_BF16_WORKSPACE_BYTES(half elements of the
+     * call): that is enough for both directions */
+    int st = 0;
+    moek_ctx exact = *ctx;
+    exact.status = &st;
+    exact.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(nk + 2 * mk + 3 * nm);
+    h2->ff(&exact, x, w1, w3, g, u, y, N, K, M);
+    exact.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(3 * nm + 2 * nk + 4 * mk);
+    h2->fb(&exact, dy, x, w1, w3, g, u, dx, dw1, dw3, N, K, M);
+    snprintf(name, sizeof name, "fused swiglu_proj_%s fits the compiler's workspace (%lldx%lldx%lld)", h2->name,
+             (long long)N, (long long)K, (long long)M);
+    CHECK(name, st == 0 && tf_same(dx, dx0, nk * 2), "status %d", st);
+    free(x), free(w1), free(w3), free(dy), free(g), free(u), free(y), free(g0), free(u0), free(y0), free(dx);
+    free(dw1), free(dw3), free(dg), free(du), free(dx1), free(dx3), free(dx0), free(dw10), free(dw30);
+}
+
+/* ---- router softmax + top-k ---------------------------------------------- */
+static void tf_softmax_topk(const moek_ctx *ctx, const tf_half2 *h2, int64_t N, int64_t E, int64_t k,
+                            int64_t renorm)
+{
+    int64_t ne = N * E, nk = N * k;
+    float *lf = tf_rand(ne, -3, 3), *dpr = tf_rand(ne, -1, 1), *dg = tf_rand(nk, -1, 1);
+    uint16_t *lh = NULL;
+    if (h2) {   /* the half logits, and the same values in fp32 for the unfused reference */
+        tf_half h = {h2->name, h2->cast, NULL, NULL, NULL, NULL, NULL};
+        lh = malloc((size_t)ne * 2);
+        h.cast(ctx, lf, lh, ne);
+    }
+    float *p = tf_nan(ne), *g = tf_nan(nk), *p0 = tf_nan(ne), *g0 = tf_nan(nk);
+    int32_t *ix = calloc((size_t)nk, 4), *ix0 = calloc((size_t)nk, 4);
+    if (h2) {
+        h2->stf(ctx, lh, p, ix, g, N, E, k, renorm);
+        h2->smf(ctx, lh, p0, N, E);
+    } else {
+        moek_softmax_topk_fwd(ctx, lf, p, ix, g, N, E, k, renorm);
+        moek_softmax_fwd(ctx, lf, p0, N, E);
+    }
+    moek_topk_fwd(ctx, p0, ix0, g0, N, E, k, renorm);
+    const char *dt = h2 ? h2->name : "fp32";
+    char name[112];
+    snprintf(name, sizeof name, "fused softmax_topk_fwd == softmax + topk (%s, %lldx%lld k %lld renorm %lld)", dt,
+             (long long)N, (long long)E, (long long)k, (long long)renorm);
+    CHECK(name, tf_same(p, p0, ne * 4) && tf_same(ix, ix0, nk * 4) && tf_same(g, g0, nk * 4) && !isnan(g[0]),
+          "probs %d idx %d gates %d", tf_same(p, p0, ne * 4), tf_same(ix, ix0, nk * 4), tf_same(g, g0, nk * 4));
+    float *ds = tf_nan(ne), *sum = tf_nan(ne), *dl0 = tf_nan(ne), *dl = tf_nan(ne);
+    uint16_t *dlh = h2 ? tf_hbuf(ne) : NULL, *dlh0 = h2 ? tf_hbuf(ne) : NULL;
+    moek_topk_bwd(ctx, dg, p0, ix0, ds, N, E, k, renorm);
+    moek_add_fwd(ctx, dpr, ds, sum, ne);
+    if (h2) {
+        h2->stb(ctx, dpr, dg, p, ix, dlh, N, E, k, renorm);
+        h2->smb(ctx, sum, p0, dlh0, N, E);
+    } else {
+        moek_softmax_topk_bwd(ctx, dpr, dg, p, ix, dl, N, E, k, renorm);
+        moek_softmax_bwd(ctx, sum, p0, dl0, N, E);
+    }
+    snprintf(name, sizeof name, "fused softmax_topk_bwd == topk_bwd + sum + softmax_bwd (%s, %lldx%lld k %lld)", dt,
+             (long long)N, (long long)E, (long long)k);
+    int same = h2 ? tf_same(dlh, dlh0, ne * 2) : tf_same(dl, dl0, ne * 4) && !isnan(dl[0]);
+    CHECK(name, same, "dlogits differ");
+    free(lf), free(dpr), free(dg), free(lh), free(p), free(g), free(p0), free(g0), free(ix), free(ix0);
+    free(ds), free(sum), free(dl0), free(dl), free(dlh), free(dlh0);
+}
+
+/* L = sum dprobs * probs + sum dgates * gates; central differences, skipping
+ * a coordinate whose step changes the selection */
+static void tf_softmax_topk_fd(const moek_ctx *ctx, int64_t N, int64_t E, int64_t k, int64_t renorm)
+{
+    int64_t ne = N * E, nk = N * k;
+    float *l = tf_rand(ne, -2, 2), *dpr = tf_rand(ne, -1, 1), *dg = tf_rand(nk, -1, 1);
+    float *p = tf_nan(ne), *g = tf_nan(nk), *dl = tf_nan(ne), *num = tf_nan(ne);
+    int32_t *ix = calloc((size_t)nk, 4), *ix2 = calloc((size_t)nk, 4);
+    moek_softmax_topk_fwd(ctx, l, p, ix, g, N, E, k, renorm);
+    moek_softmax_topk_bwd(ctx, dpr, dg, p, ix, dl, N, E, k, renorm);
+    const float h = 1e-2f;
+    float worst = 0;
+    int used = 0;
+    for (int64_t i = 0; i < ne; i++) {
+        double L[2];
+        float keep = l[i];
+        int moved = 0;
+        for (int sgn = 0; sgn < 2; sgn++) {
+            l[i] = keep + (sgn ? -h : h);
+            moek_softmax_topk_fwd(ctx, l, p, ix2, g, N, E, k, renorm);
+            moved |= memcmp(ix, ix2, (size_t)nk * 4) != 0;
+            L[sgn] = 0;
+            for (int64_t j = 0; j < ne; j++)
+                L[sgn] += (double)dpr[j] * p[j];
+            for (int64_t j = 0; j < nk; j++)
+                L[sgn] += (double)dg[j] * g[j];
+        }
+        l[i] = keep;
+        if (moved)
+            continue;
+        used++;
+        num[i] = (float)((L[0] - L[1]) / (2.0 * h));
+        float e = fabsf(num[i] - dl[i]) / fmaxf(fabsf(dl[i]), 0.05f);
+        worst = e > worst ? e : worst;
+    }
+    char name[112];
+    snprintf(name, sizeof name, "fused softmax_topk_bwd matches finite differences (%lldx%lld k %lld renorm %lld)",
+             (long long)N, (long long)E, (long long)k, (long long)renorm);
+    CHECK(name, used > ne / 2 && worst < 2e-2f, "worst relative error %g over %d of %lld logits", worst, used,
+          (long long)ne);
+    free(l), free(dpr), free(dg), free(p), free(g), free(dl), free(num), free(ix), free(ix2);
+}
+
 int main(void)
 {
     int status = 0;
@@ -183,6 +429,27 @@ int main(void)
         tf_halfcase(&ctx, &halves[i], 9, 40);
         tf_halfcase(&ctx, &halves[i], 300, 128);
     }
+    tf_swiglu_proj(&ctx, 5, 7, 3);
+    tf_swiglu_proj(&ctx, 256, 64, 96);
+    tf_swiglu_proj_fd(&ctx, 3, 4, 5);
+    const tf_half2 h2[] = {
+        {"bf16", moek_cast_f32_bf16, moek_add_fwd_bf16, moek_matmul_fwd_bf16, moek_matmul_bwd_bf16,
+         moek_swiglu_fwd_bf16, moek_swiglu_bwd_bf16, moek_swiglu_proj_fwd_bf16, moek_swiglu_proj_bwd_bf16,
+         moek_softmax_fwd_bf16, moek_softmax_bwd_bf16, moek_softmax_topk_fwd_bf16, moek_softmax_topk_bwd_bf16},
+        {"f16", moek_cast_f32_f16, moek_add_fwd_f16, moek_matmul_fwd_f16, moek_matmul_bwd_f16,
+         moek_swiglu_fwd_f16, moek_swiglu_bwd_f16, moek_swiglu_proj_fwd_f16, moek_swiglu_proj_bwd_f16,
+         moek_softmax_fwd_f16, moek_softmax_bwd_f16, moek_softmax_topk_fwd_f16, moek_softmax_topk_bwd_f16},
+    };
+    for (int i = 0; i < 2; i++) {
+        tf_swiglu_proj_half(&ctx, &h2[i], 6, 9, 5);
+        tf_swiglu_proj_half(&ctx, &h2[i], 200, 64, 96);
+        tf_softmax_topk(&ctx, &h2[i], 300, 8, 2, 1);
+    }
+    tf_softmax_topk(&ctx, NULL, 5, 4, 2, 1);
+    tf_softmax_topk(&ctx, NULL, 600, 8, 2, 1);
+    tf_softmax_topk(&ctx, NULL, 600, 8, 1, 0);
+    tf_softmax_topk_fd(&ctx, 4, 6, 2, 1);
+    tf_softmax_topk_fd(&ctx, 4, 6, 3, 0);
     CHECK("fused kernels leave status 0", status == 0, "status %d", status);
     free(ctx.workspace);
     CHECK_DONE();
