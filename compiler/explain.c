@@ -100,9 +100,14 @@ uint64_t explain_workspace_bytes(const ir_graph *g)
         int count;
         const ir_ref *t = iop_template(n, &count);
         int64_t elems = 0;
-        /* a fused op's kernels may need scratch in fp32 too (swiglu_proj's
-         * backward: dgate, dup, one dx), never more than their arguments */
-        bool fused = n->def && n->def->fuse;
+        /* a fused op over weight matrices needs scratch in fp32 too
+         * (swiglu_proj's backward: dgate, dup, one projection's dx), never
+         * more than its arguments; the other fused ops need none */
+        bool fused = false;
+        for (int i = 0; n->def && n->def->fuse && i < n->def->ninputs; i++) {
+            int v = n->inputs[i];
+            fused |= v >= 0 && g->values[v].storage == PLAN_ST_PARAM && g->values[v].ndim >= 2;
+        }
         for (int a = 0; a < count; a++) {
             int v = iop_ref_value(n, &t[a]);
             if (v >= 0 && v < g->nvalues && (g->values[v].dtype == PLAN_BF16 || g->values[v].dtype == PLAN_F16 ||

@@ -224,11 +224,12 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
             goto fail;
     }
     char e[512];
-    /* the plan's need or the user's, the larger; the plan's figure is what the
-     * CPU library's half-precision kernels widen into - the CUDA kernels
-     * never use the workspace for that, so a GPU does not pay for it */
+    /* the plan's need or the user's, the larger.  The plan's figure covers
+     * the CPU half-precision widening and the fused kernels' scratch; it is
+     * allocated on a GPU too (the fused CUDA kernels use their share), which
+     * over-reserves there for bf16 plans: see docs/gpu.md */
     int64_t ws = o->workspace_bytes;
-    if (strcmp(ex->device, "cpu") == 0 && (uint64_t)ws < pf->train->workspace_bytes)
+    if ((uint64_t)ws < pf->train->workspace_bytes)
         ws = (int64_t)pf->train->workspace_bytes;
     if (ex->dev.init(&ex->ctx, 0, ws, e, sizeof e) != 0) {
         fail(err, errlen, "device %s failed to start: %s; check the device or use --device cpu",

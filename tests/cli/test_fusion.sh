@@ -97,7 +97,7 @@ if [ "$(grep -c 'moek_add_rmsnorm_fwd(' "$TMP/only.ir")" = 3 ] && ! grep -q '^  
 DATA=$ROOT/build/data/default.txt
 [ -f "$ROOT/${MOEC_BUILD:-build}/data/default.txt" ] && DATA=$ROOT/${MOEC_BUILD:-build}/data/default.txt
 if [ -x "$RUN" ] && [ -f "$DATA" ]; then
-    for ex in tiny_dense tiny_moe mixtral_like switch; do
+    for ex in tiny_dense tiny_moe tiny_moe_bf16 mixtral_like switch; do
         for o in O0 O2; do
             M -$o -o "$TMP/$ex-$o.bin" examples/$ex.moe >/dev/null 2>&1
             (cd "$TMP" && "$RUN" --device cpu --data "$DATA" --steps 5 -q --metrics "$TMP/$ex-$o.jsonl" \
