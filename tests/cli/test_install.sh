@@ -4,6 +4,11 @@
 # default corpus, from a directory that is not the source tree.
 source "$(dirname "$0")/../lib.sh"
 BUILD_DIR=${MOEC_BUILD:-build}
+if [ "$BUILD_DIR" != build ]; then
+    # a sanitizer build's objects need its own flags to link; `make test` covers install
+    skip install "installation is tested with the default build (make test), not $BUILD_DIR"
+    exit 0
+fi
 if ! make -s -C "$ROOT" BUILD="$BUILD_DIR" install PREFIX="$TMP/inst" >"$TMP/log" 2>&1; then
     fail install.make "$(tail -3 "$TMP/log")"; exit 0
 fi

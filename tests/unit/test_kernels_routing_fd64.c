@@ -350,7 +350,7 @@ static void test_balance(tk_rng *g, int64_t B, int seq, const char *name)
         moek_balance_loss_fwd(&c, p, idx, loss, N, E, k);
         moek_balance_loss_bwd(&c, one, p, idx, dp, N, E, k);
     }
-    double *pd = malloc((size_t)n * sizeof *pd);
+    double *pd = calloc((size_t)n, sizeof *pd);   /* calloc: gcc -O1 cannot see the fill below */
     for (int64_t i = 0; i < n; i++)
         pd[i] = p[i];
     int64_t BB = seq ? B : 1, TT = seq ? T : N;
