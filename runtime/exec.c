@@ -251,14 +251,21 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
         }
     }
     if (o->log) {
+        /* one write: with several ranks on one terminal, a line built from
+         * many writes interleaves with the other ranks' lines */
+        char line[1024];
+        size_t at = (size_t)snprintf(line, sizeof line, "run: allocated");
         uint64_t total = 0;
-        fprintf(o->log, "run: allocated");
-        for (uint64_t i = 0; i < pf->npools; i++) {
-            fprintf(o->log, " %s %llu,", plan_str(pf, pf->pools[i].name),
-                    (unsigned long long)pf->pools[i].bytes);
+        for (uint64_t i = 0; i < pf->npools && at < sizeof line; i++) {
+            at += (size_t)snprintf(line + at, sizeof line - at, " %s %llu,",
+                                   plan_str(pf, pf->pools[i].name),
+                                   (unsigned long long)pf->pools[i].bytes);
             total += pf->pools[i].bytes;
         }
-        fprintf(o->log, " total %llu bytes (exactly the plan's pools)\n", (unsigned long long)total);
+        if (at < sizeof line)
+            snprintf(line + at, sizeof line - at, " total %llu bytes (exactly the plan's pools)\n",
+                     (unsigned long long)total);
+        fputs(line, o->log);
     }
     /* one call interface per kernel signature */
     for (uint64_t k = 0; k < pf->nkernels; k++) {

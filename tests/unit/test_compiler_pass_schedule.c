@@ -16,34 +16,17 @@
  * Frozen parameters (train { freeze = (...) }): no gradient, no optimizer
  * state, no backward op whose gradients all belong to frozen weights, and
  * the weights are bit for bit unchanged after the steps. */
-#include <ffi.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "check.h"
-#include "diag.h"
-#include "../../compiler/elaborate.h"
-#include "../../compiler/internal_ops.h"
 #include "../../compiler/memplan.h"
 #include "../../compiler/passes.h"
-#include "../../kernels/moek.h"
+#include "plan_exec_harness.h"
 
-typedef void (*ps_fn)(void);
-#define K(name) {#name, (ps_fn)name}
-static const struct { const char *sym; ps_fn fn; } ps_kernels[] = {
-    K(moek_fill), K(moek_copy), K(moek_add_fwd), K(moek_accumulate), K(moek_scale_fwd),
-    K(moek_scale_bwd), K(moek_gelu_fwd), K(moek_gelu_bwd), K(moek_swiglu_fwd), K(moek_swiglu_bwd),
-    K(moek_embedding_fwd), K(moek_embedding_bwd), K(moek_matmul_fwd), K(moek_matmul_bwd),
-    K(moek_rmsnorm_fwd), K(moek_rmsnorm_bwd), K(moek_rope_fwd), K(moek_rope_bwd),
-    K(moek_attention_fwd), K(moek_attention_bwd), K(moek_cross_entropy_fwd),
-    K(moek_cross_entropy_bwd), K(moek_softmax_fwd), K(moek_softmax_bwd), K(moek_topk_fwd),
-    K(moek_topk_bwd), K(moek_balance_loss_fwd), K(moek_balance_loss_bwd), K(moek_zloss_fwd),
-    K(moek_zloss_bwd), K(moek_dispatch_fwd), K(moek_dispatch_bwd), K(moek_grouped_matmul_fwd),
-    K(moek_grouped_matmul_bwd), K(moek_combine_fwd), K(moek_combine_bwd), K(moek_sumsq_accum),
-    K(moek_adamw), K(moek_expert_load),
-};
+/* a full training step's kernels: forward, backward, grad norm, AdamW */
+static const pe_kernel ps_kernels[] = {PE_KERNELS_FWD_BWD, PE_K(moek_sumsq_accum), PE_K(moek_adamw)};
 
 typedef int (*ps_pass)(ir_graph *, moec_error *);
 /* compiler/main.c's table, by level */
@@ -53,45 +36,11 @@ static const struct { const char *name; ps_pass run; int level; } ps_pipeline[] 
     {"schedule", pass_schedule, 2}, {"inplace", pass_inplace, 2}, {"memplan", pass_memplan, 0},
 };
 
-/* Copies ROOT/examples/<model>.moe to path, with `extra` added to train { }. */
-static int ps_variant(const char *root, const char *model, const char *extra, const char *path)
-{
-    char src[1024];
-    snprintf(src, sizeof src, "%s/examples/%s.moe", root, model);
-    FILE *in = fopen(src, "r"), *out = fopen(path, "w");
-    if (!in || !out) {
-        if (in)
-            fclose(in);
-        if (out)
-            fclose(out);
-        return -1;
-    }
-    char line[4096];
-    while (fgets(line, sizeof line, in)) {
-        if (extra && strncmp(line, "train {", 7) == 0)
-            fprintf(out, "train { %s\n%s", extra, line + 7);
-        else
-            fputs(line, out);
-    }
-    fclose(in);
-    fclose(out);
-    return 0;
-}
-
 static ir_graph *ps_compile(const char *root, const char *path, int level, char *why, size_t n)
 {
-    char stdlib_dir[1024];
-    snprintf(stdlib_dir, sizeof stdlib_dir, "%s/stdlib", root);
-    diag_ctx *d = diag_new(stderr, 20);
-    elab_options opt;
-    memset(&opt, 0, sizeof opt);
-    opt.stdlib_dir = stdlib_dir;
-    ir_graph *g = elaborate(path, &opt, d);
-    diag_free(d);
-    if (!g) {
-        snprintf(why, n, "%s does not elaborate", path);
+    ir_graph *g = pe_elaborate(root, path, why, n);
+    if (!g)
         return NULL;
-    }
     moec_error err;
     memset(&err, 0, sizeof err);
     for (size_t i = 0; i < sizeof ps_pipeline / sizeof *ps_pipeline; i++) {
@@ -106,124 +55,11 @@ static ir_graph *ps_compile(const char *root, const char *path, int level, char 
     return g;
 }
 
-typedef struct ps_run {
-    unsigned char *pool[PLAN_ST_COUNT];
-    float loss[8];
-    int unknown, status;
-} ps_run;
-
-static void *ps_ptr(const ir_graph *g, ps_run *r, int v)
-{
-    return r->pool[g->values[v].pool] + g->values[v].offset;
-}
-
-static void ps_call(const ir_graph *g, ps_run *r, const moek_ctx *ctx, const ir_node *n)
-{
-    const char *sym = iop_symbol(n);
-    ps_fn fn = NULL;
-    for (size_t k = 0; k < sizeof ps_kernels / sizeof *ps_kernels; k++)
-        if (strcmp(ps_kernels[k].sym, sym) == 0)
-            fn = ps_kernels[k].fn;
-    if (!fn) {
-        printf("# no kernel %s\n", sym);
-        r->unknown++;
-        return;
-    }
-    int count;
-    const ir_ref *t = iop_template(n, &count);
-    ffi_type *types[PLAN_MAX_KERNEL_ARGS + 1];
-    void *vals[PLAN_MAX_KERNEL_ARGS + 1];
-    union { void *p; int64_t i; float f; double d; } slot[PLAN_MAX_KERNEL_ARGS + 1];
-    types[0] = &ffi_type_pointer;
-    vals[0] = &ctx;
-    for (int a = 0; a < count; a++) {
-        int v = iop_ref_value(n, &t[a]);
-        vals[a + 1] = &slot[a];
-        if (v >= 0) {
-            slot[a].p = ps_ptr(g, r, v);
-            types[a + 1] = &ffi_type_pointer;
-        } else if (t[a].kind == IR_REF_DIM) {
-            slot[a].i = n->dims[t[a].index];
-            types[a + 1] = &ffi_type_sint64;
-        } else if (t[a].kind == IR_REF_INT) {
-            slot[a].i = t[a].i;
-            types[a + 1] = &ffi_type_sint64;
-        } else if (t[a].kind == IR_REF_FLOAT) {
-            slot[a].f = (float)t[a].f;
-            types[a + 1] = &ffi_type_float;
-        } else if (n->def->attr_kinds[t[a].index] == PLAN_ARG_I64) {
-            slot[a].i = n->attrs[t[a].index].i;
-            types[a + 1] = &ffi_type_sint64;
-        } else {
-            slot[a].f = (float)n->attrs[t[a].index].f;
-            types[a + 1] = &ffi_type_float;
-        }
-    }
-    ffi_cif cif;
-    if (ffi_prep_cif(&cif, FFI_DEFAULT_ABI, (unsigned)count + 1, &ffi_type_void, types) != FFI_OK) {
-        r->unknown++;
-        return;
-    }
-    ffi_call(&cif, fn, NULL, vals);
-}
-
 /* steps x (forward, backward, optimizer) with fixed data and weights. */
-static void ps_execute(const ir_graph *g, ps_run *r, int steps)
+static void ps_execute(const ir_graph *g, pe_run *r, int steps)
 {
-    memset(r, 0, sizeof *r);
-    for (int s = 0; s < PLAN_ST_COUNT; s++)
-        r->pool[s] = calloc(1, (size_t)g->pool_bytes[s] + PLAN_ALIGN);
-    unsigned st = 4242;
-    for (int v = 0; v < g->nvalues; v++) {
-        const ir_value *val = &g->values[v];
-        if (val->pool < 0)
-            continue;
-        int64_t n = ir_value_numel(val);
-        if (val->role == PLAN_ROLE_TOKENS || val->role == PLAN_ROLE_TARGETS) {
-            int32_t *ids = ps_ptr(g, r, v);
-            for (int64_t k = 0; k < n; k++)
-                ids[k] = (int32_t)((k * (val->role == PLAN_ROLE_TOKENS ? 7 : 13) + 3) % g->train.vocab);
-        } else if (val->role == PLAN_ROLE_LOSS_SEED) {
-            *(float *)ps_ptr(g, r, v) = 1.0f;
-        } else if (val->role == PLAN_ROLE_HYPER) {
-            float *h = ps_ptr(g, r, v);
-            h[MOEK_HYPER_LR] = 1e-3f;
-            h[MOEK_HYPER_BETA1] = 0.9f;
-            h[MOEK_HYPER_BETA2] = 0.95f;
-            h[MOEK_HYPER_EPS] = 1e-8f;
-            h[MOEK_HYPER_BC1] = 0.1f;
-            h[MOEK_HYPER_BC2] = 0.05f;
-            h[MOEK_HYPER_MAX_NORM] = 1.0f;
-        } else if (val->storage == PLAN_ST_PARAM && val->param >= 0 &&
-                   g->params[val->param].tied_to < 0) {
-            float *w = ps_ptr(g, r, v);
-            for (int64_t k = 0; k < n; k++) {
-                st = st * 1103515245u + 12345u;
-                float u = (float)((st >> 16) & 0x7fff) / 32768.0f - 0.5f;
-                w[k] = val->ndim == 1 ? 1.0f + 0.2f * u : 0.2f * u;
-            }
-        }
-    }
-    moek_ctx ctx;
-    memset(&ctx, 0, sizeof ctx);
-    char err[256];
-    if (moek_device_init(&ctx, 0, 1 << 20, err, sizeof err) != 0) {
-        r->status = -1;
-        return;
-    }
-    ctx.status = &r->status;
-    for (int step = 0; step < steps && step < 8; step++) {
-        for (int ni = 0; ni < g->nnodes; ni++)
-            ps_call(g, r, &ctx, &g->nodes[ni]);
-        r->loss[step] = *(float *)ps_ptr(g, r, g->loss);
-    }
-    moek_device_fini(&ctx);
-}
-
-static void ps_free(ps_run *r)
-{
-    for (int s = 0; s < PLAN_ST_COUNT; s++)
-        free(r->pool[s]);
+    const pe_options o = {ps_kernels, sizeof ps_kernels / sizeof *ps_kernels, steps, 1, 1, 0};
+    pe_execute(g, r, &o);
 }
 
 /* Nodes whose position or arguments differ between a and b. */
@@ -266,7 +102,7 @@ static void levels(const char *root, const char *model, const char *tmp)
         return;
     }
     snprintf(path, sizeof path, "%s/%s.moe", tmp, model);
-    ps_variant(root, model, NULL, path);
+    pe_variant(root, model, NULL, path);
     ir_graph *g[3];
     for (int l = 0; l < 3; l++) {
         g[l] = ps_compile(root, path, l, why, sizeof why);
@@ -318,7 +154,7 @@ static void levels(const char *root, const char *model, const char *tmp)
     CHECK(name, late0 > 0 && late2 * 4 < late0, "-O0 %d ops between, -O2 %d", late0, late2);
 
     enum { STEPS = 3 };
-    ps_run run[3];
+    pe_run run[3];
     for (int l = 0; l < 3; l++)
         ps_execute(g[l], &run[l], STEPS);
     snprintf(name, sizeof name, "passes: %s runs %d steps on the CPU kernels", model, STEPS);
@@ -333,11 +169,11 @@ static void levels(const char *root, const char *model, const char *tmp)
             const ir_param *a = &g[0]->params[k], *b = &g[l]->params[k];
             if (a->tied_to >= 0)
                 continue;
-            differ += memcmp(ps_ptr(g[0], &run[0], a->value), ps_ptr(g[l], &run[l], b->value),
+            differ += memcmp(pe_ptr(g[0], &run[0], a->value), pe_ptr(g[l], &run[l], b->value),
                              ir_value_bytes(&g[0]->values[a->value])) != 0;
             checked++;
             if (a->state0 >= 0)
-                differ += memcmp(ps_ptr(g[0], &run[0], a->state0), ps_ptr(g[l], &run[l], b->state0),
+                differ += memcmp(pe_ptr(g[0], &run[0], a->state0), pe_ptr(g[l], &run[l], b->state0),
                                  ir_value_bytes(&g[0]->values[a->state0])) != 0;
         }
         snprintf(name, sizeof name, "passes: %s -O%d = -O0 bit for bit (loss x%d, weights, Adam m)",
@@ -347,7 +183,7 @@ static void levels(const char *root, const char *model, const char *tmp)
               run[0].loss[STEPS - 1], run[l].loss[STEPS - 1]);
     }
     for (int l = 0; l < 3; l++)
-        ps_free(&run[l]);
+        pe_free(&run[l]);
 out:
     for (int l = 0; l < 3; l++)
         ir_graph_free(g[l]);
@@ -358,14 +194,14 @@ static void frozen(const char *root, const char *tmp)
 {
     char path[1100], why[512] = "";
     snprintf(path, sizeof path, "%s/fz.moe", tmp);
-    if (ps_variant(root, "tiny_dense", "freeze = (\"embed.*\", \"layers.0.*\")", path) != 0) {
+    if (pe_variant(root, "tiny_dense", "freeze = (\"embed.*\", \"layers.0.*\")", path) != 0) {
         SKIP("passes: freeze", "no tiny_dense example");
         return;
     }
     ir_graph *g = ps_compile(root, path, 2, why, sizeof why);
     char base_path[1100];
     snprintf(base_path, sizeof base_path, "%s/base.moe", tmp);
-    ps_variant(root, "tiny_dense", NULL, base_path);
+    pe_variant(root, "tiny_dense", NULL, base_path);
     ir_graph *base = ps_compile(root, base_path, 2, why, sizeof why);
     unlink(path);
     unlink(base_path);
@@ -403,17 +239,17 @@ static void frozen(const char *root, const char *tmp)
           layer0_bwd == 0 && optimizer_ops_frozen == 0 && g->nnodes < base->nnodes,
           "%d layer-0 backward ops, %d optimizer reads; %d vs %d ops", layer0_bwd,
           optimizer_ops_frozen, g->nnodes, base->nnodes);
-    ps_run r;
+    pe_run r;
     ps_execute(g, &r, 3);
     /* the initial weights again, for comparison */
-    ps_run init;
+    pe_run init;
     ps_execute(g, &init, 0);
     int changed_frozen = 0, changed_train = 0;
     for (int p = 0; p < g->nparams; p++) {
         const ir_param *pp = &g->params[p];
         if (pp->tied_to >= 0)
             continue;
-        int same = memcmp(ps_ptr(g, &r, pp->value), ps_ptr(g, &init, pp->value),
+        int same = memcmp(pe_ptr(g, &r, pp->value), pe_ptr(g, &init, pp->value),
                           ir_value_bytes(&g->values[pp->value])) == 0;
         if (pp->frozen)
             changed_frozen += !same;
@@ -424,8 +260,8 @@ static void frozen(const char *root, const char *tmp)
           r.unknown == 0 && r.status == 0 && changed_frozen == 0 && changed_train == ntrain &&
           r.loss[2] < r.loss[0], "%d frozen changed, %d of %d trained changed, loss %g -> %g",
           changed_frozen, changed_train, ntrain, r.loss[0], r.loss[2]);
-    ps_free(&r);
-    ps_free(&init);
+    pe_free(&r);
+    pe_free(&init);
     ir_graph_free(g);
     ir_graph_free(base);
 }

@@ -7,76 +7,33 @@
  * forward + backward with the real CPU kernels (called through libffi, the
  * way ./run does) in the planned pools, every gradient and the loss are
  * bit-for-bit the same under every policy. */
-#include <ffi.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "check.h"
-#include "diag.h"
-#include "../../compiler/elaborate.h"
 #include "../../compiler/explain.h"
-#include "../../compiler/internal_ops.h"
 #include "../../compiler/memplan.h"
 #include "../../compiler/passes.h"
-#include "../../kernels/moek.h"
+#include "plan_exec_harness.h"
 
-typedef void (*rt_fn)(void);
-#define K(name) {#name, (rt_fn)name}
-static const struct { const char *sym; rt_fn fn; } rt_kernels[] = {
-    K(moek_fill), K(moek_copy), K(moek_add_fwd), K(moek_accumulate), K(moek_scale_fwd),
-    K(moek_scale_bwd), K(moek_gelu_fwd), K(moek_gelu_bwd), K(moek_swiglu_fwd), K(moek_swiglu_bwd),
-    K(moek_embedding_fwd), K(moek_embedding_bwd), K(moek_matmul_fwd), K(moek_matmul_bwd),
-    K(moek_rmsnorm_fwd), K(moek_rmsnorm_bwd), K(moek_rope_fwd), K(moek_rope_bwd),
-    K(moek_attention_fwd), K(moek_attention_bwd), K(moek_cross_entropy_fwd),
-    K(moek_cross_entropy_bwd), K(moek_softmax_fwd), K(moek_softmax_bwd), K(moek_topk_fwd),
-    K(moek_topk_bwd), K(moek_balance_loss_fwd), K(moek_balance_loss_bwd), K(moek_zloss_fwd),
-    K(moek_zloss_bwd), K(moek_dispatch_fwd), K(moek_dispatch_bwd), K(moek_grouped_matmul_fwd),
-    K(moek_grouped_matmul_bwd), K(moek_combine_fwd), K(moek_combine_bwd),
-    K(moek_expert_load),   /* stdlib/moe.moe's per-layer load statistics */
-};
+static const pe_kernel rt_kernels[] = {PE_KERNELS_FWD_BWD};
 
-/* Writes ROOT/examples/<model>.moe with `recompute = <policy>` into tmp;
+/* Writes ROOT/examples/<model>.moe with `recompute = <policy>` into path;
  * policy NULL copies it unchanged.  Returns 0 on success. */
 static int rt_variant(const char *root, const char *model, const char *policy, const char *path)
 {
-    char src[1024];
-    snprintf(src, sizeof src, "%s/examples/%s.moe", root, model);
-    FILE *in = fopen(src, "r"), *out = fopen(path, "w");
-    if (!in || !out) {
-        if (in)
-            fclose(in);
-        if (out)
-            fclose(out);
-        return -1;
-    }
-    char line[4096];
-    while (fgets(line, sizeof line, in)) {
-        if (policy && strncmp(line, "train {", 7) == 0)
-            fprintf(out, "train { recompute = %s\n%s", policy, line + 7);
-        else
-            fputs(line, out);
-    }
-    fclose(in);
-    fclose(out);
-    return 0;
+    char extra[64];
+    if (policy)
+        snprintf(extra, sizeof extra, "recompute = %s", policy);
+    return pe_variant(root, model, policy ? extra : NULL, path);
 }
 
 static ir_graph *rt_compile(const char *root, const char *path, char *why, size_t n)
 {
-    char stdlib_dir[1024];
-    snprintf(stdlib_dir, sizeof stdlib_dir, "%s/stdlib", root);
-    diag_ctx *d = diag_new(stderr, 20);
-    elab_options opt;
-    memset(&opt, 0, sizeof opt);
-    opt.stdlib_dir = stdlib_dir;
-    ir_graph *g = elaborate(path, &opt, d);
-    diag_free(d);
-    if (!g) {
-        snprintf(why, n, "%s does not elaborate", path);
+    ir_graph *g = pe_elaborate(root, path, why, n);
+    if (!g)
         return NULL;
-    }
     moec_error err;
     memset(&err, 0, sizeof err);
     if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_recompute(g, &err) ||
@@ -127,119 +84,11 @@ static int rt_fwd_reads(const ir_graph *g)
     return n;
 }
 
-typedef struct rt_run {
-    unsigned char *pool[PLAN_ST_COUNT];
-    float loss;
-    int unknown;
-    int status;
-} rt_run;
-
-static void *rt_ptr(const ir_graph *g, rt_run *r, int v)
-{
-    return r->pool[g->values[v].pool] + g->values[v].offset;
-}
-
 /* Runs the forward and backward phases once with the CPU kernels. */
-static void rt_execute(const ir_graph *g, rt_run *r)
+static void rt_execute(const ir_graph *g, pe_run *r)
 {
-    memset(r, 0, sizeof *r);
-    for (int s = 0; s < PLAN_ST_COUNT; s++)
-        r->pool[s] = calloc(1, (size_t)g->pool_bytes[s] + PLAN_ALIGN);
-    unsigned st = 4242;
-    for (int v = 0; v < g->nvalues; v++) {
-        const ir_value *val = &g->values[v];
-        if (val->pool < 0)
-            continue;
-        int64_t n = ir_value_numel(val);
-        if (val->role == PLAN_ROLE_TOKENS || val->role == PLAN_ROLE_TARGETS) {
-            int32_t *ids = rt_ptr(g, r, v);
-            for (int64_t k = 0; k < n; k++)
-                ids[k] = (int32_t)((k * (val->role == PLAN_ROLE_TOKENS ? 7 : 13) + 3) % g->train.vocab);
-        } else if (val->role == PLAN_ROLE_LOSS_SEED) {
-            *(float *)rt_ptr(g, r, v) = 1.0f;
-        } else if (val->storage == PLAN_ST_PARAM && val->param >= 0 &&
-                   g->params[val->param].tied_to < 0) {
-            float *w = rt_ptr(g, r, v);
-            for (int64_t k = 0; k < n; k++) {
-                st = st * 1103515245u + 12345u;
-                float u = (float)((st >> 16) & 0x7fff) / 32768.0f - 0.5f;
-                w[k] = val->ndim == 1 ? 1.0f + 0.2f * u : 0.2f * u;
-            }
-        }
-    }
-    moek_ctx ctx;
-    memset(&ctx, 0, sizeof ctx);
-    char err[256];
-    if (moek_device_init(&ctx, 0, 1 << 20, err, sizeof err) != 0) {
-        r->status = -1;
-        return;
-    }
-    ctx.status = &r->status;
-    for (int phase = PLAN_PHASE_FORWARD; phase <= PLAN_PHASE_BACKWARD; phase++) {
-        for (int ni = 0; ni < g->nnodes; ni++) {
-            const ir_node *n = &g->nodes[ni];
-            if (n->phase != phase)
-                continue;
-            const char *sym = iop_symbol(n);
-            rt_fn fn = NULL;
-            for (size_t k = 0; k < sizeof rt_kernels / sizeof *rt_kernels; k++)
-                if (strcmp(rt_kernels[k].sym, sym) == 0)
-                    fn = rt_kernels[k].fn;
-            if (!fn) {
-                printf("# no kernel %s\n", sym);
-                r->unknown++;
-                continue;
-            }
-            int count;
-            const ir_ref *t = iop_template(n, &count);
-            ffi_type *types[PLAN_MAX_KERNEL_ARGS + 1];
-            void *vals[PLAN_MAX_KERNEL_ARGS + 1];
-            union { void *p; int64_t i; float f; double d; } slot[PLAN_MAX_KERNEL_ARGS + 1];
-            const moek_ctx *cp = &ctx;
-            types[0] = &ffi_type_pointer;
-            vals[0] = &cp;
-            for (int a = 0; a < count; a++) {
-                int v = iop_ref_value(n, &t[a]);
-                vals[a + 1] = &slot[a];
-                if (v >= 0) {
-                    slot[a].p = rt_ptr(g, r, v);
-                    types[a + 1] = &ffi_type_pointer;
-                } else if (t[a].kind == IR_REF_DIM) {
-                    slot[a].i = n->dims[t[a].index];
-                    types[a + 1] = &ffi_type_sint64;
-                } else if (t[a].kind == IR_REF_INT) {
-                    slot[a].i = t[a].i;
-                    types[a + 1] = &ffi_type_sint64;
-                } else if (t[a].kind == IR_REF_FLOAT) {
-                    slot[a].f = (float)t[a].f;
-                    types[a + 1] = &ffi_type_float;
-                } else if (n->def->attr_kinds[t[a].index] == PLAN_ARG_I64) {
-                    slot[a].i = n->attrs[t[a].index].i;
-                    types[a + 1] = &ffi_type_sint64;
-                } else if (n->def->attr_kinds[t[a].index] == PLAN_ARG_F32) {
-                    slot[a].f = (float)n->attrs[t[a].index].f;
-                    types[a + 1] = &ffi_type_float;
-                } else {
-                    slot[a].d = n->attrs[t[a].index].f;
-                    types[a + 1] = &ffi_type_double;
-                }
-            }
-            ffi_cif cif;
-            if (ffi_prep_cif(&cif, FFI_DEFAULT_ABI, (unsigned)count + 1, &ffi_type_void, types) != FFI_OK) {
-                r->unknown++;
-                continue;
-            }
-            ffi_call(&cif, fn, NULL, vals);
-        }
-    }
-    moek_device_fini(&ctx);
-    r->loss = *(float *)rt_ptr(g, r, g->loss);
-}
-
-static void rt_free(rt_run *r)
-{
-    for (int s = 0; s < PLAN_ST_COUNT; s++)
-        free(r->pool[s]);
+    const pe_options o = {rt_kernels, sizeof rt_kernels / sizeof *rt_kernels, 1, 0, 0, 1};
+    pe_execute(g, r, &o);
 }
 
 static void one(const char *root, const char *model, const char *tmp)
@@ -323,13 +172,13 @@ static void one(const char *root, const char *model, const char *tmp)
     free(text);
 
     /* the numbers: same loss and gradients, bit for bit */
-    rt_run run[3];
+    pe_run run[3];
     for (int p = 0; p < 3; p++)
         rt_execute(g[p], &run[p]);
     snprintf(name, sizeof name, "recompute: %s runs on the CPU kernels", model);
     CHECK(name, run[0].unknown + run[1].unknown + run[2].unknown == 0 && run[0].status == 0 &&
-          run[1].status == 0 && run[2].status == 0 && isfinite(run[0].loss) && run[0].loss > 0,
-          "unknown %d status %d loss %g", run[0].unknown, run[0].status, run[0].loss);
+          run[1].status == 0 && run[2].status == 0 && isfinite(run[0].loss[0]) && run[0].loss[0] > 0,
+          "unknown %d status %d loss %g", run[0].unknown, run[0].status, run[0].loss[0]);
     for (int p = 1; p < 3; p++) {
         int differ = 0, checked = 0;
         double gsum = 0;
@@ -337,7 +186,7 @@ static void one(const char *root, const char *model, const char *tmp)
             const ir_param *a = &g[0]->params[k], *b = &g[p]->params[k];
             if (a->grad < 0 || a->tied_to >= 0)
                 continue;
-            const float *ga = rt_ptr(g[0], &run[0], a->grad), *gb = rt_ptr(g[p], &run[p], b->grad);
+            const float *ga = pe_ptr(g[0], &run[0], a->grad), *gb = pe_ptr(g[p], &run[p], b->grad);
             size_t bytes = ir_value_bytes(&g[0]->values[a->grad]);
             differ += memcmp(ga, gb, bytes) != 0;
             for (size_t e = 0; e < bytes / sizeof(float); e++)
@@ -347,11 +196,11 @@ static void one(const char *root, const char *model, const char *tmp)
         snprintf(name, sizeof name, "recompute: %s %s gives the same loss and grads bit for bit",
                  model, pol[p]);
         CHECK(name, differ == 0 && checked > 10 && gsum > 0 &&
-              memcmp(&run[0].loss, &run[p].loss, sizeof(float)) == 0,
-              "%d of %d grads differ; loss %.9g vs %.9g", differ, checked, run[0].loss, run[p].loss);
+              memcmp(&run[0].loss[0], &run[p].loss[0], sizeof(float)) == 0,
+              "%d of %d grads differ; loss %.9g vs %.9g", differ, checked, run[0].loss[0], run[p].loss[0]);
     }
     for (int p = 0; p < 3; p++)
-        rt_free(&run[p]);
+        pe_free(&run[p]);
 out:
     for (int p = 0; p < 3; p++)
         ir_graph_free(g[p]);
