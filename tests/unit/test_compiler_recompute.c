@@ -23,7 +23,7 @@ static const pe_kernel rt_kernels[] = {PE_KERNELS_FWD_BWD};
  * policy NULL copies it unchanged.  Returns 0 on success. */
 static int rt_variant(const char *root, const char *model, const char *policy, const char *path)
 {
-    char extra[64];
+    char extra[64] = "";
     if (policy)
         snprintf(extra, sizeof extra, "recompute = %s", policy);
     return pe_variant(root, model, policy ? extra : NULL, path);
