@@ -3,22 +3,6 @@
 
 #include <string.h>
 
-static const char *const iop_names[IOP_COUNT] = {
-    "__fill", "__fill_inplace", "__copy", "__add", "__accumulate", "__sumsq_accum",
-    "__adamw", "__sgd", "__fill_bf16", "__add_bf16", "__accumulate_bf16", "__adamw_bf16",
-    "__sgd_bf16", "__fill_f16", "__add_f16", "__accumulate_f16", "__adamw_f16", "__sgd_f16",
-};
-
-/* The half variants' kernels, by kind (NULL: not a half variant) */
-static const char *const iop_half_symbols[IOP_COUNT] = {
-    [IOP_FILL_BF16] = "moek_fill_bf16", [IOP_ADD_BF16] = "moek_add_fwd_bf16",
-    [IOP_ACCUMULATE_BF16] = "moek_accumulate_bf16", [IOP_ADAMW_BF16] = "moek_adamw_bf16",
-    [IOP_SGD_BF16] = "moek_sgd_bf16",
-    [IOP_FILL_F16] = "moek_fill_f16", [IOP_ADD_F16] = "moek_add_fwd_f16",
-    [IOP_ACCUMULATE_F16] = "moek_accumulate_f16", [IOP_ADAMW_F16] = "moek_adamw_f16",
-    [IOP_SGD_F16] = "moek_sgd_f16",
-};
-
 const char *iop_half_suffix(int dtype)
 {
     return dtype == PLAN_BF16 ? "_bf16" : dtype == PLAN_F16 ? "_f16" : NULL;
@@ -34,154 +18,84 @@ const char *iop_half_name(int dtype)
 #define R_DIM(i) {IR_REF_DIM, (i), 0, 0}
 #define R_ATTR(i) {IR_REF_ATTR, (i), 0, 0}
 
-/* Fills in one opdef; every internal op has the single dim "n". */
+/* One row per internal op: its name, kernel, port names, at most one fp32
+ * attribute, and the kernel's argument list.  Every internal op has the
+ * single dim "n" and no backward.  A half variant differs from its fp32 op
+ * in the kernel only, except the optimizers, which also take the fp32
+ * master copy. */
+typedef struct iop_spec {
+    const char *name, *symbol;
+    const char *in[IR_MAX_PORTS], *out[IR_MAX_PORTS];   /* NULL-terminated */
+    const char *attr;
+    int nargs;
+    ir_ref args[PLAN_MAX_KERNEL_ARGS];
+} iop_spec;
+
+#define FILL(name, sym) {name, sym, {NULL}, {"y"}, "value", 3, {R_OUT(0), R_DIM(0), R_ATTR(0)}}
+#define ADD(name, sym) {name, sym, {"a", "b"}, {"y"}, NULL, 4, {R_IN(0), R_IN(1), R_OUT(0), R_DIM(0)}}
+#define ACCUMULATE(name, sym) {name, sym, {"dst", "src"}, {NULL}, NULL, 3, {R_IN(0), R_IN(1), R_DIM(0)}}
+/* moek_adamw_<half>(p, master, g, m, v, n, hyper, norm_sq, weight_decay) */
+#define ADAMW_HALF(name, sym)                                                               \
+    {name, sym, {"p", "master", "g", "m", "v", "hyper", "norm_sq"}, {NULL}, "weight_decay", 9, \
+     {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_IN(4), R_DIM(0), R_IN(5), R_IN(6), R_ATTR(0)}}
+/* moek_sgd_<half>(p, master, g, buf, n, hyper, norm_sq, weight_decay) */
+#define SGD_HALF(name, sym)                                                                 \
+    {name, sym, {"p", "master", "g", "buf", "hyper", "norm_sq"}, {NULL}, "weight_decay", 8,    \
+     {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_DIM(0), R_IN(4), R_IN(5), R_ATTR(0)}}
+
+static const iop_spec iop_specs[IOP_COUNT] = {
+    [IOP_FILL] = FILL("__fill", "moek_fill"),
+    [IOP_FILL_INPLACE] = {"__fill_inplace", "moek_fill", {"x"}, {NULL}, "value", 3,
+                          {R_IN(0), R_DIM(0), R_ATTR(0)}},
+    [IOP_COPY] = {"__copy", "moek_copy", {"x"}, {"y"}, NULL, 3, {R_IN(0), R_OUT(0), R_DIM(0)}},
+    [IOP_ADD] = ADD("__add", "moek_add_fwd"),
+    [IOP_ACCUMULATE] = ACCUMULATE("__accumulate", "moek_accumulate"),
+    [IOP_SUMSQ_ACCUM] = {"__sumsq_accum", "moek_sumsq_accum", {"x", "acc"}, {NULL}, NULL, 3,
+                         {R_IN(0), R_IN(1), R_DIM(0)}},
+    /* moek_adamw(p, g, m, v, n, hyper, norm_sq, weight_decay) */
+    [IOP_ADAMW] = {"__adamw", "moek_adamw", {"p", "g", "m", "v", "hyper", "norm_sq"}, {NULL},
+                   "weight_decay", 8,
+                   {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_DIM(0), R_IN(4), R_IN(5), R_ATTR(0)}},
+    /* moek_sgd(p, g, buf, n, hyper, norm_sq, weight_decay) */
+    [IOP_SGD] = {"__sgd", "moek_sgd", {"p", "g", "buf", "hyper", "norm_sq"}, {NULL}, "weight_decay",
+                 7, {R_IN(0), R_IN(1), R_IN(2), R_DIM(0), R_IN(3), R_IN(4), R_ATTR(0)}},
+    [IOP_FILL_BF16] = FILL("__fill_bf16", "moek_fill_bf16"),
+    [IOP_ADD_BF16] = ADD("__add_bf16", "moek_add_fwd_bf16"),
+    [IOP_ACCUMULATE_BF16] = ACCUMULATE("__accumulate_bf16", "moek_accumulate_bf16"),
+    [IOP_ADAMW_BF16] = ADAMW_HALF("__adamw_bf16", "moek_adamw_bf16"),
+    [IOP_SGD_BF16] = SGD_HALF("__sgd_bf16", "moek_sgd_bf16"),
+    [IOP_FILL_F16] = FILL("__fill_f16", "moek_fill_f16"),
+    [IOP_ADD_F16] = ADD("__add_f16", "moek_add_fwd_f16"),
+    [IOP_ACCUMULATE_F16] = ACCUMULATE("__accumulate_f16", "moek_accumulate_f16"),
+    [IOP_ADAMW_F16] = ADAMW_HALF("__adamw_f16", "moek_adamw_f16"),
+    [IOP_SGD_F16] = SGD_HALF("__sgd_f16", "moek_sgd_f16"),
+};
+
 static void iop_build(ir_opdef *d, iop_kind kind)
 {
+    const iop_spec *sp = &iop_specs[kind];
     memset(d, 0, sizeof *d);
-    d->name = iop_names[kind];
+    d->name = sp->name;
     d->ndims = 1;
     d->dim_names[0] = "n";
     d->bwd_kind = IR_BWD_NONE;
-    switch (kind) {
-    case IOP_FILL_BF16:
-    case IOP_ADD_BF16:
-    case IOP_ACCUMULATE_BF16:
-    case IOP_FILL_F16:
-    case IOP_ADD_F16:
-    case IOP_ACCUMULATE_F16:
-        /* same template as the fp32 op, the half kernel */
-        iop_build(d, kind == IOP_FILL_BF16 || kind == IOP_FILL_F16 ? IOP_FILL
-                     : kind == IOP_ADD_BF16 || kind == IOP_ADD_F16 ? IOP_ADD
-                                                                  : IOP_ACCUMULATE);
-        d->name = iop_names[kind];
-        d->fwd_symbol = iop_half_symbols[kind];
-        break;
-    case IOP_ADAMW_BF16:
-    case IOP_ADAMW_F16: {
-        /* moek_adamw_<half>(p, master, g, m, v, n, hyper, norm_sq, weight_decay) */
-        const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_IN(4), R_DIM(0), R_IN(5), R_IN(6),
-                            R_ATTR(0)};
-        static const char *const in[] = {"p", "master", "g", "m", "v", "hyper", "norm_sq"};
-        d->ninputs = 7;
-        memcpy(d->input_names, in, sizeof in);
+    for (int i = 0; i < IR_MAX_PORTS && sp->in[i]; i++)
+        d->input_names[d->ninputs++] = sp->in[i];
+    for (int i = 0; i < IR_MAX_PORTS && sp->out[i]; i++)
+        d->output_names[d->noutputs++] = sp->out[i];
+    if (sp->attr) {
         d->nattrs = 1;
-        d->attr_names[0] = "weight_decay";
+        d->attr_names[0] = sp->attr;
         d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = iop_half_symbols[kind];
-        d->nfwd = 9;
-        memcpy(d->fwd, t, sizeof t);
-        break;
     }
-    case IOP_SGD_BF16:
-    case IOP_SGD_F16: {
-        /* moek_sgd_<half>(p, master, g, buf, n, hyper, norm_sq, weight_decay) */
-        const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_DIM(0), R_IN(4), R_IN(5), R_ATTR(0)};
-        static const char *const in[] = {"p", "master", "g", "buf", "hyper", "norm_sq"};
-        d->ninputs = 6;
-        memcpy(d->input_names, in, sizeof in);
-        d->nattrs = 1;
-        d->attr_names[0] = "weight_decay";
-        d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = iop_half_symbols[kind];
-        d->nfwd = 8;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_FILL: {
-        const ir_ref t[] = {R_OUT(0), R_DIM(0), R_ATTR(0)};
-        d->noutputs = 1;
-        d->output_names[0] = "y";
-        d->nattrs = 1;
-        d->attr_names[0] = "value";
-        d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = "moek_fill";
-        d->nfwd = 3;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_FILL_INPLACE: {
-        const ir_ref t[] = {R_IN(0), R_DIM(0), R_ATTR(0)};
-        d->ninputs = 1;
-        d->input_names[0] = "x";
-        d->nattrs = 1;
-        d->attr_names[0] = "value";
-        d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = "moek_fill";
-        d->nfwd = 3;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_COPY: {
-        const ir_ref t[] = {R_IN(0), R_OUT(0), R_DIM(0)};
-        d->ninputs = 1;
-        d->input_names[0] = "x";
-        d->noutputs = 1;
-        d->output_names[0] = "y";
-        d->fwd_symbol = "moek_copy";
-        d->nfwd = 3;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_ADD: {
-        const ir_ref t[] = {R_IN(0), R_IN(1), R_OUT(0), R_DIM(0)};
-        d->ninputs = 2;
-        d->input_names[0] = "a";
-        d->input_names[1] = "b";
-        d->noutputs = 1;
-        d->output_names[0] = "y";
-        d->fwd_symbol = "moek_add_fwd";
-        d->nfwd = 4;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_ACCUMULATE:
-    case IOP_SUMSQ_ACCUM: {
-        const ir_ref t[] = {R_IN(0), R_IN(1), R_DIM(0)};
-        d->ninputs = 2;
-        d->input_names[0] = kind == IOP_ACCUMULATE ? "dst" : "x";
-        d->input_names[1] = kind == IOP_ACCUMULATE ? "src" : "acc";
-        d->fwd_symbol = kind == IOP_ACCUMULATE ? "moek_accumulate" : "moek_sumsq_accum";
-        d->nfwd = 3;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_ADAMW: {
-        /* moek_adamw(p, g, m, v, n, hyper, norm_sq, weight_decay) */
-        const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_IN(3), R_DIM(0), R_IN(4), R_IN(5),
-                            R_ATTR(0)};
-        static const char *const in[] = {"p", "g", "m", "v", "hyper", "norm_sq"};
-        d->ninputs = 6;
-        memcpy(d->input_names, in, sizeof in);
-        d->nattrs = 1;
-        d->attr_names[0] = "weight_decay";
-        d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = "moek_adamw";
-        d->nfwd = 8;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_SGD: {
-        /* moek_sgd(p, g, buf, n, hyper, norm_sq, weight_decay) */
-        const ir_ref t[] = {R_IN(0), R_IN(1), R_IN(2), R_DIM(0), R_IN(3), R_IN(4), R_ATTR(0)};
-        static const char *const in[] = {"p", "g", "buf", "hyper", "norm_sq"};
-        d->ninputs = 5;
-        memcpy(d->input_names, in, sizeof in);
-        d->nattrs = 1;
-        d->attr_names[0] = "weight_decay";
-        d->attr_kinds[0] = PLAN_ARG_F32;
-        d->fwd_symbol = "moek_sgd";
-        d->nfwd = 7;
-        memcpy(d->fwd, t, sizeof t);
-        break;
-    }
-    case IOP_COUNT:
-        break;
-    }
+    d->fwd_symbol = sp->symbol;
+    d->nfwd = sp->nargs;
+    memcpy(d->fwd, sp->args, sizeof sp->args);
 }
 
 const ir_opdef *iop_def(ir_graph *g, iop_kind kind)
 {
-    const ir_opdef *d = ir_def_find(g, iop_names[kind]);
+    const ir_opdef *d = ir_def_find(g, iop_specs[kind].name);
     if (d)
         return d;
     ir_opdef def;
