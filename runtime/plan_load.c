@@ -254,6 +254,8 @@ static int check_tensor(const plan_file *pf, uint64_t i, const plan_tensor *t, c
         TFAIL("unknown role %u", t->role);
     if (t->ndim > PLAN_MAX_DIMS)
         TFAIL("%u dimensions (at most %d)", t->ndim, PLAN_MAX_DIMS);
+    if (t->expert_shard != 0 && t->expert_shard != PLAN_EXPERT_SHARD)
+        TFAIL("unknown expert_shard marker %u", t->expert_shard);
     uint64_t numel = 1;
     for (unsigned d = 0; d < t->ndim; d++) {
         if (t->shape[d] <= 0)
