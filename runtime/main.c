@@ -29,7 +29,7 @@ static void usage(FILE *f)
           "  --steps N              stop after step N (the schedule still spans the plan's steps)\n"
           "  --data PATH            training data (overrides the plan)\n"
           "  --metrics PATH         JSONL metrics, one object per step (default metrics.jsonl)\n"
-          "  --checkpoint PATH      checkpoint to write (default checkpoint.safetensors)\n"
+          "  --checkpoint PATH      checkpoint to write (default checkpoint.safetensors; \"\" = none)\n"
           "  --resume PATH          continue exactly from a checkpoint\n"
           "  --init-from PATH       load weights only, then train from step 1\n"
           "  --allow-lib DIR        also load user kernel libraries from DIR\n"
@@ -201,7 +201,7 @@ int main(int argc, char **argv)
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = on_sigint;
         sigaction(SIGINT, &sa, NULL);
-        train_opts to = {steps, data, exe_dir, *metrics ? metrics : NULL, ckpt ? ckpt : "checkpoint.safetensors",
+        train_opts to = {steps, data, exe_dir, *metrics ? metrics : NULL, !ckpt ? "checkpoint.safetensors" : *ckpt ? ckpt : NULL,
                          resume, init_from, &interrupted, quiet ? NULL : stdout};
         rc = train_run_trace(&ex, &to, trace, err, sizeof err);
     }

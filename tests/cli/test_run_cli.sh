@@ -72,3 +72,10 @@ if [ -f "$ROOT/build/data/default.txt" ]; then
 else
     expect_fail run.default_corpus 'the default corpus is missing .*; run make, or pass --data FILE' "$RUN" plan.bin --steps 1
 fi
+# --checkpoint "" trains without writing a checkpoint (like --metrics "")
+mkdir -p nockpt && (cd nockpt && "$RUN" ../plan.bin --data ../data.txt --steps 2 --metrics "" --checkpoint "" > out.txt 2>&1)
+if [ $? -eq 0 ] && [ -z "$(ls nockpt | grep -v out.txt)" ] && ! grep -q "saved" nockpt/out.txt; then
+    pass run.checkpoint_none
+else
+    fail run.checkpoint_none "rc or files: $(ls nockpt) $(tail -3 nockpt/out.txt)"
+fi
