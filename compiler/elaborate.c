@@ -1722,6 +1722,10 @@ static const el_ksig el_kernels[] = {
     {"moek_swiglu_proj_fwd_bf16", "TTTTTTiii"}, {"moek_swiglu_proj_bwd_bf16", "TTTTTTTTTiii"},
     {"moek_softmax_topk_fwd", "TTTTiiii"}, {"moek_softmax_topk_bwd", "TTTTTiiii"},
     {"moek_softmax_topk_fwd_bf16", "TTTTiiii"}, {"moek_softmax_topk_bwd_bf16", "TTTTTiiii"},
+    {"moek_matmul_bias_gelu_fwd", "TTTTTiii"}, {"moek_matmul_bias_gelu_bwd", "TTTTTTTiii"},
+    {"moek_matmul_bias_gelu_fwd_bf16", "TTTTTiii"}, {"moek_matmul_bias_gelu_bwd_bf16", "TTTTTTTiii"},
+    {"moek_matmul_bias_fwd", "TTTTiii"}, {"moek_matmul_bias_bwd", "TTTTTTiii"},
+    {"moek_matmul_bias_fwd_bf16", "TTTTiii"}, {"moek_matmul_bias_bwd_bf16", "TTTTTTiii"},
 };
 
 static const el_ksig *el_kernel_find(const char *sym)

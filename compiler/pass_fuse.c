@@ -502,23 +502,27 @@ int pass_fuse(ir_graph *g, moec_error *err)
         }
     }
     int changed = 0;
-    for (int di = 0; di < g->ndefs; di++) {
-        const ir_opdef *fd = g->defs[di];
-        if (!fd->fuse || fd->fuse->nops == 0)
-            continue;
-        const char *suffix = strchr(fd->name, '<');
-        suffix = suffix ? suffix : "";
-        for (int ni = 0; ni < g->nnodes; ni++) {
-            int nodes[IR_FUSE_MAX_OPS];
-            ir_node fusednode;
-            if (st.taken[ni] || !fu_match(&st, fd, suffix, ni, nodes, &fusednode))
+    /* longer rules first: matmul + bias + GELU takes its nodes before
+     * matmul + bias could take the first two, whatever the stdlib order */
+    for (int len = IR_FUSE_MAX_OPS; len > 0; len--) {
+        for (int di = 0; di < g->ndefs; di++) {
+            const ir_opdef *fd = g->defs[di];
+            if (!fd->fuse || fd->fuse->nops != len)
                 continue;
-            for (int k = 0; k < fd->fuse->nops; k++) {
-                st.taken[nodes[k]] = true;
-                drop[nodes[k]] = nodes[k] != ni;
+            const char *suffix = strchr(fd->name, '<');
+            suffix = suffix ? suffix : "";
+            for (int ni = 0; ni < g->nnodes; ni++) {
+                int nodes[IR_FUSE_MAX_OPS];
+                ir_node fusednode;
+                if (st.taken[ni] || !fu_match(&st, fd, suffix, ni, nodes, &fusednode))
+                    continue;
+                for (int k = 0; k < fd->fuse->nops; k++) {
+                    st.taken[nodes[k]] = true;
+                    drop[nodes[k]] = nodes[k] != ni;
+                }
+                g->nodes[ni] = fusednode;
+                changed++;
             }
-            g->nodes[ni] = fusednode;
-            changed++;
         }
     }
     if (changed) {

@@ -592,4 +592,46 @@ void moek_softmax_topk_bwd_f16(const moek_ctx *ctx, const float *dprobs, const f
                                const float *probs, const int32_t *idx, moek_f16 *dlogits, int64_t N,
                                int64_t E, int64_t k, int64_t renorm);
 
+/* A linear layer with its bias and GELU (stdlib/core.moe matmul_bias_gelu):
+ * pre = x W^T (as moek_matmul_fwd) + b (as moek_bias_add_fwd), y =
+ * gelu(pre).  Backward: dpre = moek_gelu_bwd(dy, pre), db its column sums
+ * (as moek_bias_add_bwd), dx and dw as moek_matmul_bwd(dpre).  The backward
+ * needs MOEK_BF16_WORKSPACE_BYTES(N M) for dpre, and otherwise sets
+ * MOEK_E_SHAPE and writes nothing.  _bf16/_f16 round the GEMM's output,
+ * pre, y, dpre, dx, dw and db where the unfused ops round (and need
+ * MOEK_BF16_WORKSPACE_BYTES of their half arguments' element count). */
+void moek_matmul_bias_gelu_fwd(const moek_ctx *ctx, const float *x, const float *w, const float *b, float *pre,
+                               float *y, int64_t N, int64_t K, int64_t M);
+void moek_matmul_bias_gelu_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w,
+                               const float *pre, float *dx, float *dw, float *db, int64_t N, int64_t K, int64_t M);
+void moek_matmul_bias_gelu_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w,
+                                    const moek_bf16 *b, moek_bf16 *pre, moek_bf16 *y, int64_t N, int64_t K,
+                                    int64_t M);
+void moek_matmul_bias_gelu_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                                    const moek_bf16 *w, const moek_bf16 *pre, moek_bf16 *dx, moek_bf16 *dw,
+                                    moek_bf16 *db, int64_t N, int64_t K, int64_t M);
+void moek_matmul_bias_gelu_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w,
+                                   const moek_f16 *b, moek_f16 *pre, moek_f16 *y, int64_t N, int64_t K,
+                                   int64_t M);
+void moek_matmul_bias_gelu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                                   const moek_f16 *w, const moek_f16 *pre, moek_f16 *dx, moek_f16 *dw,
+                                   moek_f16 *db, int64_t N, int64_t K, int64_t M);
+
+/* A linear layer with its bias (stdlib/core.moe matmul_bias): y = x W^T + b.
+ * Backward: db = column sums of dy (as moek_bias_add_bwd), dx and dw as
+ * moek_matmul_bwd(dy).  No workspace in fp32; _bf16/_f16 as above. */
+void moek_matmul_bias_fwd(const moek_ctx *ctx, const float *x, const float *w, const float *b, float *y,
+                          int64_t N, int64_t K, int64_t M);
+void moek_matmul_bias_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w, float *dx,
+                          float *dw, float *db, int64_t N, int64_t K, int64_t M);
+void moek_matmul_bias_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w, const moek_bf16 *b,
+                               moek_bf16 *y, int64_t N, int64_t K, int64_t M);
+void moek_matmul_bias_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                               const moek_bf16 *w, moek_bf16 *dx, moek_bf16 *dw, moek_bf16 *db, int64_t N,
+                               int64_t K, int64_t M);
+void moek_matmul_bias_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w, const moek_f16 *b,
+                              moek_f16 *y, int64_t N, int64_t K, int64_t M);
+void moek_matmul_bias_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x, const moek_f16 *w,
+                              moek_f16 *dx, moek_f16 *dw, moek_f16 *db, int64_t N, int64_t K, int64_t M);
+
 #endif

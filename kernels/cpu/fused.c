@@ -360,3 +360,162 @@ void moek_softmax_topk_bwd_f16(const moek_ctx *ctx, const float *dprobs, const f
 {
     kfu_softmax_topk_bwd(ctx, &kfu_f16, dprobs, dgates, probs, idx, dlogits, N, E, k, renorm);
 }
+
+/* ---- a linear layer with its bias (and GELU) ------------------------------
+ * The GEMM writes pre, the bias is added in place (bias_add reads element i
+ * before it writes it), GELU reads pre.  The backward's dpre is scratch. */
+void moek_matmul_bias_gelu_fwd(const moek_ctx *ctx, const float *x, const float *w, const float *b, float *pre,
+                               float *y, int64_t N, int64_t K, int64_t M)
+{
+    moek_matmul_fwd(ctx, x, w, pre, N, K, M);
+    moek_bias_add_fwd(ctx, pre, b, pre, N, M);
+    moek_gelu_fwd(ctx, pre, y, N * M);
+}
+
+void moek_matmul_bias_gelu_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w,
+                               const float *pre, float *dx, float *dw, float *db, int64_t N, int64_t K, int64_t M)
+{
+    int64_t len[1] = {N * M};
+    float *f[1];
+    if (!kfu_carve(ctx, 1, len, f))
+        return;
+    moek_gelu_bwd(ctx, dy, pre, f[0], N * M);
+    moek_bias_add_bwd(ctx, f[0], NULL, db, N, M);   /* bias_add's dx is dpre itself */
+    moek_matmul_bwd(ctx, f[0], x, w, dx, dw, N, K, M);
+}
+
+void moek_matmul_bias_fwd(const moek_ctx *ctx, const float *x, const float *w, const float *b, float *y,
+                          int64_t N, int64_t K, int64_t M)
+{
+    moek_matmul_fwd(ctx, x, w, y, N, K, M);
+    moek_bias_add_fwd(ctx, y, b, y, N, M);
+}
+
+void moek_matmul_bias_bwd(const moek_ctx *ctx, const float *dy, const float *x, const float *w, float *dx,
+                          float *dw, float *db, int64_t N, int64_t K, int64_t M)
+{
+    moek_bias_add_bwd(ctx, dy, NULL, db, N, M);
+    moek_matmul_bwd(ctx, dy, x, w, dx, dw, N, K, M);
+}
+
+/* f = the fp32 view of pre = round(round(x W^T) + b), stored to pre: the
+ * GEMM's stored output, then bias_add's */
+static void kfu_gemm_bias(const moek_ctx *ctx, const kfu_half *h, const float *xf, const float *wf, const float *bf,
+                          float *f, uint16_t *pre, int64_t N, int64_t K, int64_t M)
+{
+    moek_matmul_fwd(ctx, xf, wf, f, N, K, M);
+    kfu_store(ctx, h, f, NULL, N * M);
+    moek_bias_add_fwd(ctx, f, bf, f, N, M);
+    kfu_store(ctx, h, f, pre, N * M);
+}
+
+/* x, w, b, pre, y: the half arguments' element count */
+static void kfu_mbg_fwd(const moek_ctx *ctx, const kfu_half *h, const uint16_t *x, const uint16_t *w,
+                        const uint16_t *b, uint16_t *pre, uint16_t *y, int64_t N, int64_t K, int64_t M)
+{
+    int64_t len[5] = {N * K, M * K, M, N * M, y ? N * M : 0};
+    float *f[5];
+    if (!kfu_carve(ctx, 5, len, f))
+        return;
+    kfu_widen(ctx, h, x, f[0], N * K);
+    kfu_widen(ctx, h, w, f[1], M * K);
+    kfu_widen(ctx, h, b, f[2], M);
+    kfu_gemm_bias(ctx, h, f[0], f[1], f[2], f[3], pre, N, K, M);
+    if (!y)
+        return;   /* matmul_bias: pre is the output */
+    moek_gelu_fwd(ctx, f[3], f[4], N * M);
+    kfu_round(ctx, h, f[4], y, N * M);
+}
+
+/* dpre (the stored GELU gradient, or dy without GELU), x, w, dx, dw, db:
+ * within the half arguments' element count */
+static void kfu_mbg_bwd(const moek_ctx *ctx, const kfu_half *h, const uint16_t *dy, const uint16_t *x,
+                        const uint16_t *w, const uint16_t *pre, uint16_t *dx, uint16_t *dw, uint16_t *db, int64_t N,
+                        int64_t K, int64_t M)
+{
+    int64_t nm = N * M, len[6] = {nm, N * K, M * K, N * K, M * K, M};
+    float *f[6];
+    if (!kfu_carve(ctx, 6, len, f))
+        return;
+    float *dp = f[0], *xf = f[1], *wf = f[2], *dxf = f[3], *dwf = f[4], *dbf = f[5];
+    if (pre) {
+        enum { CH = 256 };
+        int64_t chunks = nm > 0 ? (nm + CH - 1) / CH : 0;
+        moek_ctx one = ctx ? *ctx : (moek_ctx){0};
+        one.num_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, 8 * nm))
+        for (int64_t c = 0; c < chunks; c++) {
+            float d[CH], p[CH];
+            int64_t o = c * CH, m = nm - o < CH ? nm - o : CH;
+            for (int64_t i = 0; i < m; i++) {
+                d[i] = h->widen(dy[o + i]);
+                p[i] = h->widen(pre[o + i]);
+            }
+            moek_gelu_bwd(&one, d, p, dp + o, m);
+            for (int64_t i = 0; i < m; i++)   /* the stored dpre */
+                dp[o + i] = h->widen(h->round(dp[o + i]));
+        }
+    } else {
+        kfu_widen(ctx, h, dy, dp, nm);
+    }
+    moek_bias_add_bwd(ctx, dp, NULL, dbf, N, M);
+    kfu_round(ctx, h, dbf, db, M);
+    kfu_widen(ctx, h, x, xf, N * K);
+    kfu_widen(ctx, h, w, wf, M * K);
+    moek_matmul_bwd(ctx, dp, xf, wf, dxf, dwf, N, K, M);
+    kfu_round(ctx, h, dxf, dx, N * K);
+    kfu_round(ctx, h, dwf, dw, M * K);
+}
+
+void moek_matmul_bias_gelu_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w,
+                                    const moek_bf16 *b, moek_bf16 *pre, moek_bf16 *y, int64_t N, int64_t K,
+                                    int64_t M)
+{
+    kfu_mbg_fwd(ctx, &kfu_bf16, x, w, b, pre, y, N, K, M);
+}
+
+void moek_matmul_bias_gelu_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                                    const moek_bf16 *w, const moek_bf16 *pre, moek_bf16 *dx, moek_bf16 *dw,
+                                    moek_bf16 *db, int64_t N, int64_t K, int64_t M)
+{
+    kfu_mbg_bwd(ctx, &kfu_bf16, dy, x, w, pre, dx, dw, db, N, K, M);
+}
+
+void moek_matmul_bias_gelu_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w,
+                                   const moek_f16 *b, moek_f16 *pre, moek_f16 *y, int64_t N, int64_t K,
+                                   int64_t M)
+{
+    kfu_mbg_fwd(ctx, &kfu_f16, x, w, b, pre, y, N, K, M);
+}
+
+void moek_matmul_bias_gelu_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x,
+                                   const moek_f16 *w, const moek_f16 *pre, moek_f16 *dx, moek_f16 *dw,
+                                   moek_f16 *db, int64_t N, int64_t K, int64_t M)
+{
+    kfu_mbg_bwd(ctx, &kfu_f16, dy, x, w, pre, dx, dw, db, N, K, M);
+}
+
+void moek_matmul_bias_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_bf16 *w, const moek_bf16 *b,
+                               moek_bf16 *y, int64_t N, int64_t K, int64_t M)
+{
+    kfu_mbg_fwd(ctx, &kfu_bf16, x, w, b, y, NULL, N, K, M);
+}
+
+void moek_matmul_bias_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf16 *x,
+                               const moek_bf16 *w, moek_bf16 *dx, moek_bf16 *dw, moek_bf16 *db, int64_t N,
+                               int64_t K, int64_t M)
+{
+    kfu_mbg_bwd(ctx, &kfu_bf16, dy, x, w, NULL, dx, dw, db, N, K, M);
+}
+
+void moek_matmul_bias_fwd_f16(const moek_ctx *ctx, const moek_f16 *x, const moek_f16 *w, const moek_f16 *b,
+                              moek_f16 *y, int64_t N, int64_t K, int64_t M)
+{
+    kfu_mbg_fwd(ctx, &kfu_f16, x, w, b, y, NULL, N, K, M);
+}
+
+void moek_matmul_bias_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *x, const moek_f16 *w,
+                              moek_f16 *dx, moek_f16 *dw, moek_f16 *db, int64_t N, int64_t K, int64_t M)
+{
+    kfu_mbg_bwd(ctx, &kfu_f16, dy, x, w, NULL, dx, dw, db, N, K, M);
+}

@@ -182,3 +182,120 @@ extern "C" void moek_add_rmsnorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *
 KFU_PROJ(, float)
 KFU_PROJ(_bf16, moek_bf16)
 KFU_PROJ(_f16, moek_f16)
+
+/* ---- a linear layer with its bias (and GELU) ------------------------------
+ * The library's GEMM, then one epilogue kernel instead of bias_add and gelu:
+ * pre += b (stored, as bias_add stores it), y = gelu(pre).  Backward: one
+ * kernel per column writes dpre = dy gelu'(pre) (stored in T, as gelu_bwd
+ * stores it) and sums it into db in double down the rows (as bias_add_bwd);
+ * then the GEMM backward on dpre.  Without GELU (matmul_bias) the same two
+ * kernels skip the activation, and db is summed from dy.  GELU is the tanh
+ * form of elementwise.cu; dpre is scratch from ctx->workspace. */
+#define KFU_GELU_C 0.7978845608028654f   /* sqrt(2/pi) */
+#define KFU_GELU_A 0.044715f
+
+__device__ inline float kfu_gelu(float v)
+{
+    float u = KFU_GELU_C * (v + KFU_GELU_A * v * v * v);
+    return 0.5f * v * (1.0f + tanhf(u));
+}
+
+__device__ inline float kfu_gelu_grad(float v)
+{
+    float u = KFU_GELU_C * (v + KFU_GELU_A * v * v * v);
+    float t = tanhf(u);
+    float du = KFU_GELU_C * (1.0f + 3.0f * KFU_GELU_A * v * v);
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du;
+}
+
+/* pre = stored(pre + b); y = gelu(pre) when y is set */
+template <typename T> __global__ void k_bias_gelu_fwd(T *pre, const T *b, T *y, int64_t N, int64_t M)
+{
+    KC_GRID_STRIDE(i, N * M) {
+        float v = kfu_rt<T>(kc_ld(pre + i) + kc_ld(b + i % M));
+        kc_st(pre + i, v);
+        if (y)
+            kc_st(y + i, kfu_gelu(v));
+    }
+}
+
+/* one thread per column: dpre = stored(dy gelu'(pre)) (dy itself when pre
+ * is NULL), db = the column's sum in double */
+template <typename T> __global__ void k_gelu_bgrad(const T *dy, const T *pre, T *dpre, T *db, int64_t N, int64_t M)
+{
+    KC_GRID_STRIDE(d, M) {
+        double acc = 0.0;
+        for (int64_t n = 0; n < N; n++) {
+            int64_t i = n * M + d;
+            float g = kc_ld(dy + i);
+            if (pre) {
+                g = kfu_rt<T>(g * kfu_gelu_grad(kc_ld(pre + i)));
+                kc_st(dpre + i, g);
+            }
+            acc += (double)g;
+        }
+        kc_st(db + d, (float)acc);
+    }
+}
+
+template <typename T>
+static bool kfu_bias_gelu_fwd(const moek_ctx *ctx, T *pre, const T *b, T *y, int64_t N, int64_t M)
+{
+    if (N * M == 0)
+        return true;
+    k_bias_gelu_fwd<T><<<kc_blocks(N * M), KCUDA_THREADS, 0, kc_stream(ctx)>>>(pre, b, y, N, M);
+    return kc_launched(ctx);
+}
+
+template <typename T>
+static bool kfu_gelu_bgrad(const moek_ctx *ctx, const T *dy, const T *pre, T *dpre, T *db, int64_t N, int64_t M)
+{
+    if (M == 0)
+        return true;
+    k_gelu_bgrad<T><<<kc_blocks(M, 128), 128, 0, kc_stream(ctx)>>>(dy, pre, dpre, db, N, M);
+    return kc_launched(ctx);
+}
+
+#define KFU_MBG(SFX, T, KT, CV)                                                                                 \
+    extern "C" void moek_matmul_bias_gelu_fwd##SFX(const moek_ctx *ctx, const T *x, const T *w, const T *b,    \
+                                                   T *pre, T *y, int64_t N, int64_t K, int64_t M)              \
+    {                                                                                                           \
+        if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
+            return;                                                                                             \
+        moek_matmul_fwd##SFX(ctx, x, w, pre, N, K, M);                                                          \
+        kfu_bias_gelu_fwd<KT>(ctx, CV(pre), CV(b), CV(y), N, M);                                                \
+    }                                                                                                           \
+    extern "C" void moek_matmul_bias_gelu_bwd##SFX(const moek_ctx *ctx, const T *dy, const T *x, const T *w,   \
+                                                   const T *pre, T *dx, T *dw, T *db, int64_t N, int64_t K,    \
+                                                   int64_t M)                                                  \
+    {                                                                                                           \
+        if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
+            return;                                                                                             \
+        size_t nm = (size_t)(N * M) * sizeof(T);                                                                \
+        if (!kc_shape(ctx, ctx->workspace && (size_t)ctx->workspace_bytes >= nm))                               \
+            return;                                                                                             \
+        T *dp = (T *)ctx->workspace;                                                                            \
+        if (kfu_gelu_bgrad<KT>(ctx, CV(dy), CV(pre), CV(dp), CV(db), N, M))                                     \
+            moek_matmul_bwd##SFX(ctx, dp, x, w, dx, dw, N, K, M);                                               \
+    }                                                                                                           \
+    extern "C" void moek_matmul_bias_fwd##SFX(const moek_ctx *ctx, const T *x, const T *w, const T *b, T *y,   \
+                                              int64_t N, int64_t K, int64_t M)                                  \
+    {                                                                                                           \
+        if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
+            return;                                                                                             \
+        moek_matmul_fwd##SFX(ctx, x, w, y, N, K, M);                                                            \
+        kfu_bias_gelu_fwd<KT>(ctx, CV(y), CV(b), (KT *)NULL, N, M);                                             \
+    }                                                                                                           \
+    extern "C" void moek_matmul_bias_bwd##SFX(const moek_ctx *ctx, const T *dy, const T *x, const T *w, T *dx, \
+                                              T *dw, T *db, int64_t N, int64_t K, int64_t M)                    \
+    {                                                                                                           \
+        if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
+            return;                                                                                             \
+        if (kfu_gelu_bgrad<KT>(ctx, CV(dy), (const KT *)NULL, (KT *)NULL, CV(db), N, M))                        \
+            moek_matmul_bwd##SFX(ctx, dy, x, w, dx, dw, N, K, M);                                               \
+    }
+
+#define KFU_ID(p) (p)
+KFU_MBG(, float, float, KFU_ID)
+KFU_MBG(_bf16, moek_bf16, kc_bf16, kc_bf)
+KFU_MBG(_f16, moek_f16, kc_f16, kc_hf)

@@ -25,8 +25,9 @@ fi
 
 # Goldens of --dump=ir --after=fuse (UPDATE=1 rewrites them): tiny_dense
 # shows SwiGLU fused with its two projections, tiny_moe the router softmax
-# fused with top-k, both beside the residual add + RMSNorm fusions
-for ex in tiny_dense tiny_moe; do
+# fused with top-k, both beside the residual add + RMSNorm fusions;
+# tiny_gelu each GPT-2 MLP as matmul_bias_gelu then matmul_bias
+for ex in tiny_dense tiny_moe tiny_gelu; do
     "$MOEC" --stdlib stdlib --dump=ir --after=fuse examples/$ex.moe >"$TMP/after_fuse_$ex.ir" 2>&1   # relative paths
     [ "${UPDATE:-0}" = 1 ] && cp "$TMP/after_fuse_$ex.ir" "tests/golden/ir/after_fuse_$ex.ir"
     expect_same "fusion_golden_after_fuse_$ex" "tests/golden/ir/after_fuse_$ex.ir" "$TMP/after_fuse_$ex.ir"
@@ -64,8 +65,30 @@ else
     fail fusion_patterns_replaced "$(grep -m3 ' moek_swiglu_fwd\| moek_softmax_fwd\| moek_topk_fwd' "$TMP/f_tiny_dense.ir" "$TMP/f_tiny_moe.ir")"
 fi
 
+# tiny_gelu: both linear layers of each MLP fused (2 layers: 2 + 2), their
+# backward kernels in the plan, no gelu or bias_add kernel left; the bias
+# pattern never steals the first two ops of the GELU one (longer rules first)
+M --dump=ir --after=fuse examples/tiny_gelu.moe >"$TMP/f_gelu.ir" 2>&1
+M --dump=ir --after=autodiff examples/tiny_gelu.moe >"$TMP/b_gelu.ir" 2>&1
+got="$(grep -c ' moek_matmul_bias_gelu_fwd(' "$TMP/f_gelu.ir") $(grep -c ' moek_matmul_bias_fwd(' "$TMP/f_gelu.ir")"
+got="$got $(grep -c ' backward .*moek_matmul_bias_gelu_bwd(' "$TMP/b_gelu.ir") $(grep -c ' backward .*moek_matmul_bias_bwd(' "$TMP/b_gelu.ir")"
+if [ "$got" = "2 2 2 2" ] && ! grep -q ' moek_gelu_fwd(\| moek_bias_add_fwd(' "$TMP/f_gelu.ir" &&
+   grep -q '"layers.0.mlp.gelu (fused matmul_bias_gelu)" moek_matmul_bias_gelu_fwd(v24, v27, v29, v30, v31, N=512, K=64, M=256)' "$TMP/f_gelu.ir"; then
+    pass fusion_ops_tiny_gelu
+else
+    fail fusion_ops_tiny_gelu "fused fwd (gelu, bias) and bwd: $got, want 2 2 2 2; $(grep -m2 ' moek_gelu_fwd\| moek_bias_add_fwd' "$TMP/f_gelu.ir")"
+fi
+# bf16 and fp16 plans take the half instances of both fused ops
+for p in bf16 fp16; do
+    sed "s/precision = fp32/precision = $p/" examples/tiny_gelu.moe >"$TMP/gelu_$p.moe"
+    M --dump=ir --after=fuse "$TMP/gelu_$p.moe" >"$TMP/gelu_$p.ir" 2>&1
+    sfx=_${p/fp/f}
+    n=$(grep -c " moek_matmul_bias_gelu_fwd$sfx(\| moek_matmul_bias_fwd$sfx(" "$TMP/gelu_$p.ir")
+    if [ "$n" = 4 ]; then pass "fusion_linear_bias_$p"; else fail "fusion_linear_bias_$p" "$n fused $p nodes, want 4"; fi
+done
+
 # --explain: fewer launches at -O2 than at -O0, activation peak no higher
-for ex in tiny_dense tiny_moe tiny_moe_bf16 mixtral_like switch deepseek_like; do
+for ex in tiny_dense tiny_moe tiny_moe_bf16 mixtral_like switch deepseek_like tiny_gelu; do
     M -O0 --explain examples/$ex.moe >"$TMP/$ex.o0" 2>&1
     M --explain examples/$ex.moe >"$TMP/$ex.o2" 2>&1
     l0=$(awk '$1 == "memplan" {print $3}' "$TMP/$ex.o0"); l2=$(awk '$1 == "memplan" {print $3}' "$TMP/$ex.o2")
@@ -97,9 +120,13 @@ if [ "$(grep -c 'moek_add_rmsnorm_fwd(' "$TMP/only.ir")" = 3 ] && ! grep -q '^  
 DATA=$ROOT/build/data/default.txt
 [ -f "$ROOT/${MOEC_BUILD:-build}/data/default.txt" ] && DATA=$ROOT/${MOEC_BUILD:-build}/data/default.txt
 if [ -x "$RUN" ] && [ -f "$DATA" ]; then
-    for ex in tiny_dense tiny_moe tiny_moe_bf16 mixtral_like switch; do
+    cp "$TMP/gelu_bf16.moe" "$TMP/tiny_gelu_bf16.moe"
+    cp "$TMP/gelu_fp16.moe" "$TMP/tiny_gelu_fp16.moe"
+    for ex in tiny_dense tiny_moe tiny_moe_bf16 mixtral_like switch tiny_gelu tiny_gelu_bf16 tiny_gelu_fp16; do
+        src=examples/$ex.moe
+        [ -f "$src" ] || src=$TMP/$ex.moe
         for o in O0 O2; do
-            M -$o -o "$TMP/$ex-$o.bin" examples/$ex.moe >/dev/null 2>&1
+            M -$o -o "$TMP/$ex-$o.bin" "$src" >/dev/null 2>&1
             (cd "$TMP" && "$RUN" --device cpu --data "$DATA" --steps 5 -q --metrics "$TMP/$ex-$o.jsonl" \
                 --checkpoint "$TMP/$ex-$o.st" "$TMP/$ex-$o.bin" >/dev/null 2>&1)
         done
