@@ -166,3 +166,20 @@ $(BUILD)/libmoec_comm_mpi.so: runtime/comm_backends/mpi.c runtime/comm.h kernels
 	@mkdir -p $(dir $@)
 	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -shared $(LDFLAGS) -o $@ $<
 endif
+# NCCL: built with the host compiler against cuda_runtime.h and nccl.h; links
+# libnccl and libcudart only (MPI, when used for the bootstrap, is dlopened).
+NCCL_H := $(firstword $(wildcard $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
+ifneq ($(NVCC),)
+ifneq ($(NCCL_H),)
+all: $(BUILD)/libmoec_comm_nccl.so
+comm-nccl: $(BUILD)/libmoec_comm_nccl.so
+$(BUILD)/libmoec_comm_nccl.so: runtime/comm_backends/nccl.c runtime/comm_backends/rendezvous.c \
+                               runtime/comm_backends/rendezvous.h runtime/comm.h kernels/moek.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -I$(CUDA_HOME)/include -I$(dir $(NCCL_H)) -shared $(LDFLAGS) -o $@ \
+	    runtime/comm_backends/nccl.c runtime/comm_backends/rendezvous.c \
+	    -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -lnccl -lcudart -lpthread -ldl
+endif
+endif
+comm-nccl:
+	@test -f $(BUILD)/libmoec_comm_nccl.so || { echo "comm-nccl: needs nvcc and nccl.h (CUDA_HOME=$(CUDA_HOME))" >&2; exit 1; }

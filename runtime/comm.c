@@ -16,6 +16,7 @@ struct comm {
     int rank, world;
     int aborted;
     const comm_zero_backend *zero;   /* ZeRO collectives, NULL if the backend lacks them */
+    comm_bind_stream_fn bind;        /* nccl: follows ctx->stream; NULL for the others */
     char err[1024];           /* first collective failure */
     /* expert parallelism (comm_ep.c part below) */
     const comm_ep_backend *ep;   /* NULL: the backend has no all-to-all */
@@ -143,6 +144,8 @@ comm *comm_open(const comm_opts *o, char *err, size_t errlen)
         void *zsym = dlsym(c->dl, COMM_ZERO_SYMBOL);
         memcpy(&zf, &zsym, sizeof zf);
         c->zero = zsym ? zf() : NULL;
+        void *bsym = dlsym(c->dl, COMM_BIND_STREAM_SYMBOL);
+        memcpy(&c->bind, &bsym, sizeof c->bind);
         if (c->zero && c->zero->abi != COMM_BACKEND_ABI)
             c->zero = NULL;
         if (!c->be || c->be->abi != COMM_BACKEND_ABI) {
@@ -241,6 +244,8 @@ void moec_comm_allreduce_f32_multi(const moek_ctx *ctx, int64_t group, int64_t b
         *ctx->status = *ctx->status ? *ctx->status : MOEK_E_SHAPE;
         return;
     }
+    if (c->bind)
+        c->bind(c->impl, ctx->stream);
     float *const bufs[COMM_MULTI_MAX] = {t0, t1, t2, t3, t4, t5, t6, t7};
     const int64_t ns[COMM_MULTI_MAX] = {n0, n1, n2, n3, n4, n5, n6, n7};
     char what[96], e[1024];
@@ -258,6 +263,8 @@ void moec_comm_allreduce_f32(const moek_ctx *ctx, float *buf, int64_t n, int64_t
     if (!c || c->world == 1 || *ctx->status)
         return;
     char e[1024];
+    if (c->bind)
+        c->bind(c->impl, ctx->stream);
     if (c->be->allreduce_f32(c->impl, &buf, &n, 1, (int)group, "all-reduce", e, sizeof e))
         collective_failed(ctx, c, e);
 }

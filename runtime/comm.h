@@ -118,6 +118,10 @@ typedef struct comm_backend {
 /* The one symbol a backend library exports. */
 typedef const comm_backend *(*comm_backend_fn)(void);
 #define COMM_BACKEND_SYMBOL "moec_comm_backend"
+/* Optional (nccl): the compute stream (ctx->stream) the next collectives
+ * must follow; the "@comm" dispatchers call it before each device collective. */
+typedef void (*comm_bind_stream_fn)(void *impl, void *stream);
+#define COMM_BIND_STREAM_SYMBOL "moec_comm_bind_stream"
 
 /* ---- the runtime's side --------------------------------------------------- */
 typedef struct comm comm;
