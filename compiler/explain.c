@@ -15,9 +15,11 @@
 #include "diag.h"
 #include "internal_ops.h"
 #include "memplan.h"
+#include "parallel_zero.h"
 #include "pass_util.h"
 #include "passes.h"
 #include "../kernels/moek.h"
+#include "../runtime/comm.h"
 
 /* A forward attention node: its kernel is moek_attention_fwd or a twin. */
 bool explain_is_attention(const ir_node *n)
@@ -73,7 +75,7 @@ void explain_count(const ir_graph *g, explain_counts *c)
         const ir_value *v = &g->values[pp->value];
         if (pp->tied_to >= 0 || v->storage != PLAN_ST_PARAM)
             continue;
-        uint64_t n = (uint64_t)ir_value_numel(v);
+        uint64_t n = (uint64_t)zero_param_numel(g, p);   /* whole model, any layout */
         c->params += n;
         if (pp->expert_axis >= 0)
             c->expert_params += n;
@@ -291,8 +293,11 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
         fprintf(out, "  %d%s %14.0f %13.0f %13.0f %13.0f%s%s\n", s, s == zero ? " *" : "  ",
                 pb, gb, sb, pb + gb + sb, s == zero ? "  <- zero in " : "", s == zero ? from : "");
     }
-    if (g->par_ranks > 1)
+    if (g->par_ranks > 1) {
         parallel_explain(g, out);   /* process groups and the collectives the plan runs */
+        fputc('\n', out);
+        explain_overlap_print(g, out);
+    }
 }
 
 /* ---- the per-pass table ------------------------------------------------ */
@@ -451,4 +456,224 @@ int explain_layout_resolve(const ir_graph *g, explain_layout *lay, char *err, si
         }
     }
     return 0;
+}
+
+/* ---- communication overlap (explain.h) ------------------------------------ */
+
+static const char *const ex_ov_names[EXPLAIN_OV_KINDS] = {
+    "gradient all-reduce", "reduce-scatter", "all-gather", "EP exchange", "other all-reduce"};
+
+int explain_ov_kind_of(const ir_graph *g, int ni)
+{
+    const ir_node *n = &g->nodes[ni];
+    const char *s = n->is_backward ? n->def->bwd_symbol : n->def->fwd_symbol;
+    if (!n->def->lib || strcmp(n->def->lib, COMM_LIB) != 0 || !s)
+        return -1;   /* (an exchange's backward is the opposite exchange) */
+    if (strcmp(s, "moec_comm_zero_slice") == 0)
+        return -1;   /* a local copy of this rank's slice */
+    if (strcmp(s, "moec_comm_allreduce_f32_multi") == 0)
+        return n->def->nattrs > 1 && n->attrs[1].i >= 0 ? EXPLAIN_OV_GRAD_ALLREDUCE : EXPLAIN_OV_OTHER;
+    if (strcmp(s, "moec_comm_zero_reduce_scatter") == 0)
+        return EXPLAIN_OV_REDUCE_SCATTER;
+    if (strcmp(s, "moec_comm_zero_allgather") == 0)
+        return EXPLAIN_OV_ALLGATHER;
+    if (strncmp(s, "moec_comm_ep_", 13) == 0)
+        return EXPLAIN_OV_EP_EXCHANGE;
+    return EXPLAIN_OV_OTHER;
+}
+
+/* Distinct tensors node ni touches. */
+static int ex_values(const ir_graph *g, int ni, int *vs)
+{
+    int count, n = 0;
+    const ir_ref *t = iop_template(&g->nodes[ni], &count);
+    for (int a = 0; a < count; a++) {
+        int v = iop_ref_value(&g->nodes[ni], &t[a]);
+        bool dup = v < 0 || v >= g->nvalues;
+        for (int k = 0; k < n && !dup; k++)
+            dup = vs[k] == v;
+        if (!dup)
+            vs[n++] = v;
+    }
+    return n;
+}
+
+/* Tensor bytes a collective carries: the sum of a bucket's tensors, else its
+ * largest tensor (the whole gradient a reduce-scatter reads, the whole
+ * parameter a gather writes, an exchange's receive buffer, an upper bound). */
+static double ex_ov_bytes(const ir_graph *g, int ni)
+{
+    const ir_node *n = &g->nodes[ni];
+    double b = 0;
+    if (!n->is_backward && strcmp(n->def->fwd_symbol, "moec_comm_allreduce_f32_multi") == 0) {
+        for (int i = 0; i < n->def->ninputs; i++)
+            b += 4.0 * (double)n->dims[i];
+        return b;
+    }
+    int vs[PLAN_MAX_KERNEL_ARGS], nv = ex_values(g, ni, vs);
+    for (int k = 0; k < nv; k++)
+        if ((double)ir_value_bytes(&g->values[vs[k]]) > b)
+            b = (double)ir_value_bytes(&g->values[vs[k]]);
+    return b;
+}
+
+/* Bytes each rank sends for it: ring all-reduce 2(p-1)/p of the tensor,
+ * reduce-scatter, all-gather and exchange (p-1)/p, p its group's size. */
+static double ex_ov_wire(const ir_graph *g, int ni, int kind)
+{
+    const ir_node *n = &g->nodes[ni];
+    int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1, ep = g->par_expert > 0 ? g->par_expert : 1;
+    int group = COMM_GROUP_WORLD;
+    for (int a = 0; a < n->def->nattrs; a++)
+        if (n->def->attr_names[a] && strcmp(n->def->attr_names[a], "group") == 0)
+            group = (int)n->attrs[a].i;
+    comm_group grp;
+    double p = comm_group_of(0, ranks, ep, group, &grp) == 0 ? (double)grp.size : (double)ranks;
+    double f = p > 1 ? (p - 1) / p : 0;
+    return ex_ov_bytes(g, ni) * f * (kind == EXPLAIN_OV_GRAD_ALLREDUCE || kind == EXPLAIN_OV_OTHER ? 2 : 1);
+}
+
+typedef struct ex_ov_pend {
+    int kind, nv;
+    int vs[PLAN_MAX_KERNEL_ARGS];
+    double start, end, comm, exposed;
+    double scale;              /* per-step weight when counted, 0 when not */
+    bool open;
+} ex_ov_pend;
+
+/* Compute waits from t to e: the collectives on the link meanwhile are
+ * exposed for the part of their link time inside [t, e]. */
+static void ex_ov_wait(ex_ov_pend *pend, int np, double t, double e)
+{
+    for (int q = 0; q < np; q++) {
+        double lo = pend[q].start > t ? pend[q].start : t, hi = pend[q].end < e ? pend[q].end : e;
+        if (hi > lo)
+            pend[q].exposed += hi - lo;
+    }
+}
+
+void explain_overlap(const ir_graph *g, explain_ov_row *rows)
+{
+    memset(rows, 0, sizeof *rows * EXPLAIN_OV_KINDS);
+    int64_t accum = g->train.grad_accum > 0 ? g->train.grad_accum : 1;
+    int sim = accum < 4 ? (int)accum : 4, ncomm = 0;
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        int k = explain_ov_kind_of(g, ni);
+        if (k < 0)
+            continue;
+        ncomm++;
+        bool opt = g->nodes[ni].phase == PLAN_PHASE_OPTIMIZER;
+        rows[k].count += opt ? 1 : (int)accum;
+        rows[k].bytes += (opt ? 1.0 : (double)accum) * ex_ov_bytes(g, ni);
+    }
+    if (!ncomm)
+        return;
+    ex_ov_pend *pend = calloc((size_t)ncomm * (size_t)(3 * sim + 3), sizeof *pend);
+    if (!pend)
+        abort();   /* out of memory, as ir_alloc */
+    int np = 0;
+    double t = 0, link = 0;
+    /* three steps; each: the forward and backward ops per micro-step, then the optimizer's */
+    for (int copy = 0; copy < 3; copy++)
+        for (int m = 0; m <= sim; m++)
+            for (int ni = 0; ni < g->nnodes; ni++) {
+                const ir_node *n = &g->nodes[ni];
+                if ((m < sim) == (n->phase == PLAN_PHASE_OPTIMIZER))
+                    continue;
+                double scale = copy != 1 ? 0 : m < sim ? (double)accum / sim : 1.0;
+                int vs[PLAN_MAX_KERNEL_ARGS], nv = ex_values(g, ni, vs), kind = explain_ov_kind_of(g, ni);
+                /* the first op to touch a pending collective's tensors waits for it
+                 * (a collective behind it on the link needs no wait: the link orders them) */
+                for (;;) {
+                    int first = -1;
+                    for (int q = 0; q < np; q++) {
+                        bool hit = false;
+                        for (int a = 0; a < pend[q].nv && !hit && pend[q].open; a++)
+                            for (int b = 0; b < nv && !hit; b++)
+                                hit = pend[q].vs[a] == vs[b];
+                        if (hit && (first < 0 || pend[q].end < pend[first].end))
+                            first = q;
+                    }
+                    if (first < 0)
+                        break;
+                    ex_ov_pend *p = &pend[first];
+                    if (kind < 0 && p->end > t) {
+                        ex_ov_wait(pend, np, t, p->end);
+                        t = p->end;
+                    }
+                    p->open = false;
+                }
+                if (kind < 0) {
+                    double f = explain_node_flops(g, n);
+                    for (int q = 0; q < np; q++)
+                        if (pend[q].open)
+                            rows[pend[q].kind].window_flops += pend[q].scale * f;
+                    t += f / EXPLAIN_OV_FLOPS;
+                    continue;
+                }
+                ex_ov_pend *p = &pend[np++];
+                p->kind = kind;
+                p->nv = nv;
+                memcpy(p->vs, vs, sizeof(int) * (size_t)nv);
+                p->comm = ex_ov_wire(g, ni, kind) / EXPLAIN_OV_LINK;
+                p->start = t > link ? t : link;
+                p->end = p->start + p->comm;
+                p->scale = scale;
+                p->open = true;
+                link = p->end;
+                rows[kind].comm_s += scale * p->comm;
+            }
+    if (link > t)   /* the last collectives: the step ends when they do */
+        ex_ov_wait(pend, np, t, link);
+    for (int q = 0; q < np; q++)   /* exposed can pass comm by rounding only */
+        if (pend[q].comm > pend[q].exposed)
+            rows[pend[q].kind].hidden_s += pend[q].scale * (pend[q].comm - pend[q].exposed);
+    free(pend);
+}
+
+void explain_overlap_print(const ir_graph *g, FILE *out)
+{
+    explain_ov_row rows[EXPLAIN_OV_KINDS], tot;
+    explain_overlap(g, rows);
+    memset(&tot, 0, sizeof tot);
+    for (int k = 0; k < EXPLAIN_OV_KINDS; k++) {
+        tot.count += rows[k].count;
+        tot.bytes += rows[k].bytes;
+        tot.window_flops += rows[k].window_flops;
+        tot.comm_s += rows[k].comm_s;
+        tot.hidden_s += rows[k].hidden_s;
+    }
+    if (!tot.count)
+        return;
+    fprintf(out, "communication overlap, predicted at the final schedule (per step, one rank)\n");
+    fprintf(out, "  assumes compute at %.0f TFLOP/s (the MFLOP estimate below, op after op) and "
+            "collectives on their own stream at %.0f GB/s,\n  ring bytes: all-reduce 2(p-1)/p of the "
+            "tensors, reduce-scatter, all-gather and EP exchange (p-1)/p;\n  an op waits for a "
+            "collective only when it touches its tensors\n", EXPLAIN_OV_FLOPS / 1e12,
+            EXPLAIN_OV_LINK / 1e9);
+    fprintf(out, "  %-20s %5s %12s %13s %10s %10s %7s\n", "kind", "ops", "bytes", "window MFLOP",
+            "comm us", "hidden us", "hidden");
+    for (int k = 0; k <= EXPLAIN_OV_KINDS; k++) {
+        const explain_ov_row *r = k < EXPLAIN_OV_KINDS ? &rows[k] : &tot;
+        if (!r->count)
+            continue;
+        fprintf(out, "  %-20s %5d %12.0f %13.2f %10.2f %10.2f %6.1f%%\n",
+                k < EXPLAIN_OV_KINDS ? ex_ov_names[k] : "total", r->count, r->bytes,
+                r->window_flops / 1e6, r->comm_s * 1e6, r->hidden_s * 1e6,
+                r->comm_s > 0 ? 100.0 * r->hidden_s / r->comm_s : 0.0);
+    }
+    if (rows[EXPLAIN_OV_GRAD_ALLREDUCE].count) {
+        bool bwd = false;
+        for (int ni = 0; ni < g->nnodes && !bwd; ni++)
+            bwd = explain_ov_kind_of(g, ni) == EXPLAIN_OV_GRAD_ALLREDUCE &&
+                  g->nodes[ni].phase == PLAN_PHASE_BACKWARD;
+        if (bwd)
+            fprintf(out, "  gradient all-reduces run in backward, each bucket after its last "
+                    "gradient is final (grad_accum = 1)\n");
+        else
+            fprintf(out, "  gradient all-reduces run at the start of the optimizer phase: with "
+                    "grad_accum = %" PRId64 " the micro-steps' sum comes first\n", g->train.grad_accum);
+    }
+    fprintf(out, "  (the CPU MPI backend runs each collective to completion where it is issued; "
+            "this is what a\n  backend with a communication stream can hide)\n");
 }

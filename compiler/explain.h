@@ -73,4 +73,37 @@ int explain_layout_resolve(const ir_graph *g, explain_layout *lay, char *err, si
  * parallel { }'s). */
 void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *out);
 
+/* Communication overlap at the final schedule (docs/parallel.md, "Overlap").
+ * A model, not a measurement: compute ops run one after another at
+ * EXPLAIN_OV_FLOPS FLOP/s (explain_node_flops); each collective starts on a
+ * stream of its own when the compute reaches it and the link is free, moves
+ * its ring-algorithm bytes at EXPLAIN_OV_LINK bytes/s, and the first later op
+ * that touches one of its tensors waits for it.  The step is simulated three
+ * times back to back (micro-steps: min(grad_accum, 4)) and the middle one
+ * counted, so collectives at the end of a step overlap the next one. */
+#define EXPLAIN_OV_FLOPS 50e12
+#define EXPLAIN_OV_LINK 25e9
+
+enum explain_ov_kind {
+    EXPLAIN_OV_GRAD_ALLREDUCE,    /* gradient buckets (moec_comm_allreduce_f32_multi, bucket >= 0) */
+    EXPLAIN_OV_REDUCE_SCATTER,    /* ZeRO-2 gradients */
+    EXPLAIN_OV_ALLGATHER,         /* ZeRO parameters */
+    EXPLAIN_OV_EP_EXCHANGE,       /* expert-parallel counts and rows */
+    EXPLAIN_OV_OTHER,             /* small all-reduces: norms, expert loads */
+    EXPLAIN_OV_KINDS
+};
+
+typedef struct explain_ov_row {
+    int count;                /* per step (ops in forward/backward count once per micro-step) */
+    double bytes;             /* tensor bytes the collectives carry per step */
+    double window_flops;      /* compute between each issue and its first consumer, summed */
+    double comm_s, hidden_s;  /* link time, and the part of it compute covers */
+} explain_ov_row;
+
+/* The kind of node ni, or -1 for a compute op (a ZeRO slice is a local copy). */
+int explain_ov_kind_of(const ir_graph *g, int ni);
+/* Fills rows[EXPLAIN_OV_KINDS]; all zero for a one-rank plan. */
+void explain_overlap(const ir_graph *g, explain_ov_row *rows);
+void explain_overlap_print(const ir_graph *g, FILE *out);
+
 #endif

@@ -154,18 +154,21 @@ static int *mp_bucket(const ir_graph *g, const int *key, int *out)
     return beg;
 }
 
-/* ---- second opinion: offline greedy by size ------------------------------
+/* ---- second opinions: offline placement in several orders -----------------
  * Online best-fit (above) places values in the order they are born and can
  * leave holes no later value fits.  Knowing every lifetime in advance, the
- * largest values can be placed first, each at the lowest offset where it
- * overlaps no placed value that is live at the same time (the classic
- * "greedy by size" planner).  Neither strategy wins always, so the pass runs
- * both and keeps the smaller pool.  Two values conflict when their node
- * intervals [first, last] intersect: a value dying at node i must not share
- * bytes with one born at node i (the node reads one while writing the other). */
+ * values can be placed in any order, each at the lowest offset (or into the
+ * tightest gap) where it overlaps no placed value that is live at the same
+ * time: largest first (the classic "greedy by size" planner), longest-lived
+ * first, bytes x lifetime first, or the values live at the peak first.  No
+ * order wins always (docs/memory.md), so the pass tries each and keeps the
+ * smallest pool.  Two values conflict when their node intervals [first,
+ * last] intersect: a value dying at node i must not share bytes with one
+ * born at node i (the node reads one while writing the other). */
 typedef struct mp_item {
     int v, first, last;
     uint64_t off, size;
+    int outside;   /* 0: live at the node where the most bytes are live */
 } mp_item;
 
 static int mp_by_size(const void *pa, const void *pb)
@@ -178,17 +181,81 @@ static int mp_by_size(const void *pa, const void *pb)
     return a->v < b->v ? -1 : a->v > b->v;
 }
 
+/* Other orders for the same offline placement: the longest-lived first,
+ * then the largest (long-lived values pinned low leave the top to short
+ * ones); and by bytes x lifetime, the value that blocks the most first. */
+static int mp_by_life(const void *pa, const void *pb)
+{
+    const mp_item *a = pa, *b = pb;
+    int la = a->last - a->first, lb = b->last - b->first;
+    if (la != lb)
+        return la > lb ? -1 : 1;
+    return mp_by_size(pa, pb);
+}
+
+static int mp_by_area(const void *pa, const void *pb)
+{
+    const mp_item *a = pa, *b = pb;
+    double xa = (double)a->size * (a->last - a->first + 1), xb = (double)b->size * (b->last - b->first + 1);
+    if (xa != xb)
+        return xa > xb ? -1 : 1;
+    return mp_by_size(pa, pb);
+}
+
+/* The values live at the peak must all fit at once: stacked first from the
+ * bottom they take exactly the peak there, and the rest fill around them. */
+static int mp_by_peak(const void *pa, const void *pb)
+{
+    const mp_item *a = pa, *b = pb;
+    if (a->outside != b->outside)
+        return a->outside < b->outside ? -1 : 1;
+    return mp_by_size(pa, pb);
+}
+
+static int mp_by_peak_life(const void *pa, const void *pb)
+{
+    const mp_item *a = pa, *b = pb;
+    if (a->outside != b->outside)
+        return a->outside < b->outside ? -1 : 1;
+    return mp_by_life(pa, pb);
+}
+
 static int mp_by_off(const void *pa, const void *pb)
 {
     const mp_item *a = *(const mp_item *const *)pa, *b = *(const mp_item *const *)pb;
     return a->off < b->off ? -1 : a->off > b->off;
 }
 
+/* Marks the items live at the first node where the most bytes are. */
+static void mp_mark_peak(mp_item *items, int n, int nnodes)
+{
+    int64_t *delta = calloc((size_t)nnodes + 2, sizeof *delta);
+    if (!delta)
+        abort();
+    for (int i = 0; i < n; i++) {
+        delta[items[i].first] += (int64_t)items[i].size;
+        delta[items[i].last + 1] -= (int64_t)items[i].size;
+    }
+    int64_t cur = 0, most = -1;
+    int at = 0;
+    for (int k = 0; k < nnodes; k++) {
+        cur += delta[k];
+        if (cur > most) {
+            most = cur;
+            at = k;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        items[i].outside = !(items[i].first <= at && at <= items[i].last);
+    free(delta);
+}
+
 /* Plans the unpinned activations above `base`; returns the pool end and
  * leaves each item's offset in items[]. */
-static uint64_t mp_greedy_by_size(mp_item *items, int n, uint64_t base)
+static uint64_t mp_greedy(mp_item *items, int n, uint64_t base, int (*cmp)(const void *, const void *),
+                          bool best_gap)
 {
-    qsort(items, (size_t)n, sizeof *items, mp_by_size);
+    qsort(items, (size_t)n, sizeof *items, cmp);
     mp_item **conf = malloc(sizeof *conf * ((size_t)n + 1));
     if (!conf)
         abort();
@@ -199,16 +266,26 @@ static uint64_t mp_greedy_by_size(mp_item *items, int n, uint64_t base)
             if (items[j].first <= items[i].last && items[i].first <= items[j].last)
                 conf[nc++] = &items[j];
         qsort(conf, (size_t)nc, sizeof *conf, mp_by_off);
-        uint64_t cand = base;
-        for (int c = 0; c < nc; c++) {
-            if (cand + items[i].size <= conf[c]->off)
-                break;
-            if (conf[c]->off + conf[c]->size > cand)
+        /* walk the gaps between the placed values it overlaps in time: the
+         * lowest that fits, or (best_gap) the tightest, else above them all */
+        uint64_t cand = base, pick = UINT64_MAX, pick_gap = UINT64_MAX;
+        for (int c = 0; c <= nc; c++) {
+            uint64_t lim = c < nc ? conf[c]->off : UINT64_MAX;
+            if (lim > cand && lim - cand >= items[i].size) {
+                uint64_t gap = lim - cand;
+                if (pick == UINT64_MAX || (best_gap && gap < pick_gap)) {
+                    pick = cand;
+                    pick_gap = gap;
+                }
+                if (!best_gap)
+                    break;
+            }
+            if (c < nc && conf[c]->off + conf[c]->size > cand)
                 cand = conf[c]->off + conf[c]->size;
         }
-        items[i].off = cand;
-        if (cand + items[i].size > end)
-            end = cand + items[i].size;
+        items[i].off = pick;
+        if (pick + items[i].size > end)
+            end = pick + items[i].size;
     }
     free(conf);
     return end;
@@ -300,13 +377,19 @@ int pass_memplan(ir_graph *g, moec_error *err)
         const ir_value *val = &g->values[v];
         if (val->pool != PLAN_ST_ACT || memplan_pinned(g, v) || memplan_size(val) == 0)
             continue;
-        items[nitems++] = (mp_item){v, first[v], last[v], 0, memplan_size(val)};
+        items[nitems++] = (mp_item){v, first[v], last[v], 0, memplan_size(val), 1};
     }
-    uint64_t greedy_end = mp_greedy_by_size(items, nitems, pinned_end);
-    if (greedy_end < a.end) {
-        for (int i = 0; i < nitems; i++)
-            g->values[items[i].v].offset = items[i].off;
-        g->pool_bytes[PLAN_ST_ACT] = (int64_t)greedy_end;
+    mp_mark_peak(items, nitems, g->nnodes);
+    /* each offline order in turn; the smallest pool wins, ties to the earlier */
+    static int (*const orders[])(const void *, const void *) = {mp_by_size, mp_by_life, mp_by_area,
+                                                                mp_by_peak, mp_by_peak_life};
+    for (size_t o = 0; o < 2 * sizeof orders / sizeof *orders; o++) {
+        uint64_t end = mp_greedy(items, nitems, pinned_end, orders[o / 2], o % 2);
+        if (end < (uint64_t)g->pool_bytes[PLAN_ST_ACT]) {
+            for (int i = 0; i < nitems; i++)
+                g->values[items[i].v].offset = items[i].off;
+            g->pool_bytes[PLAN_ST_ACT] = (int64_t)end;
+        }
     }
     free(items);
     free(a.free);

@@ -1,7 +1,10 @@
 /* parallel.c - the collectives of a multi-rank plan (docs/parallel.md).
  *
- * Runs after autodiff and before the optimizer pass, so the ops it appends to
- * the optimizer phase run before the gradient norm and the updates.  Data
+ * Runs after autodiff and before the optimizer pass, so its ops run before
+ * the gradient norm and the updates: with grad_accum 1 inside the backward
+ * phase, each bucket right after its gradients are final (so the rest of
+ * backward can overlap it, docs/parallel.md "Overlap"); with grad_accum > 1
+ * at the start of the optimizer phase, after the last micro-step.  Data
  * parallelism: every rank computes gradients on its own share of the global
  * batch (the runtime seeds the loss with 1 / (grad_accum x ranks)); the
  * gradients are then summed over the data-parallel group - the dense params'
@@ -17,6 +20,7 @@
  * still reduces their zero gradients).  A one-rank plan gets no op at all.
  */
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -75,7 +79,7 @@ static const ir_opdef *allreduce_def(ir_graph *g, int k)
     return ir_def_add(g, &def);
 }
 
-static void emit_bucket(ir_graph *g, const int *vals, int k, int group, int bucket)
+static void emit_bucket(ir_graph *g, const int *vals, int k, int group, int bucket, int phase)
 {
     ir_node n;
     memset(&n, 0, sizeof n);
@@ -89,7 +93,7 @@ static void emit_bucket(ir_graph *g, const int *vals, int k, int group, int buck
         n.dims[i] = ir_value_numel(&g->values[vals[i]]);
     n.attrs[0].i = group;
     n.attrs[1].i = bucket;
-    n.phase = PLAN_PHASE_OPTIMIZER;
+    n.phase = (uint8_t)phase;
     n.grad_of = -1;
     n.loc = g->train_loc;
     n.what = ir_strfmt(g, "all-reduce gradients, bucket %d (%s group, %d tensors)", bucket,
@@ -152,6 +156,61 @@ static int bias_loads(ir_graph *g)
     return 0;
 }
 
+/* One gradient bucket while buckets are formed: its tensors, its group, and
+ * the backward node after which it may run (-1: the optimizer phase). */
+typedef struct par_bucket {
+    int vals[COMM_MULTI_MAX], k, group, after;
+} par_bucket;
+
+typedef struct par_grad {
+    int param, ready, last;   /* ready: the node that completes its d.param; last: its last write */
+} par_grad;
+
+static int par_by_ready(const void *pa, const void *pb)
+{
+    const par_grad *a = pa, *b = pb;
+    if (a->ready != b->ready)
+        return a->ready < b->ready ? -1 : 1;
+    if (a->last != b->last)
+        return a->last < b->last ? -1 : 1;
+    return a->param < b->param ? -1 : a->param > b->param;
+}
+
+/* For each backward node that writes a GRAD value: ready[grad] = the latest
+ * earlier node that wrote anything else the writer touches (the op that
+ * completed d.param), last[grad] = the writer itself.  -1 when no backward
+ * node writes it. */
+static void par_grad_times(const ir_graph *g, int *ready, int *last)
+{
+    int *lastw = malloc(sizeof(int) * ((size_t)g->nvalues + 1));
+    if (!lastw)
+        abort();   /* out of memory, as ir_alloc */
+    for (int v = 0; v < g->nvalues; v++)
+        ready[v] = last[v] = lastw[v] = -1;
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        const ir_node *n = &g->nodes[ni];
+        int count;
+        const ir_ref *t = iop_template(n, &count);
+        int dep = -1;
+        for (int a = 0; a < count; a++) {
+            int v = iop_ref_value(n, &t[a]);
+            if (v >= 0 && v < g->nvalues && g->values[v].storage != PLAN_ST_GRAD && lastw[v] > dep)
+                dep = lastw[v];
+        }
+        for (int a = 0; a < count; a++) {
+            int v = iop_ref_value(n, &t[a]);
+            if (v < 0 || v >= g->nvalues || !pu_writes(n, &t[a]))
+                continue;
+            lastw[v] = ni;
+            if (n->phase == PLAN_PHASE_BACKWARD && g->values[v].storage == PLAN_ST_GRAD) {
+                ready[v] = dep > ready[v] ? dep : ready[v];
+                last[v] = ni;
+            }
+        }
+    }
+    free(lastw);
+}
+
 int pass_parallel(ir_graph *g, moec_error *err)
 {
     int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1;
@@ -169,36 +228,97 @@ int pass_parallel(ir_graph *g, moec_error *err)
         return perr(err, g->train_loc, "", "out of memory");
     if (g->par_zero >= 2)
         return 0;   /* gradients are reduce-scattered instead (parallel_zero.c) */
-    /* one pass per group so a bucket never mixes groups; forward param order
-     * keeps the op order, and so every rank's collective order, fixed */
-    int bucket = 0;
-    for (int group = COMM_GROUP_DP; group <= COMM_GROUP_EXPERT_DP; group += 2) {
-        int vals[COMM_MULTI_MAX], k = 0;
-        uint64_t bytes = 0;
-        for (int p = 0; p < g->nparams; p++) {
-            const ir_param *pp = &g->params[p];
-            if (pp->grad < 0 || pp->tied_to >= 0)
-                continue;
-            int want = pp->expert_axis >= 0 && ep > 1 ? COMM_GROUP_EXPERT_DP : COMM_GROUP_DP;
-            if (want != group)
-                continue;
-            const ir_value *v = &g->values[pp->grad];
-            if (v->dtype != PLAN_F32)
-                return perr(err, pp->loc, "report this bug", "a gradient is not fp32; the "
-                            "data-parallel all-reduce sums fp32 gradients");
-            uint64_t b = ir_value_bytes(v);
-            if (k == COMM_MULTI_MAX || (k > 0 && bytes + b > PARALLEL_BUCKET_BYTES)) {
-                emit_bucket(g, vals, k, group, bucket++);
-                k = 0;
-                bytes = 0;
-            }
-            vals[k++] = pp->grad;
-            bytes += b;
-        }
-        if (k)
-            emit_bucket(g, vals, k, group, bucket++);
+    /* Buckets in the order the gradients become final in backward (the last
+     * layer first), so each can start while backward goes on.  With one
+     * micro-step per step each all-reduce goes into the backward phase right
+     * after the last write of its gradients; with grad_accum > 1 the sum
+     * over micro-steps must be complete first, so they stay at the start of
+     * the optimizer phase.  One open bucket per group, so a bucket never
+     * mixes groups; the order is fixed here, so every rank's order is. */
+    bool early = g->train.grad_accum <= 1;
+    int *ready = malloc(sizeof(int) * ((size_t)g->nvalues + 1));
+    int *last = malloc(sizeof(int) * ((size_t)g->nvalues + 1));
+    par_grad *gr = malloc(sizeof *gr * ((size_t)g->nparams + 1));
+    par_bucket *bk = malloc(sizeof *bk * ((size_t)g->nparams + 1));
+    if (!ready || !last || !gr || !bk)
+        abort();   /* out of memory, as ir_alloc */
+    par_grad_times(g, ready, last);
+    int ng = 0, rc = 0;
+    for (int p = 0; p < g->nparams && !rc; p++) {
+        const ir_param *pp = &g->params[p];
+        if (pp->grad < 0 || pp->tied_to >= 0)
+            continue;
+        if (g->values[pp->grad].dtype != PLAN_F32)
+            rc = perr(err, pp->loc, "report this bug", "a gradient is not fp32; the "
+                      "data-parallel all-reduce sums fp32 gradients");
+        gr[ng++] = (par_grad){p, ready[pp->grad], last[pp->grad]};
     }
-    return 0;
+    qsort(gr, (size_t)ng, sizeof *gr, par_by_ready);
+    /* a bucket is issued when it closes, so the issue order is the order
+     * buckets fill up */
+    int nb = 0;
+    bool open[2] = {false, false};
+    uint64_t bytes[2] = {0, 0};
+    par_bucket tmp[2];
+    for (int i = 0; i < ng; i++) {
+        const ir_param *pp = &g->params[gr[i].param];
+        int v = pp->grad, s = pp->expert_axis >= 0 && ep > 1 ? 1 : 0;
+        uint64_t b = ir_value_bytes(&g->values[v]);
+        if (open[s] && (tmp[s].k == COMM_MULTI_MAX || bytes[s] + b > PARALLEL_BUCKET_BYTES)) {
+            bk[nb++] = tmp[s];
+            open[s] = false;
+        }
+        if (!open[s]) {
+            open[s] = true;
+            tmp[s].k = 0;
+            tmp[s].group = s ? COMM_GROUP_EXPERT_DP : COMM_GROUP_DP;
+            tmp[s].after = -1;
+            bytes[s] = 0;
+        }
+        tmp[s].vals[tmp[s].k++] = v;
+        bytes[s] += b;
+        /* a gradient no backward op writes keeps its bucket in the optimizer phase */
+        if (last[v] < 0 || tmp[s].after == INT32_MAX)
+            tmp[s].after = INT32_MAX;
+        else if (last[v] > tmp[s].after)
+            tmp[s].after = last[v];
+    }
+    /* the two last buckets: the one complete first goes first */
+    int first = open[0] && open[1] && tmp[1].after < tmp[0].after ? 1 : 0;
+    for (int q = 0; q < 2; q++)
+        if (open[(first + q) % 2])
+            bk[nb++] = tmp[(first + q) % 2];
+    /* in the backward phase each bucket goes after its own gradients and
+     * after the bucket before it, so the issue order stays as formed; the
+     * schedule pass (-O2) then moves each up as its gradients allow */
+    for (int b = 0; b < nb; b++) {
+        if (b > 0 && bk[b - 1].after > bk[b].after)
+            bk[b].after = bk[b - 1].after;
+        if (!early || bk[b].after == INT32_MAX)
+            bk[b].after = INT32_MAX;
+    }
+    for (int b = 0; b < nb; b++)
+        if (bk[b].after == INT32_MAX)
+            bk[b].after = -1;
+    int nold = g->nnodes, no = 0;
+    int *order = malloc(sizeof(int) * ((size_t)nold + (size_t)nb + 1));
+    if (!order)
+        abort();
+    for (int b = 0; b < nb && !rc; b++)
+        emit_bucket(g, bk[b].vals, bk[b].k, bk[b].group, b,
+                    bk[b].after >= 0 ? PLAN_PHASE_BACKWARD : PLAN_PHASE_OPTIMIZER);
+    for (int i = 0, b = 0; i < nold && !rc; i++) {
+        order[no++] = i;
+        for (; b < nb && bk[b].after == i; b++)
+            order[no++] = nold + b;
+        if (i == nold - 1)
+            for (; b < nb; b++)   /* the optimizer phase: at its start, after backward */
+                order[no++] = nold + b;
+    }
+    if (!rc && no == nold + nb)
+        pu_reorder(g, order, no);
+    free(order), free(ready), free(last), free(gr), free(bk);
+    return rc;
 }
 
 void parallel_explain(const ir_graph *g, FILE *out)

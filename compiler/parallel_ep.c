@@ -517,6 +517,11 @@ int parallel_ep_norm(ir_graph *g, int norm, moec_error *err)
     int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1, P = g->par_expert > 0 ? g->par_expert : 1;
     if (ranks == 1 || P == 1)
         return 0;
+    /* ZeRO >= 2: every gradient is a disjoint slice, dense over the world and
+     * expert over its expert-DP group, so one world all-reduce of the whole
+     * norm (parallel_zero.c) already counts each expert element once */
+    if (g->par_zero >= 2)
+        return 0;
     const ir_opdef *sumsq = iop_def(g, IOP_SUMSQ_ACCUM);
     int64_t one = 1;
     int epn = ir_value_add(g, "grad_norm_sq.experts", PLAN_F32, PLAN_ST_ACT, 1, &one);

@@ -1,4 +1,4 @@
-/* parallel_zero.c - ZeRO stages 1 and 2 over the data-parallel ranks
+/* parallel_zero.c - ZeRO stages 1, 2 and 3 over the data-parallel ranks
  * (docs/parallel.md "ZeRO", docs/memory.md).
  *
  * Partitioning: every trainable tensor of n elements is cut into N equal
@@ -21,6 +21,13 @@
  *            that adds this rank's slice of the group's sum; the norm sums
  *            the slices' squares and all-reduces that one number (each
  *            element counted once: slices are disjoint, padding is zero).
+ *   stage 3  the param too is an [S] slice: zero3_gathers gives forward and
+ *            backward each a gathered whole copy (an activation) one layer
+ *            ahead of its readers; the update runs on the slice in place.
+ * With expert parallelism an expert param (already this rank's experts) is
+ * sliced over its expert-DP group (COMM_GROUP_EXPERT_DP, N/P ranks), every
+ * other param over the whole data-parallel group; the stage-2 norm is still
+ * one world all-reduce (every element of every slice is held once).
  * Every op is a "@comm" op without outputs, so the passes after this one
  * keep them and order them like any in-place update.
  */
@@ -44,19 +51,23 @@ static int zerr(moec_error *err, ir_srcloc loc, const char *hint, const char *ms
 
 int zero_check(const ir_graph *g, moec_error *err)
 {
-    if (g->par_zero == 3)
-        return zerr(err, g->train_loc, "use parallel { zero = 1 } or { zero = 2 } for now",
-                    "ZeRO stage 3 (sharded parameters) is not implemented yet");
     if (g->par_zero < 0 || g->par_zero > 3)   /* elaboration rejects these */
         return zerr(err, g->train_loc, "use zero = 0, 1, 2 or 3", "unknown ZeRO stage");
-    /* expert params would need slices over their own expert-DP group in the
-     * plan checks, the norm and the checkpoints; until then say so rather
-     * than train something else than one rank would */
-    if (g->par_expert > 1)
-        return zerr(err, g->train_loc, "use parallel { expert = 1 } with zero, or zero = 0 "
-                    "with expert > 1, for now", "ZeRO combined with expert parallelism "
-                    "(expert > 1) is not implemented yet");
     return 0;
+}
+
+/* The group a param's slices are cut over: an expert shard is replicated
+ * only over its expert-DP group (the ranks holding the same experts), every
+ * other param over the whole data-parallel group. */
+static int zero_group(const ir_graph *g, const ir_param *pp, int64_t *size)
+{
+    int64_t nr = g->par_ranks > 0 ? g->par_ranks : 1, ep = g->par_expert > 0 ? g->par_expert : 1;
+    if (pp->expert_axis == 0 && ep > 1) {
+        *size = nr / ep;
+        return COMM_GROUP_EXPERT_DP;
+    }
+    *size = nr;
+    return COMM_GROUP_DP;
 }
 
 /* An op of "@comm" without outputs: every tensor is updated in place. */
@@ -131,6 +142,38 @@ static const ir_opdef *norm_def(ir_graph *g)
                 t, 3);
 }
 
+/* ZeRO-3: moec_comm_zero_allgather(group, slice, s, full, n, esize) with
+ * full as an output, so the memory planner gives it activation space from
+ * the gather to its last reader and then reuses it. */
+static const ir_opdef *gather3_def(ir_graph *g)
+{
+    const ir_opdef *d = ir_def_find(g, "__zero3_gather");
+    if (d)
+        return d;
+    ir_opdef def;
+    memset(&def, 0, sizeof def);
+    def.name = "__zero3_gather";
+    def.lib = COMM_LIB;
+    def.ninputs = 1;
+    def.input_names[0] = "slice";
+    def.noutputs = 1;
+    def.output_names[0] = "full";
+    def.ndims = 2;
+    def.dim_names[0] = "s";
+    def.dim_names[1] = "n";
+    def.nattrs = 2;
+    def.attr_names[0] = "group";
+    def.attr_names[1] = "esize";
+    def.attr_kinds[0] = def.attr_kinds[1] = PLAN_ARG_I64;
+    def.bwd_kind = IR_BWD_NONE;
+    def.fwd_symbol = "moec_comm_zero_allgather";
+    const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), (ir_ref){IR_REF_OUT, 0, 0, 0}, RDIM(1),
+                        RATTR(1)};
+    def.nfwd = 6;
+    memcpy(def.fwd, t, sizeof t);
+    return ir_def_add(g, &def);
+}
+
 static void node_init(ir_node *n, const ir_opdef *def, int phase, ir_srcloc loc, const char *what)
 {
     memset(n, 0, sizeof *n);
@@ -172,6 +215,136 @@ static int name_is(const ir_node *n, const char *prefix)
     return n->def->name && strncmp(n->def->name, prefix, strlen(prefix)) == 0;
 }
 
+/* The prefetch group of a param: its layer ("layers.<l>") or, outside the
+ * layers, the param itself.  Gathers are issued one group ahead. */
+static size_t layer_key(const char *name)
+{
+    if (strncmp(name, "layers.", 7) != 0)
+        return strlen(name);
+    const char *dot = strchr(name + 7, '.');
+    return dot ? (size_t)(dot - name) : strlen(name);
+}
+
+static bool same_key(const char *a, const char *b)
+{
+    size_t ka = layer_key(a);
+    return ka == layer_key(b) && strncmp(a, b, ka) == 0;
+}
+
+/* ZeRO-3, for one phase (forward or backward): every reader of a sliced
+ * param reads a full copy gathered in this phase instead, and the gather of
+ * a param is issued before the first reader of the group (layer) before
+ * its own: layer l+1's gathers run while layer l computes.  at[i] collects
+ * the gathers to emit before node i. */
+static int zero3_phase(ir_graph *g, int phase, const int *pv, int nold, int *at_cnt,
+                       int **at_list, moec_error *err)
+{
+    int np = g->nparams;
+    int *first = malloc(sizeof(int) * ((size_t)np + 1)), *full = malloc(sizeof(int) * ((size_t)np + 1));
+    if (!first || !full)
+        abort();
+    for (int p = 0; p < np; p++)
+        first[p] = full[p] = -1;
+    for (int i = 0; i < nold; i++) {
+        ir_node *n = &g->nodes[i];
+        if (n->phase != phase)
+            continue;
+        for (int k = 0; k < IR_MAX_PORTS; k++) {
+            int v = n->inputs[k];
+            if (v < 0 || pv[v] < 0)
+                continue;
+            int p = pv[v];
+            if (full[p] < 0) {
+                const ir_value *pvl = &g->values[v];
+                ir_value copy = *pvl;
+                full[p] = ir_value_add(g, ir_strfmt(g, "%s.%s", copy.name, phase ==
+                                                    PLAN_PHASE_FORWARD ? "gathered" : "gathered_bwd"),
+                                       copy.dtype, PLAN_ST_ACT, copy.ndim, copy.shape);
+                first[p] = i;
+            }
+            g->nodes[i].inputs[k] = full[p];
+        }
+    }
+    /* anchors: the first reader of the previous group in reader order */
+    int prev_anchor = -1, cur_anchor = -1;
+    const char *cur = NULL;
+    for (int i = 0; i < nold; i++) {
+        for (int p = 0; p < np; p++) {
+            if (first[p] != i)
+                continue;
+            const char *name = g->values[g->params[p].value].name;
+            if (!cur || !same_key(cur, name)) {
+                prev_anchor = cur_anchor < 0 ? i : cur_anchor;
+                cur_anchor = i;
+                cur = name;
+            }
+            int64_t gsize, n = ir_value_numel(&g->values[full[p]]);
+            int group = zero_group(g, &g->params[p], &gsize);
+            ir_node gn;
+            node_init(&gn, gather3_def(g), phase, g->params[p].loc,
+                      ir_strfmt(g, "ZeRO-3 all-gather %s (%s, %s group)", name,
+                                phase == PLAN_PHASE_FORWARD ? "forward" : "backward",
+                                comm_group_name(group)));
+            gn.inputs[0] = g->params[p].value;
+            gn.outputs[0] = full[p];
+            gn.dims[0] = plan_zero_shard_numel(n, gsize);
+            gn.dims[1] = n;
+            gn.attrs[0].i = group;
+            gn.attrs[1].i = (int64_t)plan_dtype_size(g->values[full[p]].dtype);
+            int a = prev_anchor;
+            at_list[a] = realloc(at_list[a], sizeof(int) * ((size_t)at_cnt[a] + 1));
+            if (!at_list[a])
+                abort();
+            at_list[a][at_cnt[a]++] = ir_node_add(g, &gn);
+        }
+    }
+    (void)err;
+    free(first);
+    free(full);
+    return 0;
+}
+
+/* ZeRO-3: params become [S] slices; forward and backward read gathered
+ * copies (zero3_phase).  The optimizer then updates the slices in place. */
+static int zero3_gathers(ir_graph *g, moec_error *err)
+{
+    int nv = g->nvalues, nold = g->nnodes;
+    int *pv = malloc(sizeof(int) * ((size_t)nv + 1));
+    int *at_cnt = calloc((size_t)nold + 1, sizeof(int));
+    int **at_list = calloc((size_t)nold + 1, sizeof(int *));
+    if (!pv || !at_cnt || !at_list)
+        abort();
+    for (int v = 0; v < nv; v++)
+        pv[v] = -1;
+    int rc = 0;
+    /* a tied weight (tie = "embed.weight") is one param read twice: both
+     * readers get the gathered copy */
+    for (int p = 0; p < g->nparams; p++)
+        if (g->params[p].grad >= 0 && g->params[p].tied_to < 0)
+            pv[g->params[p].value] = p;
+    if (!rc)
+        rc = zero3_phase(g, PLAN_PHASE_FORWARD, pv, nold, at_cnt, at_list, err) ||
+             zero3_phase(g, PLAN_PHASE_BACKWARD, pv, nold, at_cnt, at_list, err);
+    if (!rc) {
+        int *order = malloc(sizeof(int) * ((size_t)g->nnodes + 1)), no = 0;
+        if (!order)
+            abort();
+        for (int i = 0; i < nold; i++) {
+            for (int k = 0; k < at_cnt[i]; k++)
+                order[no++] = at_list[i][k];
+            order[no++] = i;
+        }
+        pu_reorder(g, order, no);
+        free(order);
+    }
+    for (int i = 0; i < nold; i++)
+        free(at_list[i]);
+    free(at_list);
+    free(at_cnt);
+    free(pv);
+    return rc ? -1 : 0;
+}
+
 int pass_zero(ir_graph *g, moec_error *err)
 {
     int64_t nr = g->par_ranks > 0 ? g->par_ranks : 1;
@@ -180,13 +353,17 @@ int pass_zero(ir_graph *g, moec_error *err)
         return 0;
     if (zero_check(g, err))
         return -1;
-    const int group = COMM_GROUP_DP;
+    if (stage == 3 && zero3_gathers(g, err))
+        return -1;
     /* per value: the param whose value (pv) or gradient (gv) it is */
     int nv = g->nvalues, nold = g->nnodes, norm = -1;
     int *pv = malloc(sizeof(int) * ((size_t)nv + 1)), *gv = malloc(sizeof(int) * ((size_t)nv + 1));
     int *order = malloc(sizeof(int) * ((size_t)nold * 4 + 8));
-    if (!pv || !gv || !order)
+    int64_t *pn = malloc(sizeof(int64_t) * ((size_t)g->nparams + 1));   /* whole numel */
+    if (!pv || !gv || !order || !pn)
         abort();   /* out of memory, as ir_alloc */
+    for (int p = 0; p < g->nparams; p++)
+        pn[p] = ir_value_numel(&g->values[g->params[p].value]);
     for (int v = 0; v < nv; v++) {
         pv[v] = gv[v] = -1;
         if (g->values[v].role == PLAN_ROLE_NORM_SQ)
@@ -208,7 +385,7 @@ int pass_zero(ir_graph *g, moec_error *err)
             int rc = zerr(err, g->params[gv[n->inputs[0]]].loc, "use parallel { zero = 1 }, or "
                           "precision = fp32, for now", "ZeRO stage 2 reduce-scatters fp32 "
                           "gradients; half-precision gradient sums are not supported yet");
-            free(pv), free(gv), free(order);
+            free(pv), free(gv), free(order), free(pn);
             return rc;
         }
         if (n->phase == PLAN_PHASE_OPTIMIZER && name_is(n, "__sumsq_accum"))
@@ -232,8 +409,9 @@ int pass_zero(ir_graph *g, moec_error *err)
             continue;
         }
         ir_param pp = g->params[p];   /* copy: nodes and values may move */
-        int64_t numel = ir_value_numel(&g->values[pp.value]);
-        int64_t s = plan_zero_shard_numel(numel, nr);
+        int64_t numel = pn[p], gsize;
+        int group = zero_group(g, &pp, &gsize);
+        int64_t s = plan_zero_shard_numel(numel, gsize);
         const char *pname = g->values[pp.value].name;
         if (n->phase == PLAN_PHASE_BACKWARD) {
             /* stage 2: grad += d.param  ->  grad += my slice of the group's sum */
@@ -271,12 +449,19 @@ int pass_zero(ir_graph *g, moec_error *err)
         /* the update: on this rank's slice of everything, then gather the param */
         int dt = g->values[pp.value].dtype;
         int64_t es = (int64_t)plan_dtype_size((uint32_t)dt);
-        int ps = ir_value_add(g, ir_strfmt(g, "%s.zero_slice", pname), dt, PLAN_ST_ACT, 1, &s);
         int gs = pp.grad;
         ir_srcloc loc = g->nodes[i].loc;
         reshape_slice(g, pp.state0, s);
         reshape_slice(g, pp.state1, s);
         reshape_slice(g, pp.master, s);
+        if (stage == 3) {
+            /* the param is the slice: update it in place, gather nothing */
+            reshape_slice(g, pp.value, s);
+            g->nodes[i].dims[0] = s;
+            order[no++] = i;
+            continue;
+        }
+        int ps = ir_value_add(g, ir_strfmt(g, "%s.zero_slice", pname), dt, PLAN_ST_ACT, 1, &s);
         order[no++] = add2(g, slice_def(g), pp.value, ps, numel, s, group, es,
                            PLAN_PHASE_OPTIMIZER, loc, ir_strfmt(g, "ZeRO slice of %s", pname));
         if (stage == 1) {
@@ -304,13 +489,35 @@ int pass_zero(ir_graph *g, moec_error *err)
      * reduce-scatter, the norm, the update and the zeroing, use S) */
     if (stage >= 2)
         for (int p = 0; p < g->nparams; p++)
-            if (g->params[p].grad >= 0 && g->params[p].tied_to < 0)
-                reshape_slice(g, g->params[p].grad,
-                              plan_zero_shard_numel(ir_value_numel(&g->values[g->params[p].value]),
-                                                    nr));
+            if (g->params[p].grad >= 0 && g->params[p].tied_to < 0) {
+                int64_t gsize;
+                zero_group(g, &g->params[p], &gsize);
+                reshape_slice(g, g->params[p].grad, plan_zero_shard_numel(pn[p], gsize));
+            }
     pu_reorder(g, order, no);
     free(pv);
     free(gv);
     free(order);
+    free(pn);
     return 0;
+}
+
+int64_t zero_param_numel(const ir_graph *g, int p)
+{
+    const ir_param *pp = &g->params[p];
+    int64_t n = ir_value_numel(&g->values[pp->value]);
+    if (g->par_ranks > 1 && g->par_zero >= 3)
+        for (int i = 0; i < g->nnodes; i++)
+            if (g->nodes[i].def->name && strcmp(g->nodes[i].def->name, "__zero3_gather") == 0 &&
+                g->nodes[i].inputs[0] == pp->value) {
+                n = g->nodes[i].dims[1];   /* the gathered whole */
+                break;
+            }
+    if (g->par_ranks > 1 && g->par_expert > 1 && pp->expert_axis == 0)
+        for (int i = 0; i < g->nnodes; i++)
+            if (g->nodes[i].def->name && strcmp(g->nodes[i].def->name, "__ep_counts") == 0) {
+                n *= g->par_expert;   /* parallel_ep.c ran: it kept this rank's experts */
+                break;
+            }
+    return n;
 }

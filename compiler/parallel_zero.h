@@ -14,4 +14,9 @@ int zero_check(const ir_graph *g, moec_error *err);
  * with parallel { zero >= 1 } and ranks > 1. */
 int pass_zero(ir_graph *g, moec_error *err);
 
+/* Elements of param p in the whole model, whatever the layout did to its
+ * value: all experts (expert parallelism keeps this rank's), the whole
+ * tensor (ZeRO-3 keeps a slice).  For parameter counts and --explain. */
+int64_t zero_param_numel(const ir_graph *g, int p);
+
 #endif

@@ -22,6 +22,12 @@
  * bit for bit those of the unscheduled plan
  * (tests/unit/test_compiler_pass_schedule.c).
  *
+ * Then, on a multi-rank plan, the in-place collectives of forward and
+ * backward (gradient buckets, ZeRO reduce-scatters) are issued as early as
+ * their data allows, with the ops they wait for pulled up before them, so a
+ * communication stream can overlap the rest of backward - if that costs no
+ * memory (docs/parallel.md, "Overlap"; tests/unit/test_schedule_overlap.c).
+ *
  * Runs at -O2 after recompute and before in-place and memplan.
  */
 #include <stdlib.h>
@@ -31,6 +37,7 @@
 #include "memplan.h"
 #include "pass_util.h"
 #include "passes.h"
+#include "../runtime/comm.h"
 
 typedef struct sc_state {
     ir_graph *g;
@@ -154,24 +161,95 @@ static void sc_edges(sc_state *s, int lo, int hi)
     free(readers), free(lastw), free(rbeg), free(ea), free(eb);
 }
 
+/* A collective that updates its tensors in place (no outputs: a gradient
+ * all-reduce bucket, a ZeRO reduce-scatter or gather) inside forward or
+ * backward.  Issued early, it runs on a communication stream while the
+ * compute after it goes on; EP exchanges have outputs that the next op
+ * reads at once, so they stay where they are. */
+static bool sc_early_comm(const ir_graph *g, int ni)
+{
+    const ir_node *n = &g->nodes[ni];
+    return n->phase != PLAN_PHASE_OPTIMIZER && !n->is_backward && n->def->lib &&
+           strcmp(n->def->lib, COMM_LIB) == 0 && n->def->noutputs == 0;
+}
+
+/* Marks in anc[] (indexed from lo) every unscheduled node the collective c
+ * waits for, directly or not, c included. */
+static void sc_ancestors(const int *pbeg, const int *pred, const bool *done, int lo, int c,
+                         bool *anc, int *stack)
+{
+    int top = 0;
+    anc[c - lo] = true;
+    stack[top++] = c;
+    while (top) {
+        int x = stack[--top];
+        for (int k = pbeg[x - lo]; k < pbeg[x - lo + 1]; k++) {
+            int p = pred[k];
+            if (!done[p - lo] && !anc[p - lo]) {
+                anc[p - lo] = true;
+                stack[top++] = p;
+            }
+        }
+    }
+}
+
 /* Schedules the nodes [lo, hi) of one phase into order (appended at *n).
  * greedy 0: keep the order, but run at once any ready op that frees more
- * than it allocates; greedy 1: always the ready op with the best balance. */
+ * than it allocates; greedy 1: always the ready op with the best balance;
+ * SC_COMM: keep the order, but run first what the next collective waits
+ * for (the weight-gradient ops and accumulates of its bucket), then the
+ * collective, so it is issued as early as its data allows. */
+#define SC_COMM 2
 static void sc_phase(sc_state *s, int lo, int hi, int *order, int *n, int greedy)
 {
     memset(s->sbeg, 0, sizeof(int) * ((size_t)s->g->nnodes + 1));
     sc_edges(s, lo, hi);
-    bool *done = calloc((size_t)(hi - lo) + 1, sizeof *done);
-    if (!done)
+    size_t len = (size_t)(hi - lo) + 1;
+    bool *done = calloc(len, sizeof *done), *anc = calloc(len, sizeof *anc);
+    int *pbeg = calloc(len + 1, sizeof *pbeg), *stack = malloc(sizeof(int) * len);
+    int *pred = malloc(sizeof(int) * ((size_t)s->sbeg[hi] + 1));
+    if (!done || !anc || !pbeg || !stack || !pred)
         abort();
+    if (greedy == SC_COMM) {   /* predecessors: the successor lists inverted */
+        for (int ni = lo; ni < hi; ni++)
+            for (int k = s->sbeg[ni]; k < s->sbeg[ni + 1]; k++)
+                pbeg[s->succ[k] - lo + 1]++;
+        for (size_t i = 0; i + 1 < len + 1; i++)
+            pbeg[i + 1] += pbeg[i];
+        int *pos = malloc(sizeof(int) * len);
+        if (!pos)
+            abort();
+        memcpy(pos, pbeg, sizeof(int) * len);
+        for (int ni = lo; ni < hi; ni++)
+            for (int k = s->sbeg[ni]; k < s->sbeg[ni + 1]; k++)
+                pred[pos[s->succ[k] - lo]++] = ni;
+        free(pos);
+    }
+    int target = -1;
     for (int step = lo; step < hi; step++) {
         int pick = -1, first_ready = -1;
         int64_t best = 0;
+        if (greedy == SC_COMM && (target < 0 || done[target - lo])) {
+            target = -1;
+            for (int ni = lo; ni < hi && target < 0; ni++)
+                if (!done[ni - lo] && sc_early_comm(s->g, ni))
+                    target = ni;
+            memset(anc, 0, len * sizeof *anc);
+            if (target >= 0)
+                sc_ancestors(pbeg, pred, done, lo, target, anc, stack);
+        }
         for (int ni = lo; ni < hi; ni++) {
             if (done[ni - lo] || s->indeg[ni] > 0)
                 continue;
             if (first_ready < 0)
                 first_ready = ni;
+            if (greedy == SC_COMM) {
+                if (target >= 0 && anc[ni - lo]) {
+                    pick = ni;
+                    break;
+                }
+                continue;
+            }
             int64_t net = sc_net(s, ni);
             if (net > best || (greedy && pick < 0)) {
                 best = net;
@@ -191,7 +269,7 @@ static void sc_phase(sc_state *s, int lo, int hi, int *order, int *n, int greedy
             s->touched[vs[k]] = true;
         }
     }
-    free(done);
+    free(done), free(anc), free(pbeg), free(stack), free(pred);
     free(s->succ);
     s->succ = NULL;
 }
@@ -246,13 +324,50 @@ static bool sc_better(sc_cost a, sc_cost b)
     return a.pool <= b.pool && a.peak <= b.peak && (a.pool < b.pool || a.peak < b.peak);
 }
 
-int pass_schedule(ir_graph *g, moec_error *err)
+/* Moves every such collective up to just after the last op before it that
+ * touches one of its tensors (any touch orders it: it writes them all), but
+ * never before the collective issued before it: the collectives keep their
+ * order (one plan for every rank, so every rank issues them alike).
+ * Returns how many moved. */
+static int sc_hoist_comm(ir_graph *g)
 {
-    (void)err;
-    /* the phases must be blocks in order; anything else is left as it is */
-    for (int ni = 1; ni < g->nnodes; ni++)
-        if (g->nodes[ni].phase < g->nodes[ni - 1].phase)
-            return 0;
+    int nnodes = g->nnodes, no = 0, moved = 0, lastc = -1;
+    int *order = malloc(sizeof(int) * ((size_t)nnodes + 1));
+    if (!order)
+        abort();   /* out of memory, as ir_alloc */
+    for (int ni = 0; ni < nnodes; ni++) {
+        if (ni > 0 && g->nodes[ni].phase != g->nodes[ni - 1].phase)
+            lastc = no - 1;   /* never across a phase boundary */
+        if (!sc_early_comm(g, ni)) {
+            order[no++] = ni;
+            continue;
+        }
+        int vs[PLAN_MAX_KERNEL_ARGS], nv = sc_values(g, ni, vs), at = lastc;
+        for (int k = no - 1; k > lastc && at == lastc; k--) {
+            int ws[PLAN_MAX_KERNEL_ARGS], nw = sc_values(g, order[k], ws);
+            for (int a = 0; a < nv && at == lastc; a++)
+                for (int b = 0; b < nw; b++)
+                    if (vs[a] == ws[b]) {
+                        at = k;
+                        break;
+                    }
+        }
+        moved += at + 1 != no;
+        memmove(&order[at + 2], &order[at + 1], sizeof(int) * (size_t)(no - at - 1));
+        order[at + 1] = ni;
+        no++;
+        lastc = at + 1;
+    }
+    if (moved)
+        pu_reorder(g, order, no);
+    free(order);
+    return moved;
+}
+
+/* The memory-minded order: the best of the original order and the two list
+ * schedules (sc_better).  Leaves it in g; returns its cost. */
+static sc_cost sc_by_memory(ir_graph *g)
+{
     int nnodes = g->nnodes;
     int *order = malloc(sizeof(int) * ((size_t)nnodes + 1));
     ir_node *orig = malloc(sizeof *orig * ((size_t)nnodes + 1));
@@ -273,18 +388,65 @@ int pass_schedule(ir_graph *g, moec_error *err)
             memcpy(best, g->nodes, sizeof *best * (size_t)nnodes);
         }
     }
-    /* keep the best (possibly the original order); the trial plans are
-     * dropped, memplan runs again at the end of the pipeline */
     memcpy(g->nodes, best, sizeof *best * (size_t)nnodes);
     for (int k = 0; k < nnodes; k++)
         order[k] = k;
     pu_reorder(g, order, nnodes);
+    free(order), free(orig), free(best);
+    return best_cost;
+}
+
+/* Then the collectives as early as their data allows: first with what they
+ * wait for pulled up too (SC_COMM), else the collectives alone; either only
+ * if it costs no memory over `base`.  Without a collective in forward or
+ * backward (every one-rank plan) nothing changes. */
+static void sc_comm_early(ir_graph *g, sc_cost base)
+{
+    int nnodes = g->nnodes;
+    bool comm = false;
+    for (int ni = 0; ni < nnodes && !comm; ni++)
+        comm = sc_early_comm(g, ni);
+    if (!comm)
+        return;
+    int *order = malloc(sizeof(int) * ((size_t)nnodes + 1));
+    ir_node *keep = malloc(sizeof *keep * ((size_t)nnodes + 1));
+    if (!order || !keep)
+        abort();
+    memcpy(keep, g->nodes, sizeof *keep * (size_t)nnodes);
+    for (int pull = 1; pull >= 0; pull--) {
+        if (pull) {
+            sc_order(g, SC_COMM, order);
+            pu_reorder(g, order, nnodes);
+        }
+        sc_hoist_comm(g);
+        sc_cost c = sc_measure(g);
+        if (c.pool <= base.pool && c.peak <= base.peak)
+            break;
+        memcpy(g->nodes, keep, sizeof *keep * (size_t)nnodes);
+        for (int k = 0; k < nnodes; k++)
+            order[k] = k;
+        pu_reorder(g, order, nnodes);
+    }
+    free(order), free(keep);
+}
+
+int pass_schedule(ir_graph *g, moec_error *err)
+{
+    (void)err;
+    /* the memory order needs the phases as blocks in order; otherwise (an
+     * optimizer-phase op inside forward: the router bias update) only the
+     * collectives move, each inside its run of one phase, which keeps every
+     * op's order against the ops of other runs */
+    bool blocks = true;
+    for (int ni = 1; ni < g->nnodes; ni++)
+        blocks &= g->nodes[ni].phase >= g->nodes[ni - 1].phase;
+    sc_comm_early(g, blocks ? sc_by_memory(g) : sc_measure(g));
+    /* the trial plans are dropped: memplan runs again at the end of the pipeline */
     for (int v = 0; v < g->nvalues; v++) {
         g->values[v].pool = -1;
         g->values[v].offset = 0;
     }
     for (int s = 0; s < PLAN_ST_COUNT; s++)
         g->pool_bytes[s] = 0;
-    free(order), free(orig), free(best);
     return 0;
 }

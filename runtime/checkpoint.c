@@ -84,7 +84,8 @@ static int64_t zero_owner(const plan_file *pf, uint64_t i)
         if ((p->state0 >= 0 && (uint64_t)p->state0 == i) ||
             (p->state1 >= 0 && (uint64_t)p->state1 == i) ||
             (p->master >= 0 && (uint64_t)p->master == i) ||
-            (pf->train->par_zero >= 2 && p->grad >= 0 && (uint64_t)p->grad == i))
+            (pf->train->par_zero >= 2 && p->grad >= 0 && (uint64_t)p->grad == i) ||
+            (pf->train->par_zero >= 3 && p->grad >= 0 && p->tensor == i))
             return (int64_t)k;
     }
     return -1;
@@ -106,43 +107,82 @@ static int64_t ep_index(const exec_state *ex)
     return comm_rank(ex->ctx.comm) % P;
 }
 
+/* The group tensor i's ZeRO slices are cut over: an expert shard's own
+ * expert-DP group (the ranks holding the same experts), else the DP group. */
+static int zero_group(const plan_file *pf, uint64_t i)
+{
+    return ep_mult(pf, i) > 1 ? COMM_GROUP_EXPERT_DP : COMM_GROUP_DP;
+}
+
+/* The tensor with param k's whole shape (this rank's experts): the param,
+ * or at ZeRO stage 3, where the param is a slice, the "<name>.gathered"
+ * activation forward reads (the plan loader checked it exists). */
+static const plan_tensor *whole_of(const plan_file *pf, uint64_t k)
+{
+    const plan_tensor *t = &pf->tensors[pf->params[k].tensor];
+    if (pf->train->par_ranks <= 1 || pf->train->par_zero < 3 || pf->params[k].grad < 0)
+        return t;
+    const char *name = plan_str(pf, t->name);
+    size_t nl = strlen(name);
+    for (uint64_t j = 0; j < pf->ntensors; j++) {
+        const char *fn = plan_str(pf, pf->tensors[j].name);
+        if (strncmp(fn, name, nl) == 0 && strcmp(fn + nl, ".gathered") == 0)
+            return &pf->tensors[j];
+    }
+    return t;
+}
+
+uint64_t ckpt_param_numel(const plan_file *pf, uint64_t k)
+{
+    return plan_tensor_numel(whole_of(pf, k));
+}
+
 /* The whole tensor i stands for: its own shape, or a slice's param shape. */
 static const plan_tensor *logical(const plan_file *pf, uint64_t i, uint64_t *bytes)
 {
     int64_t k = zero_owner(pf, i);
-    const plan_tensor *t = &pf->tensors[k >= 0 ? pf->params[k].tensor : i];
+    const plan_tensor *t = k >= 0 ? whole_of(pf, (uint64_t)k) : &pf->tensors[i];
     *bytes = plan_tensor_numel(t) * plan_dtype_size(pf->tensors[i].dtype) *
              (uint64_t)ep_mult(pf, i);
     return t;
 }
 
-/* The whole of tensor i into buf (logical bytes): a slice is gathered over
- * the data-parallel group, so every rank must call this in the same order. */
+/* The whole of tensor i into buf (logical bytes; buf holds twice that): a
+ * ZeRO slice is first gathered over its group into this rank's whole
+ * tensor, an expert shard's whole then over the EP group, in group-rank
+ * order = global expert order.  Every rank must call this in the same order. */
 static int read_whole(exec_state *ex, uint64_t i, void *buf, char *err, size_t errlen)
 {
     const plan_tensor *t = &ex->pf->tensors[i];
     uint64_t bytes;
+    int64_t em = ep_mult(ex->pf, i);
     logical(ex->pf, i, &bytes);
-    if (ep_mult(ex->pf, i) > 1)   /* expert shards: in group-rank order = global expert order */
-        return exec_read(ex, i, 0, (char *)buf + bytes, t->bytes, err, errlen) ||
-               comm_allgather_host(ex->ctx.comm, (char *)buf + bytes, buf, (int64_t)t->bytes,
-                                   COMM_GROUP_EP, "checkpoint gather of expert shards", err,
-                                   errlen) ? -1 : 0;
-    if (zero_owner(ex->pf, i) < 0)
-        return exec_read(ex, i, 0, buf, t->bytes, err, errlen);
-    int64_t size;
-    comm_group_index(ex->ctx.comm, COMM_GROUP_DP, &size);
-    char *all = malloc((size_t)size * t->bytes + t->bytes);
-    if (!all)
-        return fail(err, errlen, "out of memory gathering %s", plan_str(ex->pf, t->name));
-    int rc = exec_read(ex, i, 0, all + (size_t)size * t->bytes, t->bytes, err, errlen) ||
-             comm_allgather_host(ex->ctx.comm, all + (size_t)size * t->bytes, all,
-                                 (int64_t)t->bytes, COMM_GROUP_DP, "checkpoint gather", err,
-                                 errlen) ? -1 : 0;
-    if (rc == 0)
-        memcpy(buf, all, bytes);
-    free(all);
-    return rc;
+    uint64_t local = bytes / (uint64_t)em;   /* this rank's experts, or the whole */
+    char *mine = em > 1 ? (char *)buf + bytes : buf;
+    if (zero_owner(ex->pf, i) < 0) {
+        if (exec_read(ex, i, 0, mine, t->bytes, err, errlen))
+            return -1;
+    } else {
+        int64_t size;
+        int group = zero_group(ex->pf, i);
+        comm_group_index(ex->ctx.comm, group, &size);
+        char *all = malloc((size_t)size * t->bytes + t->bytes);
+        if (!all)
+            return fail(err, errlen, "out of memory gathering %s", plan_str(ex->pf, t->name));
+        int rc = exec_read(ex, i, 0, all + (size_t)size * t->bytes, t->bytes, err, errlen) ||
+                 comm_allgather_host(ex->ctx.comm, all + (size_t)size * t->bytes, all,
+                                     (int64_t)t->bytes, group, "checkpoint gather", err,
+                                     errlen) ? -1 : 0;
+        if (rc == 0)
+            memcpy(mine, all, local);
+        free(all);
+        if (rc)
+            return -1;
+    }
+    if (em > 1)
+        return comm_allgather_host(ex->ctx.comm, mine, buf, (int64_t)local, COMM_GROUP_EP,
+                                   "checkpoint gather of expert shards", err, errlen);
+    return 0;
 }
 
 uint16_t ckpt_bf16_from_f32(float f)
@@ -192,7 +232,7 @@ int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char 
         /* ZeRO slice: this rank's part of the whole h[0, n), zero padded */
         uint64_t s = plan_tensor_numel(pt), lo, k;
         int64_t size;
-        lo = (uint64_t)comm_group_index(ex->ctx.comm, COMM_GROUP_DP, &size) * s;
+        lo = (uint64_t)comm_group_index(ex->ctx.comm, zero_group(ex->pf, t), &size) * s;
         float *sl = calloc(s + 1, sizeof *sl);
         if (!sl)
             return fail(err, errlen, "out of memory writing %s", plan_str(ex->pf, pt->name));
@@ -220,7 +260,7 @@ int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char 
 int ckpt_set_param(exec_state *ex, uint64_t i, const float *h, char *err, size_t errlen)
 {
     const plan_param *p = &ex->pf->params[i];
-    uint64_t n = plan_tensor_numel(&ex->pf->tensors[p->tensor]);
+    uint64_t n = ckpt_param_numel(ex->pf, i);
     if (p->master >= 0 && ckpt_write_f32(ex, (uint64_t)p->master, h, n, err, errlen))
         return -1;
     return ckpt_write_f32(ex, p->tensor, h, n, err, errlen);
@@ -791,17 +831,20 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
                 continue;
             int64_t m = master_of(pf, i);
             if (m < 0 && zero_owner(pf, i) >= 0) {
-                /* a ZeRO slice: cut this rank's part from the whole */
+                /* a ZeRO slice: cut this rank's part from the whole (of
+                 * this rank's experts: lt has the local shape) */
                 uint64_t tb;
                 const plan_tensor *lt = logical(pf, i, &tb);
+                uint64_t ln = plan_tensor_numel(lt);
                 free(wide);
-                wide = malloc(tb + 4);
+                wide = malloc(ln * 4 + 4);
                 if (!wide) {
                     fail(err, errlen, "%s: out of memory", path);
                     goto out;
                 }
-                memcpy(wide, data + ents[k].off[0], tb);
-                if (ckpt_write_f32(ex, i, wide, plan_tensor_numel(lt), err, errlen))
+                memcpy(wide, data + ents[k].off[0] + (uint64_t)ep_index(ex) * ln * 4 *
+                       (ep_mult(pf, i) > 1), ln * 4);
+                if (ckpt_write_f32(ex, i, wide, ln, err, errlen))
                     goto out;
                 break;
             }

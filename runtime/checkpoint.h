@@ -34,6 +34,9 @@ int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char 
                    size_t errlen);
 /* Sets param row i from fp32 values: its master (if any) and its tensor. */
 int ckpt_set_param(exec_state *ex, uint64_t i, const float *h, char *err, size_t errlen);
+/* Elements of param i as a whole tensor (of this rank's experts): at ZeRO
+ * stage 3 the param tensor itself holds only this rank's slice. */
+uint64_t ckpt_param_numel(const plan_file *pf, uint64_t i);
 /* Round to nearest even; NaN stays NaN. */
 uint16_t ckpt_bf16_from_f32(float f);
 

@@ -322,9 +322,14 @@ static int check_param_ref(const plan_file *pf, uint64_t i, int64_t ref, uint32_
                     "expected %s; " RECOMPILE, (unsigned long long)i, plan_str(pf, owner->name),
                     field, plan_str(pf, t->name), plan_storage_name(t->storage),
                     plan_storage_name(storage));
-    /* ZeRO: optimizer state (stage >= 1) and gradients (>= 2) are one rank's slice */
+    /* ZeRO: optimizer state (stage >= 1) and gradients (>= 2) are one rank's
+     * slice, over the expert-DP group (par_ranks / par_expert, possibly 1) for an
+     * expert shard; at stage 3 the param is the slice too, so all sizes agree */
     int64_t zr = pf->train->par_ranks, zs = (int64_t)pf->train->par_zero;
-    int slice = zr > 1 && (storage == PLAN_ST_OPTSTATE ? zs >= 1 : storage == PLAN_ST_GRAD && zs >= 2);
+    int slice = zr > 1 && zs < 3 &&
+                (storage == PLAN_ST_OPTSTATE ? zs >= 1 : storage == PLAN_ST_GRAD && zs >= 2);
+    if (owner->expert_shard == PLAN_EXPERT_SHARD && pf->train->par_expert > 1)
+        zr /= pf->train->par_expert;
     if (slice ? (int64_t)plan_tensor_numel(t) !=
                     plan_zero_shard_numel((int64_t)plan_tensor_numel(owner), zr)
               : plan_tensor_numel(t) != plan_tensor_numel(owner))
@@ -334,6 +339,35 @@ static int check_param_ref(const plan_file *pf, uint64_t i, int64_t ref, uint32_
                     (unsigned long long)plan_tensor_numel(t),
                     (unsigned long long)plan_tensor_numel(owner));
     return 0;
+}
+
+/* ZeRO-3 (docs/parallel.md): param i is its [S] slice, and its whole shape
+ * is that of the tensor "<name>.gathered" that forward reads (checkpoints
+ * take the whole shape from it): an activation of the param's dtype whose
+ * slice over the param's group has S elements. */
+static int check_zero3(const plan_file *pf, uint64_t i, const plan_tensor *t, char *err,
+                       size_t errlen)
+{
+    const char *name = plan_str(pf, t->name);
+    size_t nl = strlen(name);
+    int64_t zr = pf->train->par_ranks;
+    if (t->expert_shard == PLAN_EXPERT_SHARD && pf->train->par_expert > 1)
+        zr /= pf->train->par_expert;
+    for (uint64_t k = 0; k < pf->ntensors; k++) {
+        const plan_tensor *f = &pf->tensors[k];
+        const char *fn = plan_str(pf, f->name);
+        if (strncmp(fn, name, nl) != 0 || strcmp(fn + nl, ".gathered") != 0)
+            continue;
+        if (f->storage == PLAN_ST_ACT && f->dtype == t->dtype &&
+            plan_zero_shard_numel((int64_t)plan_tensor_numel(f), zr) ==
+                (int64_t)plan_tensor_numel(t))
+            return 0;
+        break;
+    }
+    return fail(err, errlen, "corrupt: param %llu '%s': ZeRO stage 3 needs an activation "
+                "tensor '%s.gathered' of its dtype whose slice over %lld ranks has its %llu "
+                "elements; " RECOMPILE, (unsigned long long)i, name, name, (long long)zr,
+                (unsigned long long)plan_tensor_numel(t));
 }
 
 static int check_body(plan_file *pf, char *err, size_t errlen)
@@ -438,7 +472,9 @@ static int check_body(plan_file *pf, char *err, size_t errlen)
                         "buffer; " RECOMPILE, (unsigned long long)i, plan_str(pf, t->name),
                         plan_storage_name(t->storage));
         if (p->grad >= 0)   /* -1: a frozen param or a buffer */
-            if (check_param_ref(pf, i, p->grad, PLAN_ST_GRAD, "grad", t, err, errlen))
+            if (check_param_ref(pf, i, p->grad, PLAN_ST_GRAD, "grad", t, err, errlen) ||
+                (pf->train->par_ranks > 1 && pf->train->par_zero >= 3 &&
+                 check_zero3(pf, i, t, err, errlen)))
                 return -1;
         if (p->state0 >= 0 &&
             check_param_ref(pf, i, p->state0, PLAN_ST_OPTSTATE, "state0", t, err, errlen))

@@ -53,7 +53,7 @@ int train_init_params(exec_state *ex, char *err, size_t errlen)
         const plan_tensor *t = &pf->tensors[p->tensor];
         if (p->init == PLAN_INIT_NONE)
             continue;
-        uint64_t n = plan_tensor_numel(t), first = 0;
+        uint64_t n = ckpt_param_numel(pf, i), first = 0;   /* ZeRO-3: not the slice */
         if (t->expert_shard == PLAN_EXPERT_SHARD) {
             /* this rank's experts of the global tensor: draw it all, keep the
              * slice, so every layout starts from the same weights */

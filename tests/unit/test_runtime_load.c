@@ -21,6 +21,7 @@ static void mut_pb(int k, pb *b)
     case 13: b->tensors[4].shape[1] = 0; break;
     case 14: b->tensors[4].bytes += 4; break;
     case 57: b->tensors[4].expert_shard = 7; break;
+    case 58: b->train.par_ranks = 2; b->train.par_zero = 3; break;   /* no ".gathered" tensor */
     case 15: b->tensors[4].pool = 9; break;
     case 16: b->tensors[4].offset += 4; break;
     case 17: b->tensors[4].offset += 1024; break;
@@ -142,6 +143,7 @@ static const struct { int k; int reseal; const char *want; } cases[] = {
     {55, 1, "header.model_name 0 names string offset 70000"},
     {56, 1, "corrupt: tensor 0 names a string with control characters"},
     {57, 1, "tensor 4 'bigram.weight': unknown expert_shard marker 7"},
+    {58, 1, "param 0 'bigram.weight': ZeRO stage 3 needs an activation tensor 'bigram.weight.gathered'"},
 };
 
 #include <regex.h>
