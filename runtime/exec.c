@@ -76,10 +76,25 @@ static void *open_device_lib(const exec_opts *o, const char *name, char *found_d
     return NULL;
 }
 
+/* Whether the CUDA driver library exists: without it there is no GPU, and
+ * the cheap answer spares the default (auto) device choice from loading the
+ * CUDA kernel library with cuBLAS, whose relocations alone make ~150 MiB
+ * resident on a machine that then runs on the CPU anyway. */
+static int driver_present(void)
+{
+    void *h = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    if (!h)
+        return 0;
+    dlclose(h);
+    return 1;
+}
+
 static int load_device(exec_state *ex, const exec_opts *o, char *err, size_t errlen)
 {
     char dlerr[512] = "", searched[4 * PATH_MAX + 16];
     const char *want = o->device;
+    if (!want && !driver_present())
+        want = "cpu";   /* no GPU driver: skip loading cuBLAS (~150 MiB resident) to learn that */
     if (!want || strcmp(want, "cuda") == 0) {
         void *h = open_device_lib(o, "libmoek_cuda.so", ex->kernel_dir, dlerr, sizeof dlerr,
                                   searched, sizeof searched);
@@ -229,6 +244,9 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
      * allocated on a GPU too (the fused CUDA kernels use their share), which
      * over-reserves there for bf16 plans: see docs/gpu.md */
     int64_t ws = o->workspace_bytes;
+    if (ws < 0)   /* not given: the CPU needs exactly the plan's figure; on a GPU
+                   * keep room for cuBLASLt and attention scratch it does not count */
+        ws = strcmp(ex->device, "cuda") == 0 ? (int64_t)64 << 20 : 0;
     if ((uint64_t)ws < pf->train->workspace_bytes)
         ws = (int64_t)pf->train->workspace_bytes;
     if (ex->dev.init(&ex->ctx, 0, ws, e, sizeof e) != 0) {

@@ -17,7 +17,7 @@ typedef struct exec_opts {
     const char *exe_dir;          /* directory of the run binary ("" = none) */
     const char *const *allow_dirs;/* --allow-lib directories */
     int nallow;
-    int64_t workspace_bytes;
+    int64_t workspace_bytes;      /* at least this much; -1 = the device default (exec.c) */
     FILE *log;                    /* "loaded ..." lines; NULL = silent */
 } exec_opts;
 

@@ -9,6 +9,7 @@
 #include "comm.h"
 #include "exec.h"
 #include "inspect.h"
+#include "memstat.h"
 #include "plan_load.h"
 #include "train.h"
 
@@ -29,13 +30,14 @@ static void usage(FILE *f)
           "  --steps N              stop after step N (the schedule still spans the plan's steps)\n"
           "  --data PATH            training data (overrides the plan)\n"
           "  --metrics PATH         JSONL metrics, one object per step (default metrics.jsonl)\n"
+          "  --memory-report        print each rank's peak resident memory and the plan's pools\n"
           "  --checkpoint PATH      checkpoint to write (default checkpoint.safetensors; \"\" = none)\n"
           "  --resume PATH          continue exactly from a checkpoint\n"
           "  --init-from PATH       load weights only, then train from step 1\n"
           "  --allow-lib DIR        also load user kernel libraries from DIR\n"
           "  --trace DIR            write a replay trace (config, batches, losses, initial\n"
           "                         weights, step 1 gradients) for tests/parity\n"
-          "  --workspace-mb N       kernel workspace (default 64)\n"
+          "  --workspace-mb N       kernel workspace at least N MiB (default: the plan's on CPU, 64 on CUDA)\n"
           "  --no-graph             on cuda, run every op eagerly (no CUDA graph replay)\n"
           "  --routing-stats        one forward pass on a batch, then each MoE layer's\n"
           "                         per-expert token counts (weights: --checkpoint/--resume)\n"
@@ -49,6 +51,27 @@ static void usage(FILE *f)
           "  --comm-timeout SEC     deadline of every collective (default 300)\n", f);
 }
 
+/* One line per rank (one write, so ranks do not interleave): the peak the
+ * kernel measured, split into what was resident before the pools and what
+ * came after, next to the pools moec --explain predicts. */
+static void report_memory(const plan_file *pf, int rank, const memstat *start)
+{
+    uint64_t pools = 0;
+    for (uint64_t i = 0; i < pf->npools; i++)
+        pools += pf->pools[i].bytes;
+    memstat now;
+    const double mib = 1024.0 * 1024.0;
+    if (!start || memstat_read(&now) != 0) {
+        fprintf(stderr, "run: rank %d memory: not measured (no /proc/self/status); pools %.2f MiB\n",
+                rank, (double)pools / mib);
+        return;
+    }
+    fprintf(stderr, "run: rank %d memory: peak resident %.2f MiB = %.2f MiB before the plan + "
+            "%.2f MiB after; the plan's pools %.2f MiB\n", rank, (double)now.peak / mib,
+            (double)start->resident / mib, (double)(now.peak - start->resident) / mib,
+            (double)pools / mib);
+}
+
 int main(int argc, char **argv)
 {
     const char *plan_path = NULL, *device = NULL, *data = NULL, *metrics = "metrics.jsonl";
@@ -56,8 +79,9 @@ int main(int argc, char **argv)
     const char *trace = NULL, *comm_name = NULL, *eval_logits = NULL;
     double comm_timeout = 300;
     const char *allow[64];
-    int nallow = 0, inspect = 0, sample = 0, quiet = 0, no_graph = 0, routing_stats = 0;
-    int64_t steps = -1, tokens = 200, top_k = 0, workspace_mb = 64;
+    int nallow = 0, inspect = 0, sample = 0, quiet = 0, no_graph = 0, routing_stats = 0,
+        memory_report = 0;
+    int64_t steps = -1, tokens = 200, top_k = 0, workspace_mb = -1;
     double temperature = 0.8;
     uint64_t seed = 1;
     for (int i = 1; i < argc; i++) {
@@ -70,6 +94,7 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--sample") == 0) sample = 1;
         else if (strcmp(a, "--routing-stats") == 0) routing_stats = 1;
         else if (strcmp(a, "--no-graph") == 0) no_graph = 1;
+        else if (strcmp(a, "--memory-report") == 0) memory_report = 1;
         else if (strcmp(a, "-q") == 0 || strcmp(a, "--quiet") == 0) quiet = 1;
         else if (OPT("--device")) device = v;
         else if (OPT("--data")) data = v;
@@ -161,7 +186,10 @@ int main(int argc, char **argv)
         metrics = "";
         trace = NULL;
     }
-    exec_opts eo = {device, plan_path, exe_dir, allow, nallow, workspace_mb << 20,
+    /* what is resident before the plan's pools: code, MPI, libraries */
+    memstat mem0;
+    int mem_ok = memstat_read(&mem0) == 0;
+    exec_opts eo = {device, plan_path, exe_dir, allow, nallow, workspace_mb < 0 ? -1 : workspace_mb << 20,
                     quiet ? NULL : stderr};
     exec_state ex;
     if (exec_open(&ex, &pf, &eo, err, sizeof err)) {
@@ -215,6 +243,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "run: %s\n", err);
     if (rc)
         comm_abort(cm, 1);   /* the other ranks would wait for this one until the deadline */
+    if (memory_report)
+        report_memory(&pf, rank, mem_ok ? &mem0 : NULL);
     exec_close(&ex);
     comm_close(cm);
     plan_close(&pf);

@@ -79,3 +79,19 @@ if [ $? -eq 0 ] && [ -z "$(ls nockpt | grep -v out.txt)" ] && ! grep -q "saved" 
 else
     fail run.checkpoint_none "rc or files: $(ls nockpt) $(tail -3 nockpt/out.txt)"
 fi
+# --memory-report: the kernel's count of what the run made resident covers
+# the plan's pools (zeroed, so resident) and not much more: no 64 MiB default
+# workspace on the CPU, no cuBLAS loaded to learn there is no GPU driver
+out=$("$RUN" plan.bin --data data.txt --steps 2 --metrics "" --checkpoint "" -q --memory-report 2>&1)
+line=$(echo "$out" | grep -E '^run: rank 0 memory: peak resident [0-9.]+ MiB = [0-9.]+ MiB before the plan \+ [0-9.]+ MiB after; the plan.s pools [0-9.]+ MiB$')
+if [ -z "$line" ]; then
+    fail run.memory_report "no report line: $out"
+else
+    after=$(echo "$line" | sed -E 's/.* \+ ([0-9.]+) MiB after.*/\1/')
+    pools=$(echo "$line" | sed -E 's/.*pools ([0-9.]+) MiB$/\1/')
+    if awk -v a="$after" -v p="$pools" 'BEGIN { exit !(a >= p && a <= p + 24) }'; then
+        pass run.memory_report
+    else
+        fail run.memory_report "resident growth $after MiB for pools of $pools MiB: $line"
+    fi
+fi
