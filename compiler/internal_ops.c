@@ -123,6 +123,16 @@ int iop_is_internal(const ir_opdef *def)
     return def && def->name && strncmp(def->name, "__", 2) == 0;
 }
 
+iop_kind iop_kind_of(const ir_opdef *def)
+{
+    if (!iop_is_internal(def))
+        return IOP_COUNT;
+    for (int k = 0; k < IOP_COUNT; k++)
+        if (strcmp(def->name, iop_specs[k].name) == 0)
+            return (iop_kind)k;
+    return IOP_COUNT;
+}
+
 int iop_node(ir_graph *g, iop_kind kind, const int *inputs, const int *outputs, int64_t n,
              double a0, int phase, ir_srcloc loc, const char *what)
 {

@@ -52,6 +52,8 @@ const char *iop_half_name(int dtype);
 const ir_opdef *iop_def(ir_graph *g, iop_kind kind);
 /* True if def is one of the compiler's internal opdefs. */
 int iop_is_internal(const ir_opdef *def);
+/* The internal op def is an instance of, or IOP_COUNT for any other def. */
+iop_kind iop_kind_of(const ir_opdef *def);
 
 /* Appends an internal-op node: n elements (the one dim), attribute a0 (the
  * fill value or the weight decay; ignored by ops without attributes). */

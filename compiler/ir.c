@@ -158,6 +158,7 @@ int ir_value_add(ir_graph *g, const char *name, int dtype, int storage, int ndim
     memcpy(v->shape, dims, sizeof dims);
     v->producer = -1;
     v->param = -1;
+    v->view_of = -1;
     v->pool = -1;
     return g->nvalues++;
 }

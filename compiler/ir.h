@@ -138,6 +138,13 @@ typedef struct ir_value {
     int64_t shape[PLAN_MAX_DIMS];
     int producer;              /* node index, -1 for params, inputs and buffers */
     int param;                 /* index into params, -1 if not a param/buffer */
+    /* A view lives inside another value of its storage class at a fixed
+     * byte offset (compiler/pass_multi_tensor.c: one flat buffer per group
+     * of params, each param a view of it).  The planner places the base
+     * and puts the view at base offset + view_offset; it gets no bytes of
+     * its own.  view_of = -1 for an ordinary value (ir_value_add). */
+    int view_of;
+    uint64_t view_offset;      /* PLAN_ALIGN multiple */
     /* set by later passes */
     int pool;                  /* memory planner */
     uint64_t offset;

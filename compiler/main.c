@@ -32,8 +32,9 @@ static void usage(FILE *out)
             "                   with --explain: that parallel layout instead of parallel { }\n"
             "  --after=PASS     with --dump=ir: print the IR right after PASS\n"
             "  -O0 | -O1 | -O2  optimisation level (default -O2; docs/passes.md)\n"
-            "  --passes=A,B,..  run exactly these optional passes (cse, fuse, dce,\n"
-            "                   schedule, inplace); the required ones always run\n"
+            "  --passes=A,B,..  run exactly these optional passes (cse, fuse,\n"
+            "                   multi_tensor, dce, schedule, inplace); the required\n"
+            "                   ones always run\n"
             "  -I DIR           add DIR to the import search path (repeatable)\n"
             "  --stdlib DIR     the standard library (default: <moec dir>/stdlib,\n"
             "                   <moec dir>/../stdlib, then $PREFIX/share/moec/stdlib)\n"
@@ -92,6 +93,9 @@ static const moec_pass moec_pipeline[] = {
     {"autodiff", pass_autodiff, 0},
     {"parallel", pass_parallel, 0},   /* before optimizer: its ops precede the norm */
     {"optimizer", pass_optimizer, 0},
+    {"multi_tensor", pass_multi_tensor, 2}, /* after optimizer, which writes the updates it
+                                               groups; before dce and schedule, which then
+                                               see one update and one fill per group */
     {"dce", pass_dce, 1},             /* after optimizer: every gradient reader is known */
     {"recompute", pass_recompute, 0},
     {"schedule", pass_schedule, 2},   /* after recompute, before memplan: the final order */

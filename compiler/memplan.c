@@ -133,6 +133,37 @@ static int mp_tied_root(const ir_graph *g, int v)
     return g->params[p].value != v ? g->params[p].value : -1;
 }
 
+/* Puts view v inside its base, which must be placed, hold no view itself,
+ * have v's storage class (a pinned one) and contain v's bytes at an
+ * aligned offset: the multi-tensor pass guarantees this, so a failure is a
+ * compiler bug, reported rather than planned into overlapping memory. */
+static int mp_view_place(ir_graph *g, int v, moec_error *err)
+{
+    ir_value *val = &g->values[v];
+    int b = val->view_of;
+    const ir_value *base = b < g->nvalues ? &g->values[b] : NULL;
+    const char *why = !base ? "its base is not a value"
+                      : base->view_of >= 0 ? "its base is a view itself"
+                      : base->storage != val->storage ? "its base has another storage class"
+                      : val->storage == PLAN_ST_ACT ? "activations cannot be views"
+                      : base->pool < 0 ? "its base has no place in the plan"
+                      : val->view_offset % PLAN_ALIGN ? "the offset is not aligned"
+                      : val->view_offset > ir_value_bytes(base) ||
+                                ir_value_bytes(val) > ir_value_bytes(base) - val->view_offset
+                            ? "it does not fit inside its base"
+                            : NULL;
+    if (why) {
+        memset(err, 0, sizeof *err);
+        snprintf(err->msg, sizeof err->msg, "internal error: view '%s' at byte %" PRIu64
+                 " of value %d: %s", val->name, val->view_offset, b, why);
+        snprintf(err->hint, sizeof err->hint, "this is a compiler bug; please report it");
+        return -1;
+    }
+    val->pool = base->pool;
+    val->offset = base->offset + val->view_offset;
+    return 0;
+}
+
 /* Values grouped by key[v] (a node index, -1 = none) into out; returns the
  * run bounds: node i's values are out[beg[i] .. beg[i+1]), in value order. */
 static int *mp_bucket(const ir_graph *g, const int *key, int *out)
@@ -314,7 +345,7 @@ int pass_memplan(ir_graph *g, moec_error *err)
             free(first), free(last), free(order);
             return -1;
         }
-        if (val->storage == PLAN_ST_ACT || mp_tied_root(g, v) >= 0)
+        if (val->storage == PLAN_ST_ACT || mp_tied_root(g, v) >= 0 || val->view_of >= 0)
             continue;
         bool keep = val->storage != PLAN_ST_INPUT || first[v] >= 0 || val->role != PLAN_ROLE_NONE;
         if (!keep)
@@ -322,6 +353,16 @@ int pass_memplan(ir_graph *g, moec_error *err)
         val->pool = val->storage;
         val->offset = (uint64_t)g->pool_bytes[val->storage];
         g->pool_bytes[val->storage] += (int64_t)memplan_size(val);
+    }
+    /* views inside their (now placed) bases, then tied params, whose root
+     * may be a view */
+    for (int v = 0; v < g->nvalues; v++) {
+        if (g->values[v].view_of < 0)
+            continue;
+        if (mp_view_place(g, v, err) < 0) {
+            free(first), free(last), free(order);
+            return -1;
+        }
     }
     for (int v = 0; v < g->nvalues; v++) {
         int r = mp_tied_root(g, v);
@@ -460,6 +501,8 @@ int memplan_verify(const ir_graph *g, char *why, size_t whylen)
             int tb = mp_tied_root(g, w) >= 0 ? mp_tied_root(g, w) : w;
             if (ta == tb)
                 continue;   /* tied params share storage by design */
+            if (g->values[ta].view_of == tb || g->values[tb].view_of == ta)
+                continue;   /* a view lies inside its base by design */
             bool bpin = b->storage != PLAN_ST_ACT || memplan_pinned(g, w);
             bool disjoint = !apin && !bpin && (last[v] < first[w] || last[w] < first[v]);
             if (!disjoint) {

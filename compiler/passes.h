@@ -31,9 +31,11 @@ int pass_recompute(ir_graph *g, moec_error *err);   /* compiler/recompute.c, bef
 int pass_memplan(ir_graph *g, moec_error *err);
 int pass_emit(const ir_graph *g, const char *path, moec_error *err);
 
-/* Optimisation passes (-O1: cse, dce; -O2 adds schedule, inplace), one file
+/* Optimisation passes (-O1: cse, dce; -O2 adds fuse, multi_tensor, schedule, inplace), one file
  * each, compiler/pass_<name>.c; docs/passes.md says what each does. */
 int pass_cse(ir_graph *g, moec_error *err);        /* before autodiff: merge duplicate forward ops */
+int pass_multi_tensor(ir_graph *g, moec_error *err); /* after optimizer: one update per group,
+                                                        params as views of flat buffers */
 int pass_dce(ir_graph *g, moec_error *err);        /* after optimizer: drop ops nothing reads */
 int pass_schedule(ir_graph *g, moec_error *err);   /* after recompute: order for a lower peak */
 int pass_inplace(ir_graph *g, moec_error *err);    /* last before memplan: outputs over inputs */
