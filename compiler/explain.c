@@ -108,7 +108,8 @@ uint64_t explain_workspace_bytes(const ir_graph *g)
         bool fused = false;
         for (int i = 0; n->def && n->def->fuse && i < n->def->ninputs; i++) {
             int v = n->inputs[i];
-            fused |= v >= 0 && g->values[v].storage == PLAN_ST_PARAM && g->values[v].ndim >= 2;
+            fused |= v >= 0 && (g->values[v].storage == PLAN_ST_PARAM || zero3_is_gathered(g, v)) &&
+                     g->values[v].ndim >= 2;   /* ZeRO-3: the gathered copy is the weight */
         }
         for (int a = 0; a < count; a++) {
             int v = iop_ref_value(n, &t[a]);
@@ -473,7 +474,7 @@ int explain_ov_kind_of(const ir_graph *g, int ni)
         return -1;   /* a local copy of this rank's slice */
     if (strcmp(s, "moec_comm_allreduce_f32_multi") == 0)
         return n->def->nattrs > 1 && n->attrs[1].i >= 0 ? EXPLAIN_OV_GRAD_ALLREDUCE : EXPLAIN_OV_OTHER;
-    if (strcmp(s, "moec_comm_zero_reduce_scatter") == 0)
+    if (strncmp(s, "moec_comm_zero_reduce_scatter", 29) == 0)   /* also _half */
         return EXPLAIN_OV_REDUCE_SCATTER;
     if (strcmp(s, "moec_comm_zero_allgather") == 0)
         return EXPLAIN_OV_ALLGATHER;

@@ -21,6 +21,9 @@
  *            that adds this rank's slice of the group's sum; the norm sums
  *            the slices' squares and all-reduces that one number (each
  *            element counted once: slices are disjoint, padding is zero).
+ *            A bf16/fp16 d.param is reduce-scattered as such and widened to
+ *            fp32 by the dispatcher: the accumulators are fp32 at every
+ *            precision, so the slice holds what one rank's would.
  *   stage 3  the param too is an [S] slice: zero3_gathers gives forward and
  *            backward each a gathered whole copy (an activation) one layer
  *            ahead of its readers; the update runs on the slice in place.
@@ -131,6 +134,18 @@ static const ir_opdef *reduce_scatter_def(ir_graph *g)
     const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1)};
     return zdef(g, "__zero_reduce_scatter", "moec_comm_zero_reduce_scatter", 2, ins, 2, dims, 2,
                 attrs, t, 6);
+}
+
+/* moec_comm_zero_reduce_scatter_half(group, full, n, slice, s, accumulate,
+ * dtype): full holds bf16/fp16 gradients (precision = bf16/fp16), summed in
+ * fp32 into the fp32 gradient slice (docs/parallel.md "ZeRO with bf16") */
+static const ir_opdef *reduce_scatter_half_def(ir_graph *g)
+{
+    static const char *const ins[] = {"full", "slice"}, *const dims[] = {"n", "s"},
+                             *const attrs[] = {"group", "accumulate", "dtype"};
+    const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1), RATTR(2)};
+    return zdef(g, "__zero_reduce_scatter_half", "moec_comm_zero_reduce_scatter_half", 2, ins, 2,
+                dims, 3, attrs, t, 7);
 }
 
 /* moec_comm_allreduce_f32(buf, n, group): the norm's sum of slice squares */
@@ -379,15 +394,6 @@ int pass_zero(ir_graph *g, moec_error *err)
     int last_sumsq = -1;
     for (int i = 0; i < nold; i++) {
         const ir_node *n = &g->nodes[i];
-        if (n->phase == PLAN_PHASE_BACKWARD && stage >= 2 && name_is(n, "__accumulate") &&
-            n->inputs[0] >= 0 && gv[n->inputs[0]] >= 0 &&
-            g->values[n->inputs[1]].dtype != PLAN_F32) {
-            int rc = zerr(err, g->params[gv[n->inputs[0]]].loc, "use parallel { zero = 1 }, or "
-                          "precision = fp32, for now", "ZeRO stage 2 reduce-scatters fp32 "
-                          "gradients; half-precision gradient sums are not supported yet");
-            free(pv), free(gv), free(order), free(pn);
-            return rc;
-        }
         if (n->phase == PLAN_PHASE_OPTIMIZER && name_is(n, "__sumsq_accum"))
             last_sumsq = i;
     }
@@ -417,15 +423,22 @@ int pass_zero(ir_graph *g, moec_error *err)
             /* stage 2: grad += d.param  ->  grad += my slice of the group's sum */
             if (stage >= 2) {
                 int src = n->inputs[1];
-                node_init(n, reduce_scatter_def(g), PLAN_PHASE_BACKWARD, n->loc,
-                          ir_strfmt(g, "reduce-scatter %s.grad (ZeRO-2, %s group)", pname,
-                                    comm_group_name(group)));
+                uint32_t sdt = g->values[src].dtype;
+                /* the accumulator is fp32 at every precision (autodiff); a
+                 * bf16/fp16 d.param is widened and summed in fp32, so the
+                 * slice holds what a one-rank accumulator would */
+                node_init(n, sdt == PLAN_F32 ? reduce_scatter_def(g) : reduce_scatter_half_def(g),
+                          PLAN_PHASE_BACKWARD, n->loc,
+                          ir_strfmt(g, "reduce-scatter %s.grad (ZeRO-2, %s group%s)", pname,
+                                    comm_group_name(group), sdt == PLAN_BF16 ? ", bf16 in"
+                                    : sdt == PLAN_F16 ? ", fp16 in" : ""));
                 n->inputs[0] = src;
                 n->inputs[1] = pp.grad;
                 n->dims[0] = numel;
                 n->dims[1] = s;
                 n->attrs[0].i = group;
                 n->attrs[1].i = 1;
+                n->attrs[2].i = (int64_t)sdt;
             }
             order[no++] = i;
             continue;
@@ -520,4 +533,44 @@ int64_t zero_param_numel(const ir_graph *g, int p)
                 break;
             }
     return n;
+}
+
+bool zero3_is_gather(const ir_graph *g, int ni)
+{
+    const char *name = g->nodes[ni].def->name;
+    return name && strcmp(name, "__zero3_gather") == 0;
+}
+
+bool zero3_is_gathered(const ir_graph *g, int v)
+{
+    if (v < 0 || g->values[v].storage != PLAN_ST_ACT || g->par_zero < 3)
+        return false;
+    for (int ni = 0; ni < g->nnodes; ni++)
+        if (g->nodes[ni].outputs[0] == v)
+            return zero3_is_gather(g, ni);
+    return false;
+}
+
+int zero3_prefetch_groups(const ir_graph *g, int *grp)
+{
+    int ngrp = 0, *rep = malloc(sizeof(int) * ((size_t)g->nnodes + 1));   /* a gather per group */
+    if (!rep)
+        abort();   /* out of memory, as ir_alloc */
+    for (int v = 0; v < g->nvalues; v++)
+        grp[v] = -1;
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        const ir_node *n = &g->nodes[ni];
+        if (!zero3_is_gather(g, ni) || n->inputs[0] < 0 || n->outputs[0] < 0)
+            continue;
+        const char *name = g->values[n->inputs[0]].name;
+        int k = 0;
+        while (k < ngrp && !(g->nodes[rep[k]].phase == n->phase &&
+                             same_key(g->values[g->nodes[rep[k]].inputs[0]].name, name)))
+            k++;
+        if (k == ngrp)
+            rep[ngrp++] = ni;
+        grp[n->outputs[0]] = k;
+    }
+    free(rep);
+    return ngrp;
 }

@@ -19,4 +19,19 @@ int pass_zero(ir_graph *g, moec_error *err);
  * tensor (ZeRO-3 keeps a slice).  For parameter counts and --explain. */
 int64_t zero_param_numel(const ir_graph *g, int p);
 
+/* ZeRO-3 prefetch groups, for the schedule pass: grp[v] (nvalues entries)
+ * is the group of the gathered copy v - the layer of its param, per phase -
+ * numbered in the order the groups' gathers first appear in g's node order,
+ * and -1 for every other value.  The compiler issues the gathers of group
+ * k + 1 before the first reader of group k (one layer ahead); a schedule
+ * keeps that when every gather of group k + 1 precedes every reader of
+ * group k.  Returns the number of groups (0 without ZeRO-3). */
+int zero3_prefetch_groups(const ir_graph *g, int *grp);
+
+/* Whether node ni is a ZeRO-3 gather (its output is the gathered copy). */
+bool zero3_is_gather(const ir_graph *g, int ni);
+/* Whether value v is a ZeRO-3 gathered copy of a param (an activation that
+ * stands for the weight: fused-op workspace sizing treats it as one). */
+bool zero3_is_gathered(const ir_graph *g, int v);
+
 #endif

@@ -22,6 +22,11 @@
  * bit for bit those of the unscheduled plan
  * (tests/unit/test_compiler_pass_schedule.c).
  *
+ * ZeRO-3 gathers are pinned one layer ahead: every gather of prefetch
+ * group k+1 is ordered before every reader of group k's copies (the rule
+ * parallel_zero.c placed them by), then sunk to just before the first op
+ * that needs it, so its copy lives no longer than that rule asks.
+ *
  * Then, on a multi-rank plan, the in-place collectives of forward and
  * backward (gradient buckets, ZeRO reduce-scatters) are issued as early as
  * their data allows, with the ops they wait for pulled up before them, so a
@@ -35,6 +40,7 @@
 
 #include "internal_ops.h"
 #include "memplan.h"
+#include "parallel_zero.h"
 #include "pass_util.h"
 #include "passes.h"
 #include "../runtime/comm.h"
@@ -45,6 +51,7 @@ typedef struct sc_state {
     bool *touched;    /* per value: a scheduled node touched it */
     int *indeg;       /* per node: unscheduled predecessors */
     int *succ, *sbeg; /* per node: successors succ[sbeg[n] .. sbeg[n+1]) */
+    const int *zgrp;  /* per value: its ZeRO-3 prefetch group, or -1 (zero3_prefetch_groups) */
 } sc_state;
 
 /* Distinct values node ni touches, into vs (IR_MAX tensor args at most). */
@@ -139,6 +146,24 @@ static void sc_edges(sc_state *s, int lo, int hi)
                     abort();
                 readers[v][rbeg[v]++] = ni;
             }
+        }
+    }
+    /* ZeRO-3 pins: every gather of prefetch group k + 1 before every reader
+     * of group k, so no order undoes "one layer ahead" (a gather reads only
+     * a param slice, so it has no predecessor here and no cycle can form) */
+    for (int ni = lo; s->zgrp && ni < hi; ni++) {
+        if (!zero3_is_gather(g, ni) || g->nodes[ni].outputs[0] < 0)
+            continue;
+        int k = s->zgrp[g->nodes[ni].outputs[0]];
+        for (int nj = lo; k > 0 && nj < hi; nj++) {
+            if (zero3_is_gather(g, nj))
+                continue;
+            int vs[PLAN_MAX_KERNEL_ARGS], nv = sc_values(g, nj, vs);
+            bool reads = false;
+            for (int a = 0; a < nv; a++)
+                reads |= s->zgrp[vs[a]] == k - 1;
+            if (reads)
+                SC_EDGE(ni, nj);
         }
     }
 #undef SC_EDGE
@@ -274,12 +299,51 @@ static void sc_phase(sc_state *s, int lo, int hi, int *order, int *n, int greedy
     s->succ = NULL;
 }
 
+/* Moves every ZeRO-3 gather of order[] down to just before the first op
+ * that needs it: a reader of its copy, or (the pin) a reader of the group
+ * before its own; the end of its phase at the latest.  The list schedules
+ * may run a gather early (it is always ready); as late as the pins allow,
+ * the gathered copies live no longer than "one layer ahead" asks.  Gathers
+ * that land before the same op keep their order. */
+static void sc_sink_gathers(const ir_graph *g, int *order, int n, const int *zgrp)
+{
+    int *out = malloc(sizeof(int) * ((size_t)n + 1)), *pend = malloc(sizeof(int) * ((size_t)n + 1));
+    int no = 0, np = 0;
+    if (!out || !pend)
+        abort();   /* out of memory, as ir_alloc */
+    for (int i = 0; i < n; i++) {
+        int ni = order[i];
+        if (zero3_is_gather(g, ni) && g->nodes[ni].outputs[0] >= 0) {
+            pend[np++] = ni;
+            continue;
+        }
+        int vs[PLAN_MAX_KERNEL_ARGS], nv = sc_values(g, ni, vs), keep = 0;
+        for (int k = 0; k < np; k++) {
+            int gi = pend[k], v = g->nodes[gi].outputs[0], grp = zgrp[v];
+            bool need = g->nodes[gi].phase != g->nodes[ni].phase;
+            for (int a = 0; a < nv && !need; a++)
+                need = vs[a] == v || (grp > 0 && zgrp[vs[a]] == grp - 1);
+            if (need)
+                out[no++] = gi;
+            else
+                pend[keep++] = gi;
+        }
+        np = keep;
+        out[no++] = ni;
+    }
+    for (int k = 0; k < np; k++)
+        out[no++] = pend[k];
+    memcpy(order, out, sizeof(int) * (size_t)n);
+    free(out), free(pend);
+}
+
 /* One candidate order of all nodes, by the greedy rule. */
-static void sc_order(ir_graph *g, int greedy, int *order)
+static void sc_order(ir_graph *g, int greedy, int *order, const int *zgrp)
 {
     sc_state s;
     memset(&s, 0, sizeof s);
     s.g = g;
+    s.zgrp = zgrp;
     s.left = calloc((size_t)g->nvalues + 1, sizeof *s.left);
     s.touched = calloc((size_t)g->nvalues + 1, sizeof *s.touched);
     s.indeg = calloc((size_t)g->nnodes + 1, sizeof *s.indeg);
@@ -300,6 +364,8 @@ static void sc_order(ir_graph *g, int greedy, int *order)
         sc_phase(&s, lo, hi, order, &n, greedy);
         lo = hi;
     }
+    if (zgrp)
+        sc_sink_gathers(g, order, n, zgrp);
     free(s.left), free(s.touched), free(s.indeg), free(s.sbeg);
 }
 
@@ -366,7 +432,7 @@ static int sc_hoist_comm(ir_graph *g)
 
 /* The memory-minded order: the best of the original order and the two list
  * schedules (sc_better).  Leaves it in g; returns its cost. */
-static sc_cost sc_by_memory(ir_graph *g)
+static sc_cost sc_by_memory_pinned(ir_graph *g, const int *zgrp)
 {
     int nnodes = g->nnodes;
     int *order = malloc(sizeof(int) * ((size_t)nnodes + 1));
@@ -380,7 +446,7 @@ static sc_cost sc_by_memory(ir_graph *g)
     for (int greedy = 0; greedy <= 1; greedy++) {
         memcpy(g->nodes, orig, sizeof *orig * (size_t)nnodes);
         g->nnodes = nnodes;
-        sc_order(g, greedy, order);
+        sc_order(g, greedy, order, zgrp);
         pu_reorder(g, order, nnodes);
         sc_cost c = sc_measure(g);
         if (sc_better(c, best_cost)) {
@@ -396,11 +462,29 @@ static sc_cost sc_by_memory(ir_graph *g)
     return best_cost;
 }
 
+/* The ZeRO-3 pins of g's current order (zero3_prefetch_groups) into zgrp;
+ * false when there is nothing to pin (fewer than two groups). */
+static bool sc_pins(const ir_graph *g, int *zgrp)
+{
+    return zero3_prefetch_groups(g, zgrp) > 1;
+}
+
+/* sc_by_memory_pinned with the pins of the order g has now. */
+static sc_cost sc_by_memory(ir_graph *g)
+{
+    int *zgrp = malloc(sizeof(int) * ((size_t)g->nvalues + 1));
+    if (!zgrp)
+        abort();   /* out of memory, as ir_alloc */
+    sc_cost c = sc_by_memory_pinned(g, sc_pins(g, zgrp) ? zgrp : NULL);
+    free(zgrp);
+    return c;
+}
+
 /* Then the collectives as early as their data allows: first with what they
  * wait for pulled up too (SC_COMM), else the collectives alone; either only
  * if it costs no memory over `base`.  Without a collective in forward or
  * backward (every one-rank plan) nothing changes. */
-static void sc_comm_early(ir_graph *g, sc_cost base)
+static void sc_comm_early(ir_graph *g, sc_cost base, const int *zgrp)
 {
     int nnodes = g->nnodes;
     bool comm = false;
@@ -415,7 +499,7 @@ static void sc_comm_early(ir_graph *g, sc_cost base)
     memcpy(keep, g->nodes, sizeof *keep * (size_t)nnodes);
     for (int pull = 1; pull >= 0; pull--) {
         if (pull) {
-            sc_order(g, SC_COMM, order);
+            sc_order(g, SC_COMM, order, zgrp);
             pu_reorder(g, order, nnodes);
         }
         sc_hoist_comm(g);
@@ -440,7 +524,14 @@ int pass_schedule(ir_graph *g, moec_error *err)
     bool blocks = true;
     for (int ni = 1; ni < g->nnodes; ni++)
         blocks &= g->nodes[ni].phase >= g->nodes[ni - 1].phase;
-    sc_comm_early(g, blocks ? sc_by_memory(g) : sc_measure(g));
+    /* ZeRO-3 gathers stay one layer ahead: their groups are taken from the
+     * order parallel_zero.c made, before anything here moves them */
+    int *zgrp = malloc(sizeof(int) * ((size_t)g->nvalues + 1));
+    if (!zgrp)
+        abort();   /* out of memory, as ir_alloc */
+    bool pins = sc_pins(g, zgrp);
+    sc_comm_early(g, blocks ? sc_by_memory(g) : sc_measure(g), pins ? zgrp : NULL);
+    free(zgrp);
     /* the trial plans are dropped: memplan runs again at the end of the pipeline */
     for (int v = 0; v < g->nvalues; v++) {
         g->values[v].pool = -1;

@@ -58,10 +58,26 @@ static int is_master(const plan_file *pf, uint64_t i)
     return 0;
 }
 
+/* Tensor i is a flat buffer of the multi-tensor optimizer pass
+ * (docs/passes.md): smaller tensors of its pool lie inside it as views.
+ * Those are stored under their own names; the buffer itself is not, so a
+ * checkpoint does not depend on how the params were grouped. */
+static int is_flat(const plan_file *pf, uint64_t i)
+{
+    const plan_tensor *t = &pf->tensors[i];
+    for (uint64_t k = 0; k < pf->ntensors; k++) {
+        const plan_tensor *u = &pf->tensors[k];
+        if (k != i && u->pool == t->pool && u->bytes < t->bytes && u->offset >= t->offset &&
+            u->offset - t->offset <= t->bytes - u->bytes)
+            return 1;
+    }
+    return 0;
+}
+
 /* Stored in a checkpoint of this mode under its own name. */
 static int stored(const plan_file *pf, uint64_t i, int mode)
 {
-    return saved(&pf->tensors[i], mode) && !is_master(pf, i);
+    return saved(&pf->tensors[i], mode) && !is_master(pf, i) && !is_flat(pf, i);
 }
 
 /* The tensor whose bytes are stored for tensor i: its master, or itself. */
@@ -228,8 +244,9 @@ int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char 
                    size_t errlen)
 {
     const plan_tensor *pt = &ex->pf->tensors[t];
-    if (pt->dtype == PLAN_F32 && zero_owner(ex->pf, t) >= 0) {
-        /* ZeRO slice: this rank's part of the whole h[0, n), zero padded */
+    if (zero_owner(ex->pf, t) >= 0 && (uint64_t)plan_tensor_numel(pt) != n) {
+        /* ZeRO slice (fp32 state, or a bf16/fp16 param at stage 3): this
+         * rank's part of the whole h[0, n), zero padded, then as below */
         uint64_t s = plan_tensor_numel(pt), lo, k;
         int64_t size;
         lo = (uint64_t)comm_group_index(ex->ctx.comm, zero_group(ex->pf, t), &size) * s;
@@ -238,7 +255,7 @@ int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char 
             return fail(err, errlen, "out of memory writing %s", plan_str(ex->pf, pt->name));
         for (k = 0; k < s && lo + k < n; k++)
             sl[k] = h[lo + k];
-        int rc = exec_write(ex, t, 0, sl, s * 4, err, errlen);
+        int rc = ckpt_write_f32(ex, t, sl, s, err, errlen);
         free(sl);
         return rc;
     }
@@ -765,8 +782,8 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
         centry *e = &ents[k];
         uint64_t ti = pf->ntensors;
         for (uint64_t i = 0; i < pf->ntensors; i++)
-            if (stored(pf, i, CKPT_FULL) &&
-                strcmp(plan_str(pf, pf->tensors[i].name), e->name) == 0) {
+            if (strcmp(plan_str(pf, pf->tensors[i].name), e->name) == 0 &&
+                stored(pf, i, CKPT_FULL)) {
                 ti = i;
                 break;
             }
@@ -827,7 +844,7 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
     for (size_t k = 0; k < nent; k++) {
         for (uint64_t i = 0; i < pf->ntensors; i++) {
             const plan_tensor *t = &pf->tensors[i];
-            if (!stored(pf, i, mode) || strcmp(plan_str(pf, t->name), ents[k].name) != 0)
+            if (strcmp(plan_str(pf, t->name), ents[k].name) != 0 || !stored(pf, i, mode))
                 continue;
             int64_t m = master_of(pf, i);
             if (m < 0 && zero_owner(pf, i) >= 0) {
@@ -856,8 +873,11 @@ int ckpt_load(exec_state *ex, const char *path, int mode, ckpt_meta *meta, int m
                     goto out;
                 break;
             }
-            /* master <- the stored fp32 values; param <- bf16(master) or f16(master) */
-            uint64_t n = plan_tensor_numel(t);
+            /* master <- the stored fp32 values; param <- bf16(master) or f16(master);
+             * at ZeRO-3 both are slices of the whole (of this rank's experts) */
+            uint64_t tb, n = plan_tensor_numel(logical(pf, i, &tb));
+            if (zero_owner(pf, i) >= 0)
+                skip = ep_mult(pf, i) > 1 ? (uint64_t)ep_index(ex) * n * 4 : 0;
             free(wide);
             wide = malloc(n * 4 + 4);
             if (!wide) {

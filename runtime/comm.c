@@ -1,6 +1,7 @@
 /* comm.c - the communication interface: backend loading, the built-in
  * single-rank backend and the "@comm" collective kernels (see comm.h). */
 #include "comm.h"
+#include "plan.h"
 
 #include <dlfcn.h>
 #include <inttypes.h>
@@ -17,6 +18,9 @@ struct comm {
     int aborted;
     const comm_zero_backend *zero;   /* ZeRO collectives, NULL if the backend lacks them */
     comm_bind_stream_fn bind;        /* nccl: follows ctx->stream; NULL for the others */
+    int device;               /* plan tensors are device memory (--device cuda) */
+    int direct;               /* ... and the backend takes them (COMM_CAP_DEVICE_BUFFERS) */
+    comm_device dev;          /* the kernel library's copy service (comm_set_device) */
     char err[1024];           /* first collective failure */
     /* expert parallelism (comm_ep.c part below) */
     const comm_ep_backend *ep;   /* NULL: the backend has no all-to-all */
@@ -170,6 +174,30 @@ comm *comm_open(const comm_opts *o, char *err, size_t errlen)
         if (c->ep && c->ep->abi != COMM_BACKEND_ABI)
             c->ep = NULL;
     }
+    int64_t caps = 0;
+    if (c->dl) {
+        comm_caps_fn cfn;
+        void *csym = dlsym(c->dl, COMM_CAPS_SYMBOL);
+        memcpy(&cfn, &csym, sizeof cfn);
+        caps = csym ? cfn() : 0;
+    }
+    c->device = o->device_cuda != 0;
+    c->direct = c->device && (caps & COMM_CAP_DEVICE_BUFFERS);
+    /* test hook: either device path on CPU ranks (the CPU copy service is
+     * a memcpy and MPI takes any host pointer) */
+    const char *force = getenv("MOEC_TEST_COMM_DEVICE");
+    if (force && *force) {
+        if (strcmp(force, "staged") != 0 && strcmp(force, "direct") != 0) {
+            fail(err, errlen, "MOEC_TEST_COMM_DEVICE is '%s'; use staged or direct (or unset it)",
+                 force);
+            if (c->dl)
+                dlclose(c->dl);
+            free(c);
+            return NULL;
+        }
+        c->device = 1;
+        c->direct = strcmp(force, "direct") == 0;
+    }
     comm_init_args a = {o->expert > 0 ? o->expert : 1, o->timeout_s > 0 ? o->timeout_s : 300.0,
                         o->device_cuda, NULL};
     char e[768];
@@ -287,16 +315,101 @@ static int zero_missing(comm *c, char *err, size_t errlen)
                 "from this source tree", c->rank, c->be->name, COMM_ZERO_SYMBOL);
 }
 
+/* ---- plan tensors: host memory, or device memory (--device cuda) -------
+ * CX_HOST: the tensors are host memory (CPU kernels): memcpy, as always.
+ * CX_STAGED: device memory and a backend that takes host buffers: every
+ * buffer goes through host memory with the kernel library's copy service.
+ * CX_DIRECT: device memory and a backend that takes device buffers
+ * (COMM_CAP_DEVICE_BUFFERS: nccl): plan tensors go straight to it; only
+ * padding, packing and the gradient add use device scratch or the host. */
+enum { CX_HOST, CX_STAGED, CX_DIRECT };
+
+static int cx_mode(const comm *c)
+{
+    return !c || !c->device ? CX_HOST : c->direct ? CX_DIRECT : CX_STAGED;
+}
+
+const char *comm_buffer_mode(const comm *c)
+{
+    static const char *const m[] = {"host", "staged", "direct"};
+    return m[cx_mode(c)];
+}
+
+void comm_set_device(comm *c, const comm_device *d)
+{
+    if (c && d)
+        c->dev = *d;
+}
+
+/* bytes from src to dst, kind (MOEK_COPY_*) saying where each lives when
+ * the plan's tensors are on a device; on the host a plain memmove */
+static int cx_copy(const moek_ctx *ctx, comm *c, void *dst, const void *src, int64_t bytes,
+                   int kind, char *e, size_t el)
+{
+    if (bytes <= 0 || dst == src)
+        return 0;
+    if (cx_mode(c) == CX_HOST) {
+        memmove(dst, src, (size_t)bytes);
+        return 0;
+    }
+    if (!c->dev.copy)
+        return fail(e, el, "rank %d: the plan's tensors are on the device but the communication "
+                    "layer has no device copy service (comm_set_device)", c->rank);
+    return c->dev.copy(ctx, dst, src, bytes, kind, e, (int64_t)el) ? -1 : 0;
+}
+
+/* bytes of plan tensor memory set to zero */
+static int cx_zero(const moek_ctx *ctx, comm *c, void *dst, int64_t bytes, char *e, size_t el)
+{
+    if (bytes <= 0)
+        return 0;
+    if (cx_mode(c) == CX_HOST) {
+        memset(dst, 0, (size_t)bytes);
+        return 0;
+    }
+    void *z = calloc(1, (size_t)bytes);
+    if (!z)
+        return fail(e, el, "rank %d: out of memory zeroing %" PRId64 " bytes", c->rank, bytes);
+    int rc = cx_copy(ctx, c, dst, z, bytes, MOEK_COPY_H2D, e, el);
+    free(z);
+    return rc;
+}
+
+/* device scratch for the direct path (freed by the caller with dev.free) */
+static void *cx_dalloc(const moek_ctx *ctx, comm *c, int64_t bytes, char *e, size_t el)
+{
+    if (!c->dev.alloc || !c->dev.free) {
+        fail(e, el, "rank %d: the communication layer has no device allocator (comm_set_device)",
+             c->rank);
+        return NULL;
+    }
+    return c->dev.alloc(ctx, bytes > 0 ? bytes : 1, e, (int64_t)el);
+}
+
+/* a copy between two buffers of the same side: device (D2D) or host */
+static int cx_move(const moek_ctx *ctx, comm *c, int dev, void *dst, const void *src,
+                   int64_t bytes, char *e, size_t el)
+{
+    if (dev)
+        return cx_copy(ctx, c, dst, src, bytes, MOEK_COPY_D2D, e, el);
+    if (bytes > 0)
+        memcpy(dst, src, (size_t)bytes);
+    return 0;
+}
+
 void moec_comm_zero_slice(const moek_ctx *ctx, int64_t group, const void *full, int64_t n,
                           void *slice, int64_t s, int64_t esize)
 {
+    comm *c = ctx->comm;
     if (*ctx->status)
         return;
-    int64_t size, i = comm_group_index(ctx->comm, (int)group, &size);
+    int64_t size, i = comm_group_index(c, (int)group, &size);
     int64_t lo = i * s, k = n - lo < s ? (n - lo > 0 ? n - lo : 0) : s;
-    if (k)
-        memcpy(slice, (const char *)full + lo * esize, (size_t)(k * esize));
-    memset((char *)slice + k * esize, 0, (size_t)((s - k) * esize));
+    char e[1024];
+    if (cx_copy(ctx, c, slice, (const char *)full + lo * esize, k * esize, MOEK_COPY_D2D, e,
+                sizeof e) ||
+        cx_zero(ctx, c, (char *)slice + k * esize, (s - k) * esize, e, sizeof e))
+        collective_failed(ctx, c, e);
 }
 
 void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *slice, int64_t s,
@@ -307,58 +420,169 @@ void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *sl
         return;
     int64_t size;
     comm_group_index(c, (int)group, &size);
+    char e[1024];
+    const char *what = "ZeRO all-gather of parameters";
+    int mode = cx_mode(c), rc = 0;
     if (size == 1) {
-        memmove(full, slice, (size_t)((n < s ? n : s) * esize));
+        if (cx_copy(ctx, c, full, slice, (n < s ? n : s) * esize, MOEK_COPY_D2D, e, sizeof e))
+            collective_failed(ctx, c, e);
+        return;
+    }
+    if (!c->zero) {
+        zero_missing(c, e, sizeof e);
+        collective_failed(ctx, c, e);
         return;
     }
     /* the slices fill size*s elements; the tensor keeps its first n */
-    char *stage = malloc((size_t)(size * s * esize));
-    char e[1024];
+    int64_t all = size * s * esize;
+    if (mode == CX_DIRECT) {
+        void *st = n == size * s ? full : cx_dalloc(ctx, c, all, e, sizeof e);
+        rc = !st ||
+             c->zero->allgather(c->impl, slice, st, s * esize, (int)group, what, e, sizeof e) ||
+             cx_copy(ctx, c, full, st, n * esize, MOEK_COPY_D2D, e, sizeof e) ? -1 : 0;
+        if (st && st != full)
+            c->dev.free(ctx, st);
+        if (rc)
+            collective_failed(ctx, c, e);
+        return;
+    }
+    /* host: every rank's slices (and, staged, this rank's copied out) */
+    char *stage = malloc((size_t)(all + (mode == CX_STAGED ? s * esize : 0)));
     if (!stage) {
         snprintf(e, sizeof e, "rank %d: out of memory for a ZeRO all-gather of %" PRId64
-                 " bytes", c->rank, size * s * esize);
+                 " bytes", c->rank, all);
         collective_failed(ctx, c, e);
         return;
     }
-    if (!c->zero)
-        zero_missing(c, e, sizeof e), collective_failed(ctx, c, e);
-    else if (c->zero->allgather(c->impl, slice, stage, s * esize, (int)group,
-                                "ZeRO all-gather of parameters", e, sizeof e))
+    const void *mine = slice;
+    if (mode == CX_STAGED) {
+        mine = stage + all;
+        rc = cx_copy(ctx, c, stage + all, slice, s * esize, MOEK_COPY_D2H, e, sizeof e);
+    }
+    rc = rc || c->zero->allgather(c->impl, mine, stage, s * esize, (int)group, what, e, sizeof e) ||
+         cx_copy(ctx, c, full, stage, n * esize, MOEK_COPY_H2D, e, sizeof e) ? -1 : 0;
+    if (rc)
         collective_failed(ctx, c, e);
-    else
-        memcpy(full, stage, (size_t)(n * esize));
     free(stage);
 }
 
-void moec_comm_zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const float *full,
-                                   int64_t n, float *slice, int64_t s, int64_t accumulate)
+/* A half-precision value widened exactly to fp32 (bf16: the top 16 bits;
+ * fp16: IEEE half, subnormals and Inf/NaN kept). */
+static float widen_half(uint16_t h, int64_t dtype)
+{
+    uint32_t u;
+    if (dtype == PLAN_BF16) {
+        u = (uint32_t)h << 16;
+    } else {
+        uint32_t sign = (uint32_t)(h & 0x8000u) << 16, ex = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+        if (ex == 0x1fu) {
+            u = sign | 0x7f800000u | (m << 13);
+        } else if (ex) {
+            u = sign | ((ex + 112u) << 23) | (m << 13);
+        } else {   /* zero or subnormal: m * 2^-24, exact in fp32 */
+            float f = (float)m * 0x1p-24f;
+            memcpy(&u, &f, 4);
+            u |= sign;
+        }
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* slice (+)= this rank's slice of the group's fp32 sum of full[0, n) (of
+ * dtype: a half gradient is widened on the sender, so the sum is fp32). */
+static void zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const void *full, int64_t n,
+                                float *slice, int64_t s, int64_t accumulate, int64_t dtype)
 {
     comm *c = ctx->comm;
-    if (*ctx->status)
-        return;
     int64_t size, i = comm_group_index(c, (int)group, &size);
-    float *stage = malloc((size_t)((size * s + s) * (int64_t)sizeof(float)));
+    int mode = cx_mode(c), rc = 0, half = dtype != PLAN_F32;
+    /* direct, fp32, no padding: full itself is the group's vector */
+    int in_place = mode == CX_DIRECT && !half && n == size * s && size > 1;
     char e[1024];
+    const char *what = "ZeRO reduce-scatter of gradients";
+    /* host: the padded fp32 vector, this rank's sum, the slice's copy, the half input */
+    size_t bytes = (size_t)((size * s + 2 * s) * (int64_t)sizeof(float)) +
+                   (half && mode != CX_HOST ? (size_t)n * 2 : 0);
+    float *stage = malloc(bytes + 1);
     if (!stage) {
         snprintf(e, sizeof e, "rank %d: out of memory for a ZeRO reduce-scatter of %" PRId64
                  " floats", c ? c->rank : 0, size * s);
         collective_failed(ctx, c, e);
         return;
     }
-    float *mine = stage + size * s;   /* padded copy of full, then this rank's sum */
-    memcpy(stage, full, (size_t)n * sizeof(float));
-    memset(stage + n, 0, (size_t)(size * s - n) * sizeof(float));
-    if (size == 1)
+    float *mine = stage + size * s, *hs = mine + s;
+    if (!in_place) {
+        if (!half) {
+            rc = cx_copy(ctx, c, stage, full, n * (int64_t)sizeof(float), MOEK_COPY_D2H, e,
+                         sizeof e);
+        } else {
+            const uint16_t *h = full;
+            if (mode != CX_HOST) {
+                h = (const uint16_t *)(hs + s);
+                rc = cx_copy(ctx, c, hs + s, full, n * 2, MOEK_COPY_D2H, e, sizeof e);
+            }
+            for (int64_t k = 0; !rc && k < n; k++)
+                stage[k] = widen_half(h[k], dtype);
+        }
+        memset(stage + n, 0, (size_t)(size * s - n) * sizeof(float));
+    }
+    if (rc) {
+        /* e says why */
+    } else if (size == 1) {
         memcpy(mine, stage + i * s, (size_t)s * sizeof(float));
-    else if (!c->zero)
-        zero_missing(c, e, sizeof e), collective_failed(ctx, c, e);
-    else if (c->zero->reduce_scatter_f32(c->impl, stage, mine, s, (int)group,
-                                         "ZeRO reduce-scatter of gradients", e, sizeof e))
-        collective_failed(ctx, c, e);
-    if (!*ctx->status)
+    } else if (!c->zero) {
+        rc = zero_missing(c, e, sizeof e);
+    } else if (mode == CX_DIRECT) {
+        float *dv = cx_dalloc(ctx, c, (in_place ? s : size * s + s) * (int64_t)sizeof(float), e,
+                              sizeof e);
+        const float *din = in_place ? full : dv;
+        float *dmine = in_place ? dv : dv + size * s;
+        rc = !dv || (!in_place && cx_copy(ctx, c, dv, stage, size * s * (int64_t)sizeof(float),
+                                          MOEK_COPY_H2D, e, sizeof e)) ||
+             c->zero->reduce_scatter_f32(c->impl, din, dmine, s, (int)group, what, e, sizeof e) ||
+             cx_copy(ctx, c, mine, dmine, s * (int64_t)sizeof(float), MOEK_COPY_D2H, e, sizeof e)
+             ? -1 : 0;
+        if (dv)
+            c->dev.free(ctx, dv);
+    } else {
+        rc = c->zero->reduce_scatter_f32(c->impl, stage, mine, s, (int)group, what, e, sizeof e)
+             ? -1 : 0;
+    }
+    /* the add, in fp32 on the host (a device slice is copied out and back) */
+    float *sl = mode == CX_HOST ? slice : hs;
+    if (!rc && mode != CX_HOST && accumulate)
+        rc = cx_copy(ctx, c, hs, slice, s * (int64_t)sizeof(float), MOEK_COPY_D2H, e, sizeof e);
+    if (!rc) {
         for (int64_t k = 0; k < s; k++)
-            slice[k] = accumulate ? slice[k] + mine[k] : mine[k];
+            sl[k] = accumulate ? sl[k] + mine[k] : mine[k];
+        if (mode != CX_HOST)
+            rc = cx_copy(ctx, c, slice, hs, s * (int64_t)sizeof(float), MOEK_COPY_H2D, e, sizeof e);
+    }
+    if (rc)
+        collective_failed(ctx, c, e);
     free(stage);
+}
+
+void moec_comm_zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const float *full,
+                                   int64_t n, float *slice, int64_t s, int64_t accumulate)
+{
+    if (!*ctx->status)
+        zero_reduce_scatter(ctx, group, full, n, slice, s, accumulate, PLAN_F32);
+}
+
+void moec_comm_zero_reduce_scatter_half(const moek_ctx *ctx, int64_t group, const void *full,
+                                        int64_t n, float *slice, int64_t s, int64_t accumulate,
+                                        int64_t dtype)
+{
+    if (*ctx->status)
+        return;
+    if (dtype != PLAN_BF16 && dtype != PLAN_F16) {
+        *ctx->status = MOEK_E_SHAPE;
+        return;
+    }
+    zero_reduce_scatter(ctx, group, full, n, slice, s, accumulate, dtype);
 }
 
 void *comm_symbol(const char *name)
@@ -369,6 +593,8 @@ void *comm_symbol(const char *name)
         {"moec_comm_zero_slice", (void (*)(void))moec_comm_zero_slice},
         {"moec_comm_zero_allgather", (void (*)(void))moec_comm_zero_allgather},
         {"moec_comm_zero_reduce_scatter", (void (*)(void))moec_comm_zero_reduce_scatter},
+        {"moec_comm_zero_reduce_scatter_half",
+         (void (*)(void))moec_comm_zero_reduce_scatter_half},
         {"moec_comm_ep_counts", (void (*)(void))moec_comm_ep_counts},
         {"moec_comm_ep_exchange", (void (*)(void))moec_comm_ep_exchange},
     };
@@ -458,30 +684,65 @@ void moec_comm_ep_counts(const moek_ctx *ctx, int64_t group, const int32_t *expe
         return;
     }
     int64_t El = E / P;
-    for (int64_t e = 0; e < E; e++)
-        counts[e] = expert_rows[2 * e + 1];
-    if (P == 1) {
-        memcpy(counts + E, counts, (size_t)E * sizeof *counts);
-    } else {
-        char e[1024];
-        if (!c || ep_check(ctx, c, group, P, "all-to-all of expert token counts"))
-            return;
-        if (c->ep->alltoall(c->impl, counts, counts + E, El * (int64_t)sizeof *counts,
-                            (int)group, "all-to-all of expert token counts", e, sizeof e)) {
+    int mode = cx_mode(c), rc = 0;
+    char e[1024];
+    const char *what = "all-to-all of expert token counts";
+    /* host images of the three index tensors (on the host: the tensors) */
+    int32_t *img = NULL, *cnt = counts, *lr = local_rows;
+    const int32_t *er = expert_rows;
+    if (mode != CX_HOST) {
+        img = malloc((size_t)(6 * E + 2 * El + 1) * sizeof *img);
+        if (!img) {
+            snprintf(e, sizeof e, "rank %d: out of memory for the expert counts", c->rank);
             collective_failed(ctx, c, e);
             return;
         }
+        cnt = img;
+        lr = img + 2 * E;
+        er = lr + 2 * El;
+        rc = cx_copy(ctx, c, (void *)er, expert_rows, 2 * E * (int64_t)sizeof *er, MOEK_COPY_D2H,
+                     e, sizeof e);
     }
-    const int32_t *recv = counts + E;
-    int64_t at = 0;
-    for (int64_t j = 0; j < El; j++) {
-        int64_t n = 0;
-        for (int64_t s = 0; s < P; s++)
-            n += recv[s * El + j];
-        local_rows[2 * j] = (int32_t)at;
-        local_rows[2 * j + 1] = (int32_t)n;
-        at += n;
+    for (int64_t x = 0; !rc && x < E; x++)
+        cnt[x] = er[2 * x + 1];
+    if (rc) {
+        /* e says why */
+    } else if (P == 1) {
+        memcpy(cnt + E, cnt, (size_t)E * sizeof *cnt);
+    } else if (!c || ep_check(ctx, c, group, P, what)) {
+        free(img);
+        return;   /* ep_check reported it */
+    } else if (mode == CX_DIRECT) {
+        /* the send counts into the device tensor, exchanged there, read back */
+        int64_t b = E * (int64_t)sizeof *cnt;
+        rc = cx_copy(ctx, c, counts, cnt, b, MOEK_COPY_H2D, e, sizeof e) ||
+             c->ep->alltoall(c->impl, counts, counts + E, El * (int64_t)sizeof *counts,
+                             (int)group, what, e, sizeof e) ||
+             cx_copy(ctx, c, cnt + E, counts + E, b, MOEK_COPY_D2H, e, sizeof e) ? -1 : 0;
+    } else {
+        rc = c->ep->alltoall(c->impl, cnt, cnt + E, El * (int64_t)sizeof *cnt, (int)group, what, e,
+                             sizeof e) ? -1 : 0;
     }
+    if (!rc) {
+        const int32_t *recv = cnt + E;
+        int64_t at = 0;
+        for (int64_t j = 0; j < El; j++) {
+            int64_t n = 0;
+            for (int64_t s = 0; s < P; s++)
+                n += recv[s * El + j];
+            lr[2 * j] = (int32_t)at;
+            lr[2 * j + 1] = (int32_t)n;
+            at += n;
+        }
+        if (mode != CX_HOST)
+            rc = cx_copy(ctx, c, counts, cnt, 2 * E * (int64_t)sizeof *cnt, MOEK_COPY_H2D, e,
+                         sizeof e) ||
+                 cx_copy(ctx, c, local_rows, lr, 2 * El * (int64_t)sizeof *lr, MOEK_COPY_H2D, e,
+                         sizeof e) ? -1 : 0;
+    }
+    if (rc)
+        collective_failed(ctx, c, e);
+    free(img);
 }
 
 void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, const void *src,
@@ -502,55 +763,92 @@ void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, cons
     }
     const char *what = dir == 0 ? "all-to-all of tokens to their experts"
                                 : "all-to-all of expert outputs back to their tokens";
-    if (P > 1 && (!c || ep_check(ctx, c, group, P, what)))
+    if (P > 1 && ep_check(ctx, c, group, P, what))
         return;
     int64_t El = E / P, rowb = D * esize;
+    int mode = cx_mode(c), dev = mode == CX_DIRECT, rc = 0;
+    char e[1024];
+    /* host images of the index tensors (on the host: the tensors) */
+    int32_t *ix = NULL;
+    if (mode != CX_HOST) {
+        ix = malloc((size_t)(4 * E + 2 * El + 1) * sizeof *ix);
+        if (!ix || cx_copy(ctx, c, ix, expert_rows, 2 * E * 4, MOEK_COPY_D2H, e, sizeof e) ||
+            cx_copy(ctx, c, ix + 2 * E, counts, 2 * E * 4, MOEK_COPY_D2H, e, sizeof e) ||
+            cx_copy(ctx, c, ix + 4 * E, local_rows, 2 * El * 4, MOEK_COPY_D2H, e, sizeof e)) {
+            if (!ix)
+                snprintf(e, sizeof e, "rank %d: out of memory for an expert exchange", c->rank);
+            collective_failed(ctx, c, e);
+            free(ix);
+            return;
+        }
+        expert_rows = ix;
+        counts = ix + 2 * E;
+        local_rows = ix + 4 * E;
+    }
     const int32_t *sent = counts, *recv = counts + E;
     /* layout A: this rank's tokens by global expert (expert_rows); layout
      * B: rows received for the local experts, expert-major then source */
     int64_t totA = 0, totB = 0;
-    for (int64_t e = 0; e < E; e++) {
-        if (expert_rows[2 * e] < 0 || expert_rows[2 * e + 1] < 0 ||
-            expert_rows[2 * e] + (int64_t)expert_rows[2 * e + 1] > R || sent[e] != expert_rows[2 * e + 1]) {
+    for (int64_t x = 0; x < E; x++) {
+        if (expert_rows[2 * x] < 0 || expert_rows[2 * x + 1] < 0 ||
+            expert_rows[2 * x] + (int64_t)expert_rows[2 * x + 1] > R ||
+            sent[x] != expert_rows[2 * x + 1] || recv[x] < 0) {
             *ctx->status = MOEK_E_INDEX;
+            free(ix);
             return;
         }
-        totA += sent[e];
-        if (recv[e] < 0) {
-            *ctx->status = MOEK_E_INDEX;
-            return;
-        }
-        totB += recv[e];
+        totA += sent[x];
+        totB += recv[x];
     }
     if (totB > Rr) {
         *ctx->status = MOEK_E_INDEX;
+        free(ix);
         return;
     }
     int64_t sbytes[4096], rbytes[4096];
-    const unsigned char *s8 = src;
-    unsigned char *d8 = dst;
     int64_t nsend = dir == 0 ? totA : totB, nrecv = dir == 0 ? totB : totA;
-    if (ep_grow(&c->ep_send, &c->ep_send_cap, nsend * rowb + 1) ||
-        ep_grow(&c->ep_recv, &c->ep_recv_cap, nrecv * rowb + 1)) {
-        *ctx->status = MOEK_E_DEVICE;
-        return;
+    int64_t srows = dir == 0 ? R : Rr, drows = dir == 0 ? Rr : R;
+    /* rows are packed and unpacked in host buffers (staged: images of src
+     * and dst copied through the host) or, direct, in device scratch */
+    const unsigned char *s8 = src;
+    unsigned char *d8 = dst, *img = NULL, *sendb, *recvb;
+    if (dev) {
+        sendb = cx_dalloc(ctx, c, nsend * rowb + 1, e, sizeof e);
+        recvb = sendb ? cx_dalloc(ctx, c, nrecv * rowb + 1, e, sizeof e) : NULL;
+        rc = !sendb || !recvb ? -1 : 0;
+    } else {
+        if (ep_grow(&c->ep_send, &c->ep_send_cap, nsend * rowb + 1) ||
+            ep_grow(&c->ep_recv, &c->ep_recv_cap, nrecv * rowb + 1)) {
+            *ctx->status = MOEK_E_DEVICE;
+            free(ix);
+            return;
+        }
+        sendb = c->ep_send;
+        recvb = c->ep_recv;
+        if (mode == CX_STAGED) {
+            img = malloc((size_t)((srows + drows) * rowb + 1));
+            rc = !img ? fail(e, sizeof e, "rank %d: out of memory for an expert exchange", c->rank)
+                      : cx_copy(ctx, c, img, src, srows * rowb, MOEK_COPY_D2H, e, sizeof e);
+            s8 = img;
+            d8 = img + srows * rowb;
+        }
     }
     /* pack by destination rank */
     int64_t at = 0;
-    for (int64_t d = 0; d < P; d++) {
+    for (int64_t d = 0; !rc && d < P; d++) {
         int64_t start = at;
-        for (int64_t j = 0; j < El; j++) {
-            int64_t e = d * El + j, first, n;
+        for (int64_t j = 0; !rc && j < El; j++) {
+            int64_t x = d * El + j, first, n;
             if (dir == 0) {
-                first = expert_rows[2 * e];
-                n = sent[e];
+                first = expert_rows[2 * x];
+                n = sent[x];
             } else {   /* rows of local expert j that came from rank d */
                 first = local_rows[2 * j];
                 for (int64_t s = 0; s < d; s++)
                     first += recv[s * El + j];
                 n = recv[d * El + j];
             }
-            memcpy(c->ep_send + at * rowb, s8 + first * rowb, (size_t)(n * rowb));
+            rc = cx_move(ctx, c, dev, sendb + at * rowb, s8 + first * rowb, n * rowb, e, sizeof e);
             at += n;
         }
         sbytes[d] = (at - start) * rowb;
@@ -559,32 +857,47 @@ void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, cons
             in += dir == 0 ? recv[d * El + j] : sent[d * El + j];
         rbytes[d] = in * rowb;
     }
-    if (P == 1) {
-        memcpy(c->ep_recv, c->ep_send, (size_t)(nsend * rowb));
+    if (rc) {
+        /* e says why */
+    } else if (P == 1) {
+        rc = cx_move(ctx, c, dev, recvb, sendb, nsend * rowb, e, sizeof e);
     } else {
-        char e[1024];
-        if (c->ep->alltoallv(c->impl, c->ep_send, sbytes, c->ep_recv, rbytes, (int)group, what, e,
-                             sizeof e)) {
-            collective_failed(ctx, c, e);
-            return;
-        }
+        rc = c->ep->alltoallv(c->impl, sendb, sbytes, recvb, rbytes, (int)group, what, e, sizeof e)
+             ? -1 : 0;
     }
     /* unpack from each source rank into dst's layout; uncovered rows zero */
-    memset(d8, 0, (size_t)((dir == 0 ? Rr : R) * rowb));
+    if (!rc) {
+        if (dev)
+            rc = cx_zero(ctx, c, d8, drows * rowb, e, sizeof e);
+        else
+            memset(d8, 0, (size_t)(drows * rowb));
+    }
     at = 0;
-    for (int64_t s = 0; s < P; s++)
-        for (int64_t j = 0; j < El; j++) {
-            int64_t e = s * El + j, first, n;
+    for (int64_t s = 0; !rc && s < P; s++)
+        for (int64_t j = 0; !rc && j < El; j++) {
+            int64_t x = s * El + j, first, n;
             if (dir == 0) {
                 first = local_rows[2 * j];
                 for (int64_t q = 0; q < s; q++)
                     first += recv[q * El + j];
                 n = recv[s * El + j];
             } else {
-                first = expert_rows[2 * e];
-                n = sent[e];
+                first = expert_rows[2 * x];
+                n = sent[x];
             }
-            memcpy(d8 + first * rowb, c->ep_recv + at * rowb, (size_t)(n * rowb));
+            rc = cx_move(ctx, c, dev, d8 + first * rowb, recvb + at * rowb, n * rowb, e, sizeof e);
             at += n;
         }
+    if (!rc && mode == CX_STAGED)
+        rc = cx_copy(ctx, c, dst, d8, drows * rowb, MOEK_COPY_H2D, e, sizeof e);
+    if (rc)
+        collective_failed(ctx, c, e);
+    if (dev) {
+        if (sendb)
+            c->dev.free(ctx, sendb);
+        if (recvb)
+            c->dev.free(ctx, recvb);
+    }
+    free(img);
+    free(ix);
 }

@@ -123,6 +123,15 @@ typedef const comm_backend *(*comm_backend_fn)(void);
 typedef void (*comm_bind_stream_fn)(void *impl, void *stream);
 #define COMM_BIND_STREAM_SYMBOL "moec_comm_bind_stream"
 
+/* Optional: what the backend's ZeRO and EP tables accept, as a bit set
+ * (a library without the symbol: 0).  COMM_CAP_DEVICE_BUFFERS: they take
+ * device pointers (nccl), so with --device cuda the "@comm" dispatchers hand
+ * plan tensors to them directly; without it they stage every buffer through
+ * host memory with the device copy service (comm_set_device). */
+enum comm_caps { COMM_CAP_DEVICE_BUFFERS = 1 };
+typedef int64_t (*comm_caps_fn)(void);
+#define COMM_CAPS_SYMBOL "moec_comm_caps"
+
 /* ---- the runtime's side --------------------------------------------------- */
 typedef struct comm comm;
 
@@ -147,6 +156,22 @@ int comm_allreduce_host(comm *c, double *buf, int64_t n, int group, const char *
 /* Ends every rank (after an error on this one); returns only on one rank. */
 void comm_abort(comm *c, int code);
 void comm_close(comm *c);
+/* The device services of the loaded kernel library (kernels/moek.h
+ * moek_device_copy / _alloc / _free), which the dispatchers use when plan
+ * tensors live on a device (comm_opts.device_cuda).  run registers them
+ * right after loading the kernel library; on the CPU they are never used
+ * (MOEC_TEST_COMM_DEVICE=staged|direct forces either device path on CPU
+ * ranks, for the tests). */
+typedef struct comm_device {
+    int (*copy)(const moek_ctx *, void *, const void *, int64_t, int64_t, char *, int64_t);
+    void *(*alloc)(const moek_ctx *, int64_t, char *, int64_t);
+    void (*free)(const moek_ctx *, void *);
+} comm_device;
+void comm_set_device(comm *c, const comm_device *d);
+/* How the ZeRO and EP dispatchers reach plan tensors: "host" (memcpy),
+ * "staged" (through host memory with the copy service) or "direct" (device
+ * pointers to the backend). */
+const char *comm_buffer_mode(const comm *c);
 /* Resolves a "@comm" kernel symbol (NULL if unknown). */
 void *comm_symbol(const char *name);
 
@@ -238,5 +263,12 @@ void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *sl
 /* slice (+)= the group's sum of this rank's slice of full[0, n) (fp32) */
 void moec_comm_zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const float *full,
                                    int64_t n, float *slice, int64_t s, int64_t accumulate);
+/* The same for half-precision gradients (precision = bf16 / fp16): full[0,
+ * n) holds dtype (PLAN_BF16 or PLAN_F16) elements, widened exactly to fp32
+ * before the sum, so the sum and the slice are fp32 (docs/parallel.md
+ * "ZeRO with bf16 or fp16") */
+void moec_comm_zero_reduce_scatter_half(const moek_ctx *ctx, int64_t group, const void *full,
+                                        int64_t n, float *slice, int64_t s, int64_t accumulate,
+                                        int64_t dtype);
 
 #endif

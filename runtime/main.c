@@ -203,8 +203,11 @@ int main(int argc, char **argv)
         return 1;
     }
     ex.ctx.comm = cm;   /* the collective ops reach the backend through ctx */
+    comm_set_device(cm, &(comm_device){ex.dev.copy, ex.dev.alloc, ex.dev.free});
     if (world > 1 && !quiet)
-        fprintf(stderr, "run: %d ranks, communication backend %s\n", world, comm_backend_name(cm));
+        fprintf(stderr, "run: %d ranks, communication backend %s%s%s\n", world, comm_backend_name(cm),
+                strcmp(comm_buffer_mode(cm), "host") ? ", device buffers " : "",
+                strcmp(comm_buffer_mode(cm), "host") ? comm_buffer_mode(cm) : "");
     exec_set_graphs(&ex, !no_graph, stderr);   /* a failed capture is said even with -q */
     int rc;
     if (eval_logits) {

@@ -807,3 +807,11 @@ const comm_zero_backend *moec_comm_zero_backend(void)
 {
     return &nc_zero;
 }
+
+/* Its ZeRO and EP tables take device pointers (every collective runs on
+ * GPU buffers), so comm.c passes plan tensors straight through. */
+int64_t moec_comm_caps(void);
+int64_t moec_comm_caps(void)
+{
+    return COMM_CAP_DEVICE_BUFFERS;
+}

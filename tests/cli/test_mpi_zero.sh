@@ -115,9 +115,3 @@ cmp_metrics mpi.zero2_ep2_ckpt_resumes_on_1rank mfull.jsonl c.jsonl 1e-5 loss no
 "${MPIRUN[@]}" -np 4 "$RUN" moe_ep2z1.bin --data "$DATA" --steps 12 --resume moe1.st \
     --metrics d.jsonl -q > d.out 2>&1 || fail mpi.zero.ep_ckpt_load "$(tail -5 d.out)"
 cmp_metrics mpi.zero1_ep2_resumes_1rank_ckpt mfull.jsonl d.jsonl 1e-5 loss norm layers.0.moe.balance
-
-# 5. what is not built yet says so
-sed "$NOPAR;s/precision = fp32/precision = bf16/;\$a parallel { ranks = 2  zero = 2 }" \
-    "$ROOT/examples/tiny_dense.moe" > bf16_z2.moe
-expect_fail mpi.zero2_bf16_not_yet 'ZeRO stage 2 reduce-scatters fp32 gradients' \
-    "$MOEC" --stdlib "$ROOT/stdlib" bf16_z2.moe -o x.bin

@@ -2,7 +2,7 @@
 # ZeRO stage 3 over MPI ranks on the CPU (docs/parallel.md "ZeRO stage 3"):
 # parameters are [S] slices, gathered into activation buffers before their
 # first forward and first backward reader.  Checks: the gathers run one
-# layer ahead (-O1 keeps the compiler's order); the pools run allocates equal
+# layer ahead at -O1 and -O2 (the scheduler keeps them pinned); the pools run allocates equal
 # moec --explain and the 16 Psi / N formula (fp32 AdamW: 4 + 4 + 8 bytes,
 # plus slice padding); a checkpoint written by 4 ranks EP 4 ZeRO-3 gives the
 # same logits at 1 rank and at 2 ranks ZeRO-1 and continues the one-rank
@@ -20,23 +20,47 @@ mk() {   # NAME SED-EXPR SOURCE [MOEC-ARGS]
     "$MOEC" --stdlib "$ROOT/stdlib" "$1.moe" -o "$1.bin" $4 || fail "mpi.zero3.compile.$1" "moec failed"
 }
 
-# 1. the plan (no MPI needed)
-mk moe_ep4z3_o1 '$a parallel { ranks = 4  expert = 4  zero = 3 }' tiny_moe.moe -O1
-"$RUN" --inspect moe_ep4z3_o1.bin > insp.txt 2>&1
-if out=$(/usr/bin/python3 - insp.txt <<'PY'
+# 1. the plan (no MPI needed): in forward and in backward, at -O1 (the
+# compiler's order) and at -O2 (the default, after the memory-minded
+# scheduler), every gather of prefetch group k+1 (a layer; any other param
+# its own group) comes before the first reader of group k's copies; and the
+# scheduled order needs no larger act pool than the compiler's
+for O in -O1 -O2 ""; do
+    n=moe_ep4z3${O:-_default}
+    mk $n '$a parallel { ranks = 4  expert = 4  zero = 3 }' tiny_moe.moe "$O"
+    "$RUN" --inspect $n.bin > $n.txt 2>&1
+    if out=$(/usr/bin/python3 - $n.txt "${O:-default}" <<'PY'
 import re, sys
 ops = [l for l in open(sys.argv[1]) if re.match(r"\s*\d+ (forward|backward) ", l)]
-fwd = [l for l in ops if " forward " in l]
-def first(pred):
-    return next((i for i, l in enumerate(fwd) if pred(l)), -1)
-g1 = first(lambda l: "ZeRO-3 all-gather layers.1." in l)
-c0 = first(lambda l: "zero_allgather" not in l and "layers.0." in l)
-c1 = first(lambda l: "zero_allgather" not in l and "layers.1." in l)
-ng = sum("ZeRO-3 all-gather" in l for l in ops)
-print("forward: first gather of layer 1 at op %d, layer 0 computes from op %d, layer 1 from op %d; %d gathers per micro-step" % (g1, c0, c1, ng))
-sys.exit(0 if 0 <= g1 < c0 < c1 and ng > 0 else 1)
+def key(p):   # the prefetch group: layers.<l>, else the param itself
+    m = re.match(r"(layers\.\d+)\.", p)
+    return m.group(1) if m else p
+bad, lines = [], []
+for ph in ("forward", "backward"):
+    seq = [l for l in ops if " %s " % ph in l]
+    gat, rd = {}, {}   # group -> op positions of its gathers / of its copies' readers
+    for i, l in enumerate(seq):
+        m = re.search(r"# ZeRO-3 all-gather (\S+) ", l)
+        if m:
+            gat.setdefault(key(m.group(1)), []).append(i)
+            continue
+        for p in re.findall(r"([\w.]+)\.gathered(?:_bwd)?\b", l.split("#")[0]):
+            rd.setdefault(key(p), []).append(i)
+    order = sorted(rd, key=lambda k: rd[k][0])
+    for a, b in zip(order, order[1:]):
+        if max(gat[b]) >= rd[a][0]:
+            bad.append("%s: a gather of %s at op %d, after %s's first reader at op %d" % (ph, b, max(gat[b]), a, rd[a][0]))
+    lines.append("%s: %d groups, %d gathers; group 2 (%s) gathered by op %d, group 1 (%s) read from op %d" %
+                 (ph, len(order), sum(map(len, gat.values())), order[1], max(gat[order[1]]), order[0], rd[order[0]][0]))
+print(sys.argv[2] + ": " + "; ".join(lines + bad))
+sys.exit(1 if bad or len(lines) != 2 else 0)
 PY
-); then pass mpi.zero3.gather_one_layer_ahead; echo "  $out"; else fail mpi.zero3.gather_one_layer_ahead "$out"; fi
+    ); then pass mpi.zero3.gather_one_layer_ahead${O:-_default}; echo "  $out"; else fail mpi.zero3.gather_one_layer_ahead${O:-_default} "$out"; fi
+done
+pool() { "$MOEC" --stdlib "$ROOT/stdlib" moe_ep4z3_default.moe "$1" --explain | awk '$1 == "memplan" { print $5 }'; }
+p1=$(pool -O1) p2=$(pool -O2)
+if [ -n "$p1" ] && [ -n "$p2" ] && [ "$p2" -le "$p1" ]; then pass mpi.zero3.O2_act_pool_le_O1; echo "  act pool -O1 $p1, -O2 $p2"
+else fail mpi.zero3.O2_act_pool_le_O1 "act pool -O1 '$p1', -O2 '$p2'"; fi
 
 if ! command -v mpirun >/dev/null; then skip mpi.zero3 "mpirun not found"; exit 0; fi
 if [ ! -f "$LIBDIR/libmoec_comm_mpi.so" ]; then skip mpi.zero3 "no $LIBDIR/libmoec_comm_mpi.so"; exit 0; fi
