@@ -259,6 +259,39 @@ static void collective_failed(const moek_ctx *ctx, comm *c, const char *e)
         *ctx->status = MOEK_E_DEVICE;
 }
 
+/* A bucket's tensors in address order, cut into runs that each tile one
+ * address range: the next tensor starts at the first PLAN_ALIGN boundary
+ * after the one before, so the bytes between are alignment padding that no
+ * tensor owns and that stays zero (pools are zeroed at allocation and no
+ * kernel writes past its tensor).  A run is reduced in place as one buffer:
+ * no packing into a staging copy and back.  The multi-tensor pass's flat
+ * gradient buffers (compiler/pass_multi_tensor.c), and grads laid out back
+ * to back, make long runs the common case.  Offsets are the plan's, so every
+ * rank cuts the same runs.  Returns the number of runs. */
+static int tiled_runs(float *const *bufs, const int64_t *ns, int count, float **start,
+                      int64_t *span)
+{
+    int ord[COMM_MULTI_MAX], runs = 0;
+    for (int i = 0; i < count; i++) {
+        int j = i;
+        for (; j > 0 && (uintptr_t)bufs[ord[j - 1]] > (uintptr_t)bufs[i]; j--)
+            ord[j] = ord[j - 1];
+        ord[j] = i;
+    }
+    for (int k = 0; k < count; k++) {
+        float *b = bufs[ord[k]];
+        uintptr_t end = runs ? (uintptr_t)(start[runs - 1] + span[runs - 1]) : 0;
+        if (runs && (uintptr_t)b == (end + PLAN_ALIGN - 1) / PLAN_ALIGN * PLAN_ALIGN &&
+            (uintptr_t)b % PLAN_ALIGN == 0) {
+            span[runs - 1] = b + ns[ord[k]] - start[runs - 1];
+        } else {
+            start[runs] = b;
+            span[runs++] = ns[ord[k]];
+        }
+    }
+    return runs;
+}
+
 void moec_comm_allreduce_f32_multi(const moek_ctx *ctx, int64_t group, int64_t bucket,
                                    int64_t count, float *t0, int64_t n0, float *t1, int64_t n1,
                                    float *t2, int64_t n2, float *t3, int64_t n3, float *t4,
@@ -281,7 +314,16 @@ void moec_comm_allreduce_f32_multi(const moek_ctx *ctx, int64_t group, int64_t b
         snprintf(what, sizeof what, "all-reduce of an expert load (router bias update)");
     else
         snprintf(what, sizeof what, "all-reduce of gradient bucket %" PRId64, bucket);
-    if (c->be->allreduce_f32(c->impl, bufs, ns, (int)count, (int)group, what, e, sizeof e))
+    float *start[COMM_MULTI_MAX];
+    int64_t span[COMM_MULTI_MAX];
+    int runs = tiled_runs(bufs, ns, (int)count, start, span), rc = 0;
+    if (runs < count)   /* in place, one collective per run */
+        for (int r = 0; r < runs && rc == 0; r++)
+            rc = c->be->allreduce_f32(c->impl, &start[r], &span[r], 1, (int)group, what, e,
+                                      sizeof e);
+    else                /* nothing tiles: one collective, the backend packs */
+        rc = c->be->allreduce_f32(c->impl, bufs, ns, (int)count, (int)group, what, e, sizeof e);
+    if (rc)
         collective_failed(ctx, c, e);
 }
 

@@ -18,6 +18,7 @@ cd "$TMP"
 mkdir -p fake noabi notable
 cat > fake.c <<'EOF'
 /* base table only: no moec_comm_backend_ep, no moec_comm_zero_backend */
+#include <stdio.h>
 #include <stdlib.h>
 #include "runtime/comm.h"
 #ifndef FAKE_ABI
@@ -36,7 +37,16 @@ static int f_init(void **impl, const comm_init_args *a, int *rank, int *world, c
 static int f_ar(void *impl, float *const *b, const int64_t *n, int count, int group,
                 const char *what, char *err, size_t errlen)
 {
-    (void)impl; (void)b; (void)n; (void)count; (void)group; (void)what; (void)err; (void)errlen;
+    (void)impl; (void)b; (void)group; (void)err; (void)errlen;
+    const char *log = getenv("FAKE_LOG");   /* what the runtime hands the backend */
+    FILE *f = log ? fopen(log, "a") : NULL;
+    if (f) {
+        long long total = 0;
+        for (int i = 0; i < count; i++)
+            total += n[i];
+        fprintf(f, "%s: %d buffer(s), %lld floats\n", what, count, total);
+        fclose(f);
+    }
     return 0;
 }
 static int f_arh(void *impl, double *b, int64_t n, int group, const char *what, char *err,
@@ -82,3 +92,19 @@ expect_fail comm.wrong_abi \
 expect_fail comm.no_table \
     'libmoec_comm_mpi.so is not a moec communication backend of ABI 1' \
     fake notable "$RUN" zero1.bin --data "$DATA" --comm mpi --steps 1 -q --metrics ""
+
+# A gradient bucket whose tensors tile one range of the grad pool (the
+# multi-tensor pass's flat buffers, or grads laid out back to back) reaches
+# the backend as ONE buffer reduced in place, not packed into a staging copy.
+mk dp2 "$NOPAR;\$a parallel { ranks = 2 }" tiny_dense.moe
+buckets=$("$RUN" --inspect dp2.bin | grep -c 'moec_comm_allreduce_f32_multi(1, [0-9]*, [2-8],')
+rm -f ar.log
+fake fake env FAKE_LOG=$TMP/ar.log "$RUN" dp2.bin --data "$DATA" --comm mpi --steps 1 -q --metrics "" \
+    --checkpoint "" > dp2.out 2>&1
+packed=$(grep -c 'gradient bucket .*: [2-8] buffer' ar.log 2>/dev/null)
+inplace=$(grep -c 'gradient bucket .*: 1 buffer' ar.log 2>/dev/null)
+if [ "${buckets:-0}" -gt 0 ] && [ "${packed:-0}" -eq 0 ] && [ "${inplace:-0}" -ge "$buckets" ]; then
+    pass comm.bucket_in_place
+else
+    fail comm.bucket_in_place "plan has ${buckets:-0} multi-tensor buckets; backend saw ${inplace:-0} single-buffer and ${packed:-0} packed bucket calls: $(head -5 ar.log 2>/dev/null) $(tail -3 dp2.out)"
+fi
