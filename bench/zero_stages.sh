@@ -6,7 +6,8 @@
 # (params, grads, optimizer state, activations: exactly the plan's), the
 # resident memory the kernel measured (`run --memory-report`: the peak minus
 # what was resident before the plan - code, MPI, libc - on the worst rank)
-# against the prediction (pools + workspace), and training throughput
+# against the prediction (pools + workspace + the largest collective's host
+# buffers, all from moec --explain), and training throughput
 # (median over the timed steps of the metrics JSONL).
 #
 #   bash bench/zero_stages.sh [--steps 20] [--ranks 4] [--stages "0 1 2 3"] [--width 128]
@@ -48,7 +49,7 @@ export OMP_NUM_THREADS=1
 
 printf '# %s, %s ranks, expert = %s, width %s, %s steps, %s (%s cores)\n' "$(date -u +%F)" "$RANKS" \
     "$EXPERT" "$WIDTH" "$STEPS" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')" "$(nproc --all)"
-echo "| ZeRO | explain: model state / rank | explain: act | run: param+grad+optstate | run: act | predicted (pools + workspace) | measured resident for the plan (worst rank) | error | tok/s (median) | ms/step |"
+echo "| ZeRO | explain: model state / rank | explain: act | run: param+grad+optstate | run: act | predicted (pools + workspace + comm) | measured resident for the plan (worst rank) | error | tok/s (median) | ms/step |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for z in $STAGES; do
     f=$TMP/z$z
@@ -75,8 +76,9 @@ def mib(b): return "%.2f MiB" % (b / 2**20)
 m = re.search(r"^\s+\d \*\s+\d+\s+\d+\s+\d+\s+(\d+)", ex, re.M)   # the stage row marked *
 a = re.search(r"^\s+act\s+(\d+)", ex, re.M)
 w = re.search(r"^\s+workspace\s+(\d+)", ex, re.M)
+cm = re.search(r"^\s+comm\s+(\d+)", ex, re.M)
 state = pools.get("param", 0) + pools.get("grad", 0) + pools.get("optstate", 0)
-pred = total + (int(w.group(1)) if w else 0)
+pred = total + (int(w.group(1)) if w else 0) + (int(cm.group(1)) if cm else 0)
 meas = max(after) * 2**20 if len(after) == ranks else float("nan")
 print("| %s | %s | %s | %s | %s | %s | %s | %+.1f%% | %.0f | %.1f |" % (
     z, mib(int(m.group(1))) if m else "?", mib(int(a.group(1))) if a else "?", mib(state),

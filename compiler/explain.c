@@ -21,6 +21,8 @@
 #include "../kernels/moek.h"
 #include "../runtime/comm.h"
 
+static double ex_comm_buffer_bytes(const ir_graph *g);
+
 /* A forward attention node: its kernel is moek_attention_fwd or a twin. */
 bool explain_is_attention(const ir_node *n)
 {
@@ -234,6 +236,11 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
             uint64_t ws = explain_workspace_bytes(g);
             fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  (CPU %s kernels widen into it; "
                     "not in the total)\n", ws, ex_mib((double)ws), half);
+        }
+        if (g->par_ranks > 1) {
+            double cb = ex_comm_buffer_bytes(g);
+            fprintf(out, "  comm      %14.0f  %10.2f MiB  (host buffers of the largest collective: "
+                    "MPI's temporary; not in the total)\n", cb, ex_mib(cb));
         }
         uint64_t live = memplan_peak_live(g);
         fprintf(out, "  peak live activations %" PRIu64 " bytes (%.2f MiB); the act pool adds "
@@ -516,6 +523,24 @@ static double ex_ov_bytes(const ir_graph *g, int ni)
         if ((double)ir_value_bytes(&g->values[vs[k]]) > b)
             b = (double)ir_value_bytes(&g->values[vs[k]]);
     return b;
+}
+
+/* The host memory a rank holds at once for a collective beyond the plan's
+ * pools, at the largest one: Open MPI's non-blocking all-reduce keeps a
+ * temporary the size of its message (gradient runs are reduced in place, so
+ * this is at most a bucket); a ZeRO gather stages the N x S elements in
+ * comm.c; a reduce-scatter stages them too and MPI adds its temporary. */
+static double ex_comm_buffer_bytes(const ir_graph *g)
+{
+    double most = 0;
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        int k = explain_ov_kind_of(g, ni);
+        if (k < 0)
+            continue;
+        double b = ex_ov_bytes(g, ni) * (k == EXPLAIN_OV_REDUCE_SCATTER ? 2 : 1);
+        most = b > most ? b : most;
+    }
+    return most;
 }
 
 /* Bytes each rank sends for it: ring all-reduce 2(p-1)/p of the tensor,

@@ -27,7 +27,25 @@ struct comm {
     int64_t expert;              /* expert-parallel size the groups were made with */
     unsigned char *ep_send, *ep_recv;   /* staging, grown on first use */
     int64_t ep_send_cap, ep_recv_cap;
+    /* ZeRO's host staging, grown to the largest op and kept: a malloc/free
+     * per op left glibc's heap holding several sizes at once (resident
+     * memory above what moec --explain predicts) */
+    unsigned char *zstage;
+    int64_t zstage_cap;
 };
+
+/* Grows a kept staging buffer to want bytes; -1 when out of memory. */
+static int ep_grow(unsigned char **p, int64_t *cap, int64_t want)
+{
+    if (want <= *cap)
+        return 0;
+    unsigned char *q = realloc(*p, (size_t)want);
+    if (!q)
+        return -1;
+    *p = q;
+    *cap = want;
+    return 0;
+}
 
 __attribute__((format(printf, 3, 4)))
 static int fail(char *err, size_t errlen, const char *fmt, ...)
@@ -247,6 +265,7 @@ void comm_close(comm *c)
         dlclose(c->dl);
     free(c->ep_send);
     free(c->ep_recv);
+    free(c->zstage);
     free(c);
 }
 
@@ -489,7 +508,8 @@ void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *sl
         return;
     }
     /* host: every rank's slices (and, staged, this rank's copied out) */
-    char *stage = malloc((size_t)(all + (mode == CX_STAGED ? s * esize : 0)));
+    char *stage = ep_grow(&c->zstage, &c->zstage_cap, all + (mode == CX_STAGED ? s * esize : 0))
+                      ? NULL : (char *)c->zstage;
     if (!stage) {
         snprintf(e, sizeof e, "rank %d: out of memory for a ZeRO all-gather of %" PRId64
                  " bytes", c->rank, all);
@@ -505,7 +525,6 @@ void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *sl
          cx_copy(ctx, c, full, stage, n * esize, MOEK_COPY_H2D, e, sizeof e) ? -1 : 0;
     if (rc)
         collective_failed(ctx, c, e);
-    free(stage);
 }
 
 /* A half-precision value widened exactly to fp32 (bf16: the top 16 bits;
@@ -547,7 +566,10 @@ static void zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const void *
     /* host: the padded fp32 vector, this rank's sum, the slice's copy, the half input */
     size_t bytes = (size_t)((size * s + 2 * s) * (int64_t)sizeof(float)) +
                    (half && mode != CX_HOST ? (size_t)n * 2 : 0);
-    float *stage = malloc(bytes + 1);
+    float *owned = NULL;   /* no comm (a plan run by a tool): a one-off buffer */
+    float *stage = c ? (ep_grow(&c->zstage, &c->zstage_cap, (int64_t)bytes + 1) ? NULL
+                                : (float *)(void *)c->zstage)
+                     : (owned = malloc(bytes + 1));
     if (!stage) {
         snprintf(e, sizeof e, "rank %d: out of memory for a ZeRO reduce-scatter of %" PRId64
                  " floats", c ? c->rank : 0, size * s);
@@ -604,7 +626,7 @@ static void zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const void *
     }
     if (rc)
         collective_failed(ctx, c, e);
-    free(stage);
+    free(owned);
 }
 
 void moec_comm_zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const float *full,
@@ -658,17 +680,6 @@ int64_t comm_group_size(const comm *c, int group)
     return g.size;
 }
 
-static int ep_grow(unsigned char **p, int64_t *cap, int64_t want)
-{
-    if (want <= *cap)
-        return 0;
-    unsigned char *q = realloc(*p, (size_t)want);
-    if (!q)
-        return -1;
-    *p = q;
-    *cap = want;
-    return 0;
-}
 
 int comm_allgather_host(comm *c, const void *mine, void *all, int64_t bytes, int group,
                         const char *what, char *err, size_t errlen)
