@@ -239,7 +239,7 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
         }
         if (g->par_ranks > 1) {
             double cb = ex_comm_buffer_bytes(g);
-            fprintf(out, "  comm      %14.0f  %10.2f MiB  (host buffers of the largest collective: "
+            fprintf(out, "  comm      %14.0f  %10.2f MiB  (host buffers of the collectives: staging and "
                     "MPI's temporary; not in the total)\n", cb, ex_mib(cb));
         }
         uint64_t live = memplan_peak_live(g);
@@ -525,22 +525,54 @@ static double ex_ov_bytes(const ir_graph *g, int ni)
     return b;
 }
 
-/* The host memory a rank holds at once for a collective beyond the plan's
- * pools, at the largest one: Open MPI's non-blocking all-reduce keeps a
- * temporary the size of its message (gradient runs are reduced in place, so
- * this is at most a bucket); a ZeRO gather stages the N x S elements in
- * comm.c; a reduce-scatter stages them too and MPI adds its temporary. */
+/* Ranks in the group a collective runs over. */
+static double ex_group_size(const ir_graph *g, int ni)
+{
+    const ir_node *n = &g->nodes[ni];
+    int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1, ep = g->par_expert > 0 ? g->par_expert : 1;
+    int group = COMM_GROUP_WORLD;
+    for (int a = 0; a < n->def->nattrs; a++)
+        if (n->def->attr_names[a] && strcmp(n->def->attr_names[a], "group") == 0)
+            group = (int)n->attrs[a].i;
+    comm_group grp;
+    return comm_group_of(0, ranks, ep, group, &grp) == 0 ? (double)grp.size : (double)ranks;
+}
+
+/* The host memory a rank holds for collectives beyond the plan's pools
+ * (CPU ranks, MPI backend), each buffer at its largest op:
+ *   - comm.c's ZeRO staging, kept: a gather's N x S elements, a
+ *     reduce-scatter's padded fp32 vector plus two slices;
+ *   - the backend's reduce-scatter receive buffer, kept: N x S floats (it
+ *     is an all-to-all and a local sum, so MPI itself adds nothing);
+ *   - Open MPI's temporary inside a non-blocking all-reduce: one message
+ *     (gradient runs are reduced in place, so at most a bucket);
+ *   - comm.c's expert-parallel send and receive staging, kept. */
 static double ex_comm_buffer_bytes(const ir_graph *g)
 {
-    double most = 0;
+    double zstage = 0, rsrecv = 0, allreduce = 0, ep = 0;
     for (int ni = 0; ni < g->nnodes; ni++) {
         int k = explain_ov_kind_of(g, ni);
         if (k < 0)
             continue;
-        double b = ex_ov_bytes(g, ni) * (k == EXPLAIN_OV_REDUCE_SCATTER ? 2 : 1);
-        most = b > most ? b : most;
+        double b = ex_ov_bytes(g, ni), p = ex_group_size(g, ni);
+        double z = 0, r = 0, a = 0, e = 0;
+        if (k == EXPLAIN_OV_REDUCE_SCATTER) {
+            double f32 = b * (g->values[g->nodes[ni].inputs[0]].dtype == PLAN_F32 ? 1 : 2);
+            z = f32 + 2 * f32 / p;
+            r = f32;
+        } else if (k == EXPLAIN_OV_ALLGATHER) {
+            z = b;
+        } else if (k == EXPLAIN_OV_EP_EXCHANGE) {
+            e = 2 * b;
+        } else {
+            a = b;
+        }
+        zstage = z > zstage ? z : zstage;
+        rsrecv = r > rsrecv ? r : rsrecv;
+        allreduce = a > allreduce ? a : allreduce;
+        ep = e > ep ? e : ep;
     }
-    return most;
+    return zstage + rsrecv + allreduce + ep;
 }
 
 /* Bytes each rank sends for it: ring all-reduce 2(p-1)/p of the tensor,

@@ -41,6 +41,8 @@ typedef struct mpi_impl {
     mpi_group g[COMM_NGROUPS];
     float *stage;              /* packs a bucket into one buffer */
     int64_t stage_cap;
+    float *rs_recv;            /* reduce-scatter: every rank's block for this rank */
+    int64_t rs_recv_cap;
     int64_t *arrived;          /* per peer */
     MPI_Request *reqs;         /* 2 per peer + 1 */
 } mpi_impl;
@@ -294,6 +296,7 @@ static void mpi_fini(void *impl)
     if (m->we_init)
         MPI_Finalize();
     free(m->stage);
+    free(m->rs_recv);
     free(m->arrived);
     free(m->reqs);
     free(m);
@@ -415,12 +418,18 @@ static int mpi_allgather(void *impl, const void *slice, void *full, int64_t byte
     return run_collective(m, group, what, post_allgather, &a, err, errlen);
 }
 
-typedef struct rs_args { const float *full; float *slice; int64_t s; } rs_args;
+typedef struct rs_args { const float *full; float *recv; int64_t s; } rs_args;
 
+/* A reduce-scatter is an all-to-all of the blocks (block j of full goes to
+ * rank j) and a local sum, not MPI_Ireduce_scatter_block: Open MPI's
+ * non-blocking reduce-scatter allocated 1 to 4 times the message inside the
+ * library (measured: 18 MiB for a 4.5 MiB tensor on 4 ranks), which no plan
+ * could predict, while the all-to-all allocates nothing beyond rs_recv (one
+ * message, kept).  Same bytes on the wire as a ring reduce-scatter. */
 static int post_reduce_scatter(void *arg, MPI_Comm c, MPI_Request *req)
 {
     rs_args *a = arg;
-    return MPI_Ireduce_scatter_block(a->full, a->slice, (int)a->s, MPI_FLOAT, MPI_SUM, c, req) !=
+    return MPI_Ialltoall(a->full, (int)a->s, MPI_FLOAT, a->recv, (int)a->s, MPI_FLOAT, c, req) !=
            MPI_SUCCESS;
 }
 
@@ -430,11 +439,29 @@ static int mpi_reduce_scatter(void *impl, const float *full, float *slice, int64
     mpi_impl *m = impl;
     if (group < 0 || group >= COMM_NGROUPS)
         return fail(err, errlen, "rank %d: collective names unknown group %d", m->rank, group);
-    if (s * m->g[group].size > INT32_MAX)
+    int64_t size = m->g[group].size;
+    if (s * size > INT32_MAX)
         return fail(err, errlen, "rank %d: %s of %" PRId64 " floats exceeds MPI's int count",
-                    m->rank, what, s * m->g[group].size);
-    rs_args a = {full, slice, s};
-    return run_collective(m, group, what, post_reduce_scatter, &a, err, errlen);
+                    m->rank, what, s * size);
+    if (s * size > m->rs_recv_cap) {
+        float *r = realloc(m->rs_recv, (size_t)(s * size) * sizeof *r);
+        if (!r)
+            return fail(err, errlen, "rank %d: out of memory for a %" PRId64 "-float %s",
+                        m->rank, s * size, what);
+        m->rs_recv = r;
+        m->rs_recv_cap = s * size;
+    }
+    rs_args a = {full, m->rs_recv, s};
+    if (run_collective(m, group, what, post_reduce_scatter, &a, err, errlen))
+        return -1;
+    /* the group's blocks in rank order: every rank sums in the same order */
+    for (int64_t k = 0; k < s; k++) {
+        float acc = m->rs_recv[k];
+        for (int64_t j = 1; j < size; j++)
+            acc += m->rs_recv[j * s + k];
+        slice[k] = acc;
+    }
+    return 0;
 }
 
 static const comm_zero_backend mpi_zero = {COMM_BACKEND_ABI, mpi_allgather, mpi_reduce_scatter};
