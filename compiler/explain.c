@@ -579,14 +579,7 @@ static double ex_comm_buffer_bytes(const ir_graph *g)
  * reduce-scatter, all-gather and exchange (p-1)/p, p its group's size. */
 static double ex_ov_wire(const ir_graph *g, int ni, int kind)
 {
-    const ir_node *n = &g->nodes[ni];
-    int64_t ranks = g->par_ranks > 0 ? g->par_ranks : 1, ep = g->par_expert > 0 ? g->par_expert : 1;
-    int group = COMM_GROUP_WORLD;
-    for (int a = 0; a < n->def->nattrs; a++)
-        if (n->def->attr_names[a] && strcmp(n->def->attr_names[a], "group") == 0)
-            group = (int)n->attrs[a].i;
-    comm_group grp;
-    double p = comm_group_of(0, ranks, ep, group, &grp) == 0 ? (double)grp.size : (double)ranks;
+    double p = ex_group_size(g, ni);
     double f = p > 1 ? (p - 1) / p : 0;
     return ex_ov_bytes(g, ni) * f * (kind == EXPLAIN_OV_GRAD_ALLREDUCE || kind == EXPLAIN_OV_OTHER ? 2 : 1);
 }
