@@ -37,13 +37,21 @@ static inline float *tk_rand(tk_rng *r, int64_t n, float lo, float hi)
 
 static inline float *tk_zeros(int64_t n) { return calloc((size_t)(n > 0 ? n : 1), sizeof(float)); }
 
-/* a buffer full of a value no kernel produces, to prove outputs are overwritten */
-static inline float *tk_junk(int64_t n)
+static inline float *tk_fill(int64_t n, float v)
 {
     float *x = malloc((size_t)(n > 0 ? n : 1) * sizeof *x);
     for (int64_t i = 0; i < n; i++)
-        x[i] = 1234.5f;
+        x[i] = v;
     return x;
+}
+
+/* a buffer full of a value no kernel produces, to prove outputs are overwritten */
+static inline float *tk_junk(int64_t n) { return tk_fill(n, 1234.5f); }
+
+/* bit-for-bit equality */
+static inline int tk_same(const void *a, const void *b, int64_t bytes)
+{
+    return memcmp(a, b, (size_t)bytes) == 0;
 }
 
 /* sum_i r_i out_i in double: the scalar a gradient check differentiates */

@@ -13,35 +13,14 @@
 
 #include "../../kernels/moek.h"
 #include "check.h"
+#include "test_kernels_cpu.h"
 
-static uint64_t tf_rng = 0x2545F4914F6CDD1Dull;
-
-static float tf_unif(float lo, float hi)
-{
-    tf_rng ^= tf_rng >> 12;
-    tf_rng ^= tf_rng << 25;
-    tf_rng ^= tf_rng >> 27;
-    uint64_t r = tf_rng * 2685821657736338717ull;
-    return lo + (hi - lo) * (float)((r >> 40) / (double)(1ull << 24));
-}
-
-static float *tf_rand(int64_t n, float lo, float hi)
-{
-    float *p = malloc((size_t)n * sizeof *p);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = tf_unif(lo, hi);
-    return p;
-}
-
-static float *tf_nan(int64_t n)
-{
-    float *p = malloc((size_t)n * sizeof *p);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = NAN;
-    return p;
-}
-
-static int tf_same(const void *a, const void *b, int64_t bytes) { return memcmp(a, b, (size_t)bytes) == 0; }
+/* one seeded stream for the file, drawn in call order */
+static tk_rng tf_gen = {0x2545F4914F6CDD1Dull};
+#define tf_unif(lo, hi) tk_unif(&tf_gen, lo, hi)
+#define tf_rand(n, lo, hi) tk_rand(&tf_gen, n, lo, hi)
+#define tf_nan(n) tk_fill(n, NAN)
+#define tf_same(a, b, bytes) tk_same(a, b, bytes)
 
 /* fp32: fused == unfused, bit for bit */
 static void tf_fp32(const moek_ctx *ctx, int64_t N, int64_t D)

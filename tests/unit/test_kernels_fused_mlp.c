@@ -14,35 +14,14 @@
 
 #include "../../kernels/moek.h"
 #include "check.h"
+#include "test_kernels_cpu.h"
 
-static uint64_t tm_rng = 0x9E3779B97F4A7C15ull;
-
-static float tm_unif(float lo, float hi)
-{
-    tm_rng ^= tm_rng >> 12;
-    tm_rng ^= tm_rng << 25;
-    tm_rng ^= tm_rng >> 27;
-    uint64_t r = tm_rng * 2685821657736338717ull;
-    return lo + (hi - lo) * (float)((r >> 40) / (double)(1ull << 24));
-}
-
-static float *tm_rand(int64_t n, float lo, float hi)
-{
-    float *p = malloc((size_t)(n > 0 ? n : 1) * sizeof *p);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = tm_unif(lo, hi);
-    return p;
-}
-
-static float *tm_nan(int64_t n)
-{
-    float *p = malloc((size_t)(n > 0 ? n : 1) * sizeof *p);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = NAN;
-    return p;
-}
-
-static int tm_same(const void *a, const void *b, int64_t bytes) { return memcmp(a, b, (size_t)bytes) == 0; }
+/* one seeded stream for the file, drawn in call order */
+static tk_rng tm_gen = {0x9E3779B97F4A7C15ull};
+#define tm_unif(lo, hi) tk_unif(&tm_gen, lo, hi)
+#define tm_rand(n, lo, hi) tk_rand(&tm_gen, n, lo, hi)
+#define tm_nan(n) tk_fill(n, NAN)
+#define tm_same(a, b, bytes) tk_same(a, b, bytes)
 
 /* fp32, gelu = 1 (matmul_bias_gelu) or 0 (matmul_bias): fused == unfused */
 static void tm_fp32(const moek_ctx *ctx, int gelu, int64_t N, int64_t K, int64_t M)
