@@ -118,6 +118,23 @@ case $verdict in
     *) fail custom_op.loss_falls "$verdict" ;;
 esac
 
+# -O0 and -O2 (the default) train the same: 5 steps, losses and checkpoint bit for bit
+"$MOEC" -O0 "$EX/model.moe" -o "$TMP/ok/plan_o0.bin" >/dev/null 2>&1
+for o in o0 o2; do
+    plan=$TMP/ok/plan_$o.bin
+    [ $o = o2 ] && plan=$TMP/ok/plan.bin
+    "$RUN" "$plan" --data "$DATA" --steps 5 -q --metrics "$TMP/ok/$o.jsonl" \
+        --checkpoint "$TMP/ok/$o.st" >/dev/null 2>&1
+done
+l0=$(grep -o '"loss":[^,]*' "$TMP/ok/o0.jsonl" 2>/dev/null | tr '\n' ' ')
+l2=$(grep -o '"loss":[^,]*' "$TMP/ok/o2.jsonl" 2>/dev/null | tr '\n' ' ')
+if [ "$(grep -c loss "$TMP/ok/o0.jsonl" 2>/dev/null)" = 5 ] && [ "$l0" = "$l2" ] &&
+   cmp -s "$TMP/ok/o0.st" "$TMP/ok/o2.st"; then
+    pass custom_op.same_training_O0_O2
+else
+    fail custom_op.same_training_O0_O2 "-O0 $l0 / -O2 $l2"
+fi
+
 # the same plan with the library elsewhere, allowed with --allow-lib
 mkdir -p "$TMP/plans"
 cp "$TMP/ok/plan.bin" "$TMP/plans/plan.bin"

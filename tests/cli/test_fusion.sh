@@ -122,7 +122,10 @@ DATA=$ROOT/build/data/default.txt
 if [ -x "$RUN" ] && [ -f "$DATA" ]; then
     cp "$TMP/gelu_bf16.moe" "$TMP/tiny_gelu_bf16.moe"
     cp "$TMP/gelu_fp16.moe" "$TMP/tiny_gelu_fp16.moe"
-    for ex in tiny_dense tiny_moe tiny_moe_bf16 mixtral_like switch tiny_gelu tiny_gelu_bf16 tiny_gelu_fp16; do
+    # every example model (custom_op/model.moe needs its own kernel library:
+    # tests/cli/test_custom_op.sh) plus tiny_gelu in bf16 and fp16
+    for ex in tiny_dense tiny_moe tiny_moe_bf16 tiny_moe_dense_twin mixtral_like switch deepseek_like \
+              tiny_gelu tiny_gelu_bf16 tiny_gelu_fp16; do
         src=examples/$ex.moe
         [ -f "$src" ] || src=$TMP/$ex.moe
         for o in O0 O2; do
