@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # ZeRO with precision = bf16 over MPI ranks on the CPU (docs/parallel.md
 # "ZeRO with bf16 or fp16", docs/memory.md "Model-state memory per rank"):
-# tiny_moe_bf16 at 2 ranks ZeRO 1, 2, 3 reproduces one rank (grad_accum 2)
-# over 10 steps; the pools run allocates at every stage, fp32 and bf16,
+# tiny_moe_bf16 (and its fp16 twin) at 2 ranks ZeRO 1, 2, 3 reproduces one
+# rank (grad_accum 2) over 10 steps; the pools run allocates at every stage, fp32 and bf16,
 # equal moec --explain and the per-stage bytes/param table of docs/memory.md.
 source "$(dirname "$0")/../lib.sh"
 B=${MOEC_BUILD:-build}
@@ -40,6 +40,26 @@ sys.exit(0 if w <= 1e-4 and b[-1]["loss"] < b[0]["loss"] else 1)
 PY
     ); then pass mpi.zero_bf16.z${z}_eq_1rank; echo "  ZeRO-$z bf16: $out"; else fail mpi.zero_bf16.z${z}_eq_1rank "$out"; fi
 done
+# the same for fp16 (dynamic loss scaling: every rank sees the summed
+# gradient's norm, so all skip or step together)
+F16='s/precision = bf16/precision = fp16/'
+mk f16one "$F16;s/batch = 8 /batch = 8  grad_accum = 2 /" tiny_moe_bf16.moe
+"$RUN" f16one.bin --data "$DATA" --steps 10 --metrics f16one.jsonl -q
+for z in 1 2 3; do
+    mk f16z$z "$F16;\$a parallel { ranks = 2  zero = $z }" tiny_moe_bf16.moe
+    "${MPIRUN[@]}" -np 2 "$RUN" f16z$z.bin --data "$DATA" --steps 10 --metrics f16z$z.jsonl -q \
+        --comm-timeout 60 > f16z$z.out 2>&1 || fail mpi.zero_fp16.run$z "$(tail -3 f16z$z.out)"
+    if out=$(/usr/bin/python3 - f16one.jsonl f16z$z.jsonl <<'PY'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]; b = [json.loads(l) for l in open(sys.argv[2])]
+if len(a) != len(b) or len(a) != 10: print("steps %d vs %d" % (len(a), len(b))); sys.exit(1)
+w = max(abs(x[k] - y[k]) / abs(x[k]) for x, y in zip(a, b) for k in ("loss", "norm"))
+print("worst relative difference %.3g over %d steps (loss %.6f -> %.6f)" % (w, len(a), b[0]["loss"], b[-1]["loss"]))
+sys.exit(0 if w <= 1e-4 and b[-1]["loss"] < b[0]["loss"] else 1)
+PY
+    ); then pass mpi.zero_fp16.z${z}_eq_1rank; echo "  ZeRO-$z fp16: $out"; else fail mpi.zero_fp16.z${z}_eq_1rank "$out"; fi
+done
+
 # the half gradients reach the reduce-scatter as bf16
 if "$RUN" --inspect z2.bin | grep -q 'moec_comm_zero_reduce_scatter_half(1, d.layers.0.attn.wq.weight, 4096, layers.0.attn.wq.weight.grad, 2048, 1, 1)'; then
     pass mpi.zero_bf16.reduce_scatter_half_in_plan
