@@ -154,7 +154,7 @@ run_moec() {    # model
     rc=$?
     local peak; peak=$(smi_stop)
     rm -f "$SCR/$m.ck" "$SCR/$m.ck.tmp"
-    cp "$W/$m.run.log" "$OUTDIR/$m.run.log"; cp "$W/$m.jsonl" "$OUTDIR/$m.moec.jsonl" 2>/dev/null
+    [ "$W" -ef "$OUTDIR" ] || cp "$W/$m.run.log" "$OUTDIR/$m.run.log"; cp "$W/$m.jsonl" "$OUTDIR/$m.moec.jsonl" 2>/dev/null
     local done_steps; done_steps=$(grep -c '"step"' "$W/$m.jsonl" 2>/dev/null); done_steps=${done_steps:-0}
     if [ "$done_steps" -le "$WARMUP" ]; then   # no timed step: report why
         [ $rc = 124 ] && error_row "$m" moec "timeout after $cap s ($done_steps steps)" ||
