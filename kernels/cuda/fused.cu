@@ -126,6 +126,21 @@ extern "C" void moek_add_rmsnorm_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *
                         N, D);
 }
 
+extern "C" void moek_add_rmsnorm_fwd_f16(const moek_ctx *ctx, const moek_f16 *a, const moek_f16 *b,
+                                         const moek_f16 *w, moek_f16 *s, moek_f16 *y, float *rstd,
+                                         int64_t N, int64_t D, float eps)
+{
+    kfu_add_rmsnorm_fwd(ctx, kc_hf(a), kc_hf(b), kc_hf(w), kc_hf(s), kc_hf(y), rstd, N, D, eps);
+}
+
+extern "C" void moek_add_rmsnorm_bwd_f16(const moek_ctx *ctx, const moek_f16 *dy, const moek_f16 *ds,
+                                         const moek_f16 *s, const moek_f16 *w, const float *rstd,
+                                         moek_f16 *da, moek_f16 *db, moek_f16 *dw, int64_t N, int64_t D)
+{
+    kfu_add_rmsnorm_bwd(ctx, kc_hf(dy), kc_hf(ds), kc_hf(s), kc_hf(w), rstd, kc_hf(da), kc_hf(db), kc_hf(dw),
+                        N, D);
+}
+
 /* ---- SwiGLU with its projections; router softmax + top-k -----------------
  * Composed of this library's own kernels, in the unfused order and storage
  * type, so each result equals the unfused ops' bit for bit and the CPU twin
