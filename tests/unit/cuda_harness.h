@@ -1,7 +1,9 @@
 /* cuda_harness.h - what the CUDA-vs-CPU test programs (test_kernels_cuda*.c)
  * share: loading the CUDA library by path, so the programs link no CUDA, with
- * one SKIP line when there is no library or no GPU; and the xorshift
- * generator their random inputs come from.
+ * one SKIP line when there is no library or no GPU; the xorshift generator
+ * their random inputs come from; and the two half storage types (bf16, IEEE
+ * fp16) as a descriptor, so one test body runs the _bf16 and the _f16
+ * variants of a kernel.
  *
  * A program lists the symbols it needs as an X-macro over the names without
  * their moek_ prefix, keeps them in a struct of function pointers with those
@@ -21,10 +23,12 @@
 #define MOEC_CUDA_HARNESS_H
 
 #include <dlfcn.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../../kernels/moek.h"
 #include "check.h"
@@ -37,6 +41,9 @@ typedef struct {
 
 /* the entry for moek_<n>, whose address goes to lib.n */
 #define CH_ENTRY(lib, n) {"moek_" #n, (void **)&(lib).n},
+/* the entry for moek_<n><sfx> (sfx "_bf16" or "_f16"), whose address goes to
+ * tab.n: a half-kernel table (see ch_half below) filled from the library */
+#define CH_HENTRY(tab, n, sfx) {"moek_" #n sfx, (void **)&(tab).n},
 #define CH_NSYMS(a) ((int)(sizeof(a) / sizeof(a)[0]))
 
 /* dlopens $MOEC_BUILD/libmoek_cuda.so (default build/); NULL after one SKIP
@@ -103,6 +110,114 @@ static inline uint64_t ch_next(uint64_t *rng)
 static inline float ch_unif(uint64_t *rng, float lo, float hi)
 {
     return lo + (hi - lo) * (float)((ch_next(rng) >> 40) / (double)(1ull << 24));
+}
+
+/* ---- half storage: bf16 and IEEE fp16 -------------------------------------
+ * moek_bf16 and moek_f16 are both uint16_t, so a _f16 kernel has exactly the
+ * type of its _bf16 twin: a program keeps its half kernels in one struct of
+ * pointers typed as the _bf16 variants and fills one copy per type.  The
+ * conversions below are the test's own (RNE, NaN stays NaN), used to make
+ * inputs and to read results; the kernels' casts are what is tested. */
+_Static_assert(__builtin_types_compatible_p(moek_bf16, moek_f16),
+               "moek_bf16 and moek_f16 must be the same type for the shared half tables");
+
+static inline uint16_t ch_bf16_round(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float ch_bf16_widen(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* fp32 -> fp16: NaN stays NaN; from 65520 (halfway between 65504 and 2^16)
+ * up, Inf; a normal half (>= 2^-14) rebiases the exponent (127 -> 15) and
+ * rounds the 13 dropped bits to nearest even; below 2^-14 a count of 2^-24
+ * units, |f| * 2^24 being exact and rintf rounding it to even (1024 is the
+ * smallest normal, whose bits are 0x400 too). */
+static inline uint16_t ch_f16_round(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u)
+        return (uint16_t)(sign | 0x7c00u);
+    if (a >= 0x38800000u) {
+        uint32_t r = a - 0x38000000u;
+        r += 0xfffu + ((r >> 13) & 1u);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    return (uint16_t)(sign | (uint16_t)rintf(fabsf(f) * 16777216.0f));
+}
+
+/* fp16 -> fp32, exact: subnormals are m * 2^-24 */
+static inline float ch_f16_widen(uint16_t h)
+{
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    float f;
+    if (e == 0) {
+        f = (float)m * 5.9604644775390625e-8f;
+        return h & 0x8000u ? -f : f;
+    }
+    uint32_t u = ((uint32_t)(h & 0x8000u) << 16) | (e == 0x1fu ? 0x7f800000u : (e + 112u) << 23) |
+                 (m << 13);
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* a half storage type */
+typedef struct {
+    const char *name;           /* "bf16", "f16": the type as check names spell it */
+    const char *suffix;         /* "_bf16", "_f16": its kernels' suffix */
+    uint16_t nan;               /* a quiet NaN: what half outputs are poisoned with */
+    uint16_t (*round)(float);   /* fp32 -> half, to nearest even */
+    float (*widen)(uint16_t);   /* half -> fp32, exact */
+} ch_half;
+
+enum { CH_BF16, CH_F16, CH_NHALF };
+
+static inline const ch_half *ch_half_type(int which)
+{
+    static const ch_half types[CH_NHALF] = {
+        {"bf16", "_bf16", 0x7fc0, ch_bf16_round, ch_bf16_widen},
+        {"f16", "_f16", 0x7e00, ch_f16_round, ch_f16_widen},
+    };
+    return &types[which];
+}
+
+/* ||got - want|| / ||want|| over n values, fp32 when ty is NULL, else of
+ * half type ty (an all-zero want: ||got||); INFINITY when got holds a
+ * non-finite value */
+static inline double ch_rel(const void *got, const void *want, int64_t n, const ch_half *ty)
+{
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float g, w;
+        if (ty) {
+            g = ty->widen(((const uint16_t *)got)[i]);
+            w = ty->widen(((const uint16_t *)want)[i]);
+        } else {
+            g = ((const float *)got)[i];
+            w = ((const float *)want)[i];
+        }
+        if (!isfinite(g))
+            return INFINITY;
+        num += ((double)g - w) * ((double)g - w);
+        den += (double)w * w;
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
 #endif

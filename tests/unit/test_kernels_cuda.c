@@ -9,7 +9,8 @@
  * an all-zero reference needs an all-zero result) and integer outputs equal.
  * tol is 1e-5 (fp32) everywhere, attention and the scalar losses included:
  * on an H100 the worst case seen was 6e-7; the program prints its worst.
- * The bf16 variants are compared with the CPU library's (see tc_bf16). */
+ * The bf16 and fp16 variants are compared with the CPU library's by one body
+ * run once per half type (see tc_half_cases). */
 #include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
@@ -31,25 +32,43 @@
     X(dispatch_fwd) X(dispatch_bwd) X(grouped_matmul_fwd) X(grouped_matmul_bwd) X(combine_fwd)  \
     X(combine_bwd) X(sumsq_accum) X(adamw) X(sgd) X(device_count) X(device_init)                \
     X(device_fini) X(device_alloc) X(device_free) X(device_copy) X(device_sync) X(graph_begin)  \
-    X(graph_end) X(graph_launch) X(graph_free) TC_BF16_KERNELS(X)
+    X(graph_end) X(graph_launch) X(graph_free)
 
-/* the bf16 storage variants */
-#define TC_BF16_KERNELS(X)                                                                     \
-    X(cast_f32_bf16) X(cast_bf16_f32) X(fill_bf16) X(copy_bf16) X(add_fwd_bf16)                 \
-    X(accumulate_bf16) X(scale_fwd_bf16) X(scale_bwd_bf16) X(gelu_fwd_bf16) X(gelu_bwd_bf16)    \
-    X(swiglu_fwd_bf16) X(swiglu_bwd_bf16) X(embedding_fwd_bf16) X(embedding_bwd_bf16)           \
-    X(matmul_fwd_bf16) X(matmul_bwd_bf16) X(rmsnorm_fwd_bf16) X(rmsnorm_bwd_bf16)               \
-    X(rope_fwd_bf16) X(rope_bwd_bf16) X(attention_fwd_bf16) X(attention_bwd_bf16)               \
-    X(cross_entropy_fwd_bf16) X(cross_entropy_bwd_bf16) X(softmax_fwd_bf16)                     \
-    X(softmax_bwd_bf16) X(zloss_fwd_bf16) X(zloss_bwd_bf16) X(dispatch_fwd_bf16)                \
-    X(dispatch_bwd_bf16) X(grouped_matmul_fwd_bf16) X(grouped_matmul_bwd_bf16)                  \
-    X(combine_fwd_bf16) X(combine_bwd_bf16) X(adamw_bf16) X(sgd_bf16)
+/* the half-storage variants, by their names without the _bf16 / _f16 suffix
+ * (cast_f32 is moek_cast_f32_bf16 / _f16); the cast back to fp32,
+ * moek_cast_bf16_f32 / moek_cast_f16_f32, is the table's cast_to_f32 */
+#define TC_HALF_KERNELS(X)                                                                     \
+    X(cast_f32) X(fill) X(copy) X(add_fwd) X(accumulate) X(scale_fwd) X(scale_bwd) X(gelu_fwd)  \
+    X(gelu_bwd) X(swiglu_fwd) X(swiglu_bwd) X(embedding_fwd) X(embedding_bwd) X(matmul_fwd)     \
+    X(matmul_bwd) X(rmsnorm_fwd) X(rmsnorm_bwd) X(rope_fwd) X(rope_bwd) X(attention_fwd)        \
+    X(attention_bwd) X(cross_entropy_fwd) X(cross_entropy_bwd) X(softmax_fwd) X(softmax_bwd)    \
+    X(zloss_fwd) X(zloss_bwd) X(dispatch_fwd) X(dispatch_bwd) X(grouped_matmul_fwd)             \
+    X(grouped_matmul_bwd) X(combine_fwd) X(combine_bwd) X(adamw) X(sgd)
 
 typedef struct {
 #define TC_FIELD(n) __typeof__(&moek_##n) n;
     TC_KERNELS(TC_FIELD)
 #undef TC_FIELD
 } tc_lib;
+
+/* one library's half variants, typed as the _bf16 ones (cuda_harness.h) */
+typedef struct {
+#define TC_HFIELD(n) __typeof__(&moek_##n##_bf16) n;
+    TC_HALF_KERNELS(TC_HFIELD)
+#undef TC_HFIELD
+    __typeof__(&moek_cast_bf16_f32) cast_to_f32;
+} tc_hlib;
+
+/* a half type's cases: the type, its variants in both libraries, the values
+ * its cast test starts with, and the worst errors seen */
+typedef struct {
+    const ch_half *ty;
+    tc_hlib c, g;                   /* the CPU library's, the CUDA library's */
+    const float *ties;
+    size_t nties;
+    double worst, worst_side;       /* half outputs; fp32 outputs of half kernels */
+    char worst_name[200], worst_side_name[200];
+} tc_half;
 
 #define TC_MAXBUF 64
 
@@ -64,9 +83,9 @@ typedef struct {
     char err[256];
     double worst;         /* largest relative error seen, and where */
     char worst_name[200];
-    int bf16;             /* running the bf16 cases: tc_cmp records into worst_side */
-    double worst_b, worst_side;   /* bf16 outputs; fp32 outputs of bf16 kernels */
-    char worst_b_name[200], worst_side_name[200];
+    tc_half halves[CH_NHALF];     /* bf16, f16 */
+    tc_half *half;        /* the half type whose cases run (tc_cmp records into its
+                           * worst_side), NULL in the fp32 cases */
 } tc_env;
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -196,8 +215,8 @@ static void tc_cmp(tc_env *t, const char *name, tc_f b, double tol)
         den += (double)b.h[i] * b.h[i];
     }
     double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    double *worst = t->bf16 ? &t->worst_side : &t->worst;
-    char *worst_name = t->bf16 ? t->worst_side_name : t->worst_name;
+    double *worst = t->half ? &t->half->worst_side : &t->worst;
+    char *worst_name = t->half ? t->half->worst_side_name : t->worst_name;
     if (isfinite(rel) && rel > *worst) {
         *worst = rel;
         snprintf(worst_name, sizeof t->worst_name, "%s", name);
@@ -719,248 +738,242 @@ out:
     tc_reset(t);
 }
 
-/* ---- bf16 storage -----------------------------------------------------------
- * Every _bf16 variant against the CPU library's (widen, fp32 kernel, round
- * once), on the same bf16 inputs.  bf16 outputs: ||gpu - cpu|| / ||cpu|| <=
- * 1e-2 (a few elements may round the other way when the fp32 results differ
- * by an ulp; cuBLAS sums in another order); fp32 side outputs (lse, rstd,
- * probabilities, losses, dgates, master weights, moments) <= 1e-3. */
-#define TOL_B 1e-2
+/* ---- half storage: bf16 and fp16 ---------------------------------------------
+ * Every _bf16 and every _f16 variant against the CPU library's (widen, fp32
+ * kernel, round once), on the same half inputs: one body per family, run
+ * once per half type (tc_half_cases), with the type's kernels in t->half.
+ * Half outputs: ||gpu - cpu|| / ||cpu|| <= 1e-2 (a few elements may round
+ * the other way when the fp32 results differ by an ulp; cuBLAS sums in
+ * another order); fp32 side outputs (lse, rstd, probabilities, losses,
+ * dgates, master weights, moments) <= 1e-3; integers equal.
+ * fp16 runs the bf16 inputs' ranges (|x| <= 4, far inside fp16's 65504);
+ * only the cast test starts from other values (tc_half_ties).  Some fp16
+ * results are subnormal (below 2^-14), e.g. most of cross-entropy's dlogits
+ * at V = 5003; both sides round the same fp32 value there too. */
+#define TOL_HALF 1e-2
 #define TOL_SIDE 1e-3
+#define TN (t->half->ty->name)
 
-static uint16_t tc_round(float f)   /* RNE, NaN kept NaN (as the ABI says) */
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static float tc_widen(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* a bf16 tensor: h the CPU side, d the GPU side */
+/* a half tensor (of type t->half): h the CPU side, d the GPU side */
 typedef struct {
-    moek_bf16 *h, *d;
+    uint16_t *h, *d;
     int64_t n;
-} tc_b;
+} tc_h;
 
-static tc_b tc_bin(tc_env *t, int64_t n, float lo, float hi)
+static tc_h tc_hin(tc_env *t, int64_t n, float lo, float hi)
 {
-    tc_b b = {tc_hmalloc(t, n * 2), tc_dmalloc(t, n * 2), n};
+    tc_h b = {tc_hmalloc(t, n * 2), tc_dmalloc(t, n * 2), n};
     for (int64_t i = 0; i < n; i++)
-        b.h[i] = tc_round(ch_unif(&t->rng, lo, hi));
+        b.h[i] = t->half->ty->round(ch_unif(&t->rng, lo, hi));
     tc_h2d(t, b.d, b.h, n * 2);
     return b;
 }
 
 /* poisoned with NaN on both sides */
-static tc_b tc_bout(tc_env *t, int64_t n)
+static tc_h tc_hout(tc_env *t, int64_t n)
 {
-    tc_b b = {tc_hmalloc(t, n * 2), tc_dmalloc(t, n * 2), n};
+    tc_h b = {tc_hmalloc(t, n * 2), tc_dmalloc(t, n * 2), n};
     for (int64_t i = 0; i < n; i++)
-        b.h[i] = 0x7fc0;
+        b.h[i] = t->half->ty->nan;
     tc_h2d(t, b.d, b.h, n * 2);
     return b;
 }
 
-static void tc_bup(tc_env *t, tc_b b) { tc_h2d(t, b.d, b.h, b.n * 2); }
+static void tc_hup(tc_env *t, tc_h b) { tc_h2d(t, b.d, b.h, b.n * 2); }
 
-static void tc_bcmp(tc_env *t, const char *name, tc_b b, double tol)
+static void tc_hcmp(tc_env *t, const char *name, tc_h b, double tol)
 {
-    moek_bf16 *g = tc_hmalloc(t, b.n * 2);
+    tc_half *hk = t->half;
+    uint16_t *g = tc_hmalloc(t, b.n * 2);
     tc_d2h(t, g, b.d, b.n * 2);
     double num = 0.0, den = 0.0;
     int64_t bad = -1;
     for (int64_t i = 0; i < b.n; i++) {
-        double gv = tc_widen(g[i]), cv = tc_widen(b.h[i]);
+        double gv = hk->ty->widen(g[i]), cv = hk->ty->widen(b.h[i]);
         if (!isfinite(gv) && bad < 0)
             bad = i;
         num += (gv - cv) * (gv - cv);
         den += cv * cv;
     }
     double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    if (isfinite(rel) && rel > t->worst_b) {
-        t->worst_b = rel;
-        snprintf(t->worst_b_name, sizeof t->worst_b_name, "%s", name);
+    if (isfinite(rel) && rel > hk->worst) {
+        hk->worst = rel;
+        snprintf(hk->worst_name, sizeof hk->worst_name, "%s", name);
     }
     if (bad >= 0)
-        CHECK(name, 0, "gpu[%lld] = %g (cpu %g)", (long long)bad, tc_widen(g[bad]),
-              tc_widen(b.h[bad]));
+        CHECK(name, 0, "gpu[%lld] = %g (cpu %g)", (long long)bad, hk->ty->widen(g[bad]),
+              hk->ty->widen(b.h[bad]));
     else
         CHECK(name, isfinite(rel) && rel <= tol, "relative error %.3g > %.1g over %lld values",
               rel, tol, (long long)b.n);
 }
 
-static void tc_b_elementwise(tc_env *t)
+static void tc_h_elementwise(tc_env *t)
 {
+    tc_half *hk = t->half;
     static const int64_t sizes[] = {1, 37, 1000, 65537};
     char name[160];
     for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
         int64_t n = sizes[s];
-        /* casts: fp32 values between bf16 neighbours, exact ties included */
+        /* casts: fp32 values between neighbours of the type, exact ties
+         * included (tc_half_ties) */
         tc_f xf = tc_in(t, n, -3, 3), yf = tc_out(t, n);
-        static const float ties[] = {1.00390625f, 1.01171875f, -1.00390625f, 3.0e38f, 1e-40f};
-        for (size_t i = 0; i < sizeof ties / sizeof *ties && (int64_t)i < n; i++)
-            xf.h[i] = ties[i];
+        for (size_t i = 0; i < hk->nties && (int64_t)i < n; i++)
+            xf.h[i] = hk->ties[i];
         tc_h2d(t, xf.d, xf.h, n * 4);
-        tc_b yb = tc_bout(t, n);
-        moek_cast_f32_bf16(C, xf.h, yb.h, n);
-        t->g.cast_f32_bf16(G, xf.d, yb.d, n);
-        if (tc_sync(t, NM("cuda cast_f32_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, yb, 0.0);
-        tc_bup(t, yb);
-        moek_cast_bf16_f32(C, yb.h, yf.h, n);
-        t->g.cast_bf16_f32(G, yb.d, yf.d, n);
-        if (tc_sync(t, NM("cuda cast_bf16_f32 n=%lld", (long long)n)))
+        tc_h yb = tc_hout(t, n);
+        hk->c.cast_f32(C, xf.h, yb.h, n);
+        hk->g.cast_f32(G, xf.d, yb.d, n);
+        if (tc_sync(t, NM("cuda cast_f32_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, yb, 0.0);
+        tc_hup(t, yb);
+        hk->c.cast_to_f32(C, yb.h, yf.h, n);
+        hk->g.cast_to_f32(G, yb.d, yf.d, n);
+        if (tc_sync(t, NM("cuda cast_%s_f32 n=%lld", TN, (long long)n)))
             tc_cmp(t, name, yf, 0.0);
 
-        tc_b a = tc_bin(t, n, -3, 3), b = tc_bin(t, n, -3, 3), y = tc_bout(t, n), z = tc_bout(t, n);
-        moek_fill_bf16(C, y.h, n, 2.5f);
-        t->g.fill_bf16(G, y.d, n, 2.5f);
-        if (tc_sync(t, NM("cuda fill_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, 0.0);
-        moek_copy_bf16(C, a.h, y.h, n);
-        t->g.copy_bf16(G, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda copy_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, 0.0);
-        moek_add_fwd_bf16(C, a.h, b.h, y.h, n);
-        t->g.add_fwd_bf16(G, a.d, b.d, y.d, n);
-        if (tc_sync(t, NM("cuda add_fwd_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, TOL_B);
+        tc_h a = tc_hin(t, n, -3, 3), b = tc_hin(t, n, -3, 3), y = tc_hout(t, n), z = tc_hout(t, n);
+        hk->c.fill(C, y.h, n, 2.5f);
+        hk->g.fill(G, y.d, n, 2.5f);
+        if (tc_sync(t, NM("cuda fill_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, 0.0);
+        hk->c.copy(C, a.h, y.h, n);
+        hk->g.copy(G, a.d, y.d, n);
+        if (tc_sync(t, NM("cuda copy_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, 0.0);
+        hk->c.add_fwd(C, a.h, b.h, y.h, n);
+        hk->g.add_fwd(G, a.d, b.d, y.d, n);
+        if (tc_sync(t, NM("cuda add_fwd_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, TOL_HALF);
         tc_f acc = tc_in(t, n, -1, 1);
-        moek_accumulate_bf16(C, acc.h, a.h, n);
-        t->g.accumulate_bf16(G, acc.d, a.d, n);
-        if (tc_sync(t, NM("cuda accumulate_bf16 n=%lld", (long long)n)))
+        hk->c.accumulate(C, acc.h, a.h, n);
+        hk->g.accumulate(G, acc.d, a.d, n);
+        if (tc_sync(t, NM("cuda accumulate_%s n=%lld", TN, (long long)n)))
             tc_cmp(t, name, acc, TOL_SIDE);
-        moek_scale_fwd_bf16(C, a.h, y.h, n, -0.37f);
-        t->g.scale_fwd_bf16(G, a.d, y.d, n, -0.37f);
-        if (tc_sync(t, NM("cuda scale_fwd_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, TOL_B);
-        moek_scale_bwd_bf16(C, b.h, y.h, n, 1.7f);
-        t->g.scale_bwd_bf16(G, b.d, y.d, n, 1.7f);
-        if (tc_sync(t, NM("cuda scale_bwd_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, TOL_B);
-        moek_gelu_fwd_bf16(C, a.h, y.h, n);
-        t->g.gelu_fwd_bf16(G, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda gelu_fwd_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, TOL_B);
-        moek_gelu_bwd_bf16(C, b.h, a.h, y.h, n);
-        t->g.gelu_bwd_bf16(G, b.d, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda gelu_bwd_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, TOL_B);
-        moek_swiglu_fwd_bf16(C, a.h, b.h, y.h, n);
-        t->g.swiglu_fwd_bf16(G, a.d, b.d, y.d, n);
-        if (tc_sync(t, NM("cuda swiglu_fwd_bf16 n=%lld", (long long)n)))
-            tc_bcmp(t, name, y, TOL_B);
-        tc_b dy = tc_bin(t, n, -1, 1);
-        moek_swiglu_bwd_bf16(C, dy.h, a.h, b.h, y.h, z.h, n);
-        t->g.swiglu_bwd_bf16(G, dy.d, a.d, b.d, y.d, z.d, n);
-        if (tc_sync(t, NM("cuda swiglu_bwd_bf16 n=%lld", (long long)n))) {
-            tc_bcmp(t, NM("cuda swiglu_bwd_bf16 dgate n=%lld", (long long)n), y, TOL_B);
-            tc_bcmp(t, NM("cuda swiglu_bwd_bf16 dup n=%lld", (long long)n), z, TOL_B);
+        hk->c.scale_fwd(C, a.h, y.h, n, -0.37f);
+        hk->g.scale_fwd(G, a.d, y.d, n, -0.37f);
+        if (tc_sync(t, NM("cuda scale_fwd_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, TOL_HALF);
+        hk->c.scale_bwd(C, b.h, y.h, n, 1.7f);
+        hk->g.scale_bwd(G, b.d, y.d, n, 1.7f);
+        if (tc_sync(t, NM("cuda scale_bwd_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, TOL_HALF);
+        hk->c.gelu_fwd(C, a.h, y.h, n);
+        hk->g.gelu_fwd(G, a.d, y.d, n);
+        if (tc_sync(t, NM("cuda gelu_fwd_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, TOL_HALF);
+        hk->c.gelu_bwd(C, b.h, a.h, y.h, n);
+        hk->g.gelu_bwd(G, b.d, a.d, y.d, n);
+        if (tc_sync(t, NM("cuda gelu_bwd_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, TOL_HALF);
+        hk->c.swiglu_fwd(C, a.h, b.h, y.h, n);
+        hk->g.swiglu_fwd(G, a.d, b.d, y.d, n);
+        if (tc_sync(t, NM("cuda swiglu_fwd_%s n=%lld", TN, (long long)n)))
+            tc_hcmp(t, name, y, TOL_HALF);
+        tc_h dy = tc_hin(t, n, -1, 1);
+        hk->c.swiglu_bwd(C, dy.h, a.h, b.h, y.h, z.h, n);
+        hk->g.swiglu_bwd(G, dy.d, a.d, b.d, y.d, z.d, n);
+        if (tc_sync(t, NM("cuda swiglu_bwd_%s n=%lld", TN, (long long)n))) {
+            tc_hcmp(t, NM("cuda swiglu_bwd_%s dgate n=%lld", TN, (long long)n), y, TOL_HALF);
+            tc_hcmp(t, NM("cuda swiglu_bwd_%s dup n=%lld", TN, (long long)n), z, TOL_HALF);
         }
         tc_reset(t);
     }
 }
 
-static void tc_b_embedding(tc_env *t)
+static void tc_h_embedding(tc_env *t)
 {
-    /* the last: several id tiles of the bf16 backward, ids 300.. unused */
+    tc_half *hk = t->half;
+    /* the last: several id tiles of the half backward, ids 300.. unused */
     static const int64_t shapes[][3] = {{1, 5, 1}, {37, 5, 13}, {300, 50, 64}, {500, 700, 45}};
     char name[160];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int64_t N = shapes[s][0], V = shapes[s][1], D = shapes[s][2];
         tc_i ids = tc_iin(t, N, 0, V < 300 ? V : 300);
-        tc_b tab = tc_bin(t, V * D, -1, 1), out = tc_bout(t, N * D), dout = tc_bin(t, N * D, -1, 1);
-        tc_b dtab = tc_bout(t, V * D);
+        tc_h tab = tc_hin(t, V * D, -1, 1), out = tc_hout(t, N * D), dout = tc_hin(t, N * D, -1, 1);
+        tc_h dtab = tc_hout(t, V * D);
 #define SH (long long)N, (long long)V, (long long)D
-        moek_embedding_fwd_bf16(C, ids.h, tab.h, out.h, N, V, D);
-        t->g.embedding_fwd_bf16(G, ids.d, tab.d, out.d, N, V, D);
-        if (tc_sync(t, NM("cuda embedding_fwd_bf16 N=%lld V=%lld D=%lld", SH)))
-            tc_bcmp(t, name, out, 0.0);
-        moek_embedding_bwd_bf16(C, dout.h, ids.h, dtab.h, N, V, D);
-        t->g.embedding_bwd_bf16(G, dout.d, ids.d, dtab.d, N, V, D);
-        if (tc_sync(t, NM("cuda embedding_bwd_bf16 N=%lld V=%lld D=%lld", SH)))
-            tc_bcmp(t, name, dtab, TOL_B);
+        hk->c.embedding_fwd(C, ids.h, tab.h, out.h, N, V, D);
+        hk->g.embedding_fwd(G, ids.d, tab.d, out.d, N, V, D);
+        if (tc_sync(t, NM("cuda embedding_fwd_%s N=%lld V=%lld D=%lld", TN, SH)))
+            tc_hcmp(t, name, out, 0.0);
+        hk->c.embedding_bwd(C, dout.h, ids.h, dtab.h, N, V, D);
+        hk->g.embedding_bwd(G, dout.d, ids.d, dtab.d, N, V, D);
+        if (tc_sync(t, NM("cuda embedding_bwd_%s N=%lld V=%lld D=%lld", TN, SH)))
+            tc_hcmp(t, name, dtab, TOL_HALF);
 #undef SH
         tc_reset(t);
     }
-    /* errors of the tiled bf16 backward: a bad id at sync, a vocabulary too
+    /* errors of the tiled half backward: a bad id at sync, a vocabulary too
      * big for its grid at once (nothing is touched before the check) */
     tc_i ids = tc_iin(t, 4, 0, 3);
     ids.h[1] = -2;
     tc_iup(t, ids);
-    tc_b dout = tc_bin(t, 4 * 5, -1, 1), dtab = tc_bout(t, 3 * 5);
-    t->g.embedding_bwd_bf16(G, dout.d, ids.d, dtab.d, 4, 3, 5);
+    tc_h dout = tc_hin(t, 4 * 5, -1, 1), dtab = tc_hout(t, 3 * 5);
+    hk->g.embedding_bwd(G, dout.d, ids.d, dtab.d, 4, 3, 5);
     int rc = t->g.device_sync(G, t->err, sizeof t->err);
-    printf("# bad token id (embedding_bwd_bf16): %s\n", t->err);
-    CHECK("cuda embedding_bwd_bf16 reports a bad id at sync",
+    printf("# bad token id (embedding_bwd_%s): %s\n", TN, t->err);
+    CHECK(NM("cuda embedding_bwd_%s reports a bad id at sync", TN),
           rc == -1 && t->gstatus == MOEK_E_INDEX && strstr(t->err, "MOEK_E_INDEX"),
           "rc %d status %d", rc, t->gstatus);
     t->gstatus = 0;
-    t->g.embedding_bwd_bf16(G, dout.d, ids.d, dtab.d, 4, (int64_t)1 << 25, 5);
-    CHECK("cuda embedding_bwd_bf16 rejects a vocabulary over 2^24 ids",
+    hk->g.embedding_bwd(G, dout.d, ids.d, dtab.d, 4, (int64_t)1 << 25, 5);
+    CHECK(NM("cuda embedding_bwd_%s rejects a vocabulary over 2^24 ids", TN),
           t->gstatus == MOEK_E_SHAPE, "status %d", t->gstatus);
     tc_reset(t);
 }
 
-static void tc_b_matmul(tc_env *t)
+static void tc_h_matmul(tc_env *t)
 {
+    tc_half *hk = t->half;
     static const int64_t shapes[][3] = {{1, 1, 1}, {37, 19, 23}, {128, 64, 96}, {300, 257, 129},
                                         {4, 7, 0}, {3, 0, 5}};
     char name[160];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int64_t N = shapes[s][0], K = shapes[s][1], M = shapes[s][2];
-        tc_b x = tc_bin(t, N * K, -1, 1), w = tc_bin(t, M * K, -1, 1), y = tc_bout(t, N * M);
-        tc_b dy = tc_bin(t, N * M, -1, 1), dx = tc_bout(t, N * K), dw = tc_bout(t, M * K);
+        tc_h x = tc_hin(t, N * K, -1, 1), w = tc_hin(t, M * K, -1, 1), y = tc_hout(t, N * M);
+        tc_h dy = tc_hin(t, N * M, -1, 1), dx = tc_hout(t, N * K), dw = tc_hout(t, M * K);
 #define SH (long long)N, (long long)K, (long long)M
-        moek_matmul_fwd_bf16(C, x.h, w.h, y.h, N, K, M);
-        t->g.matmul_fwd_bf16(G, x.d, w.d, y.d, N, K, M);
-        if (tc_sync(t, NM("cuda matmul_fwd_bf16 N=%lld K=%lld M=%lld", SH)))
-            tc_bcmp(t, name, y, TOL_B);
-        moek_matmul_bwd_bf16(C, dy.h, x.h, w.h, dx.h, dw.h, N, K, M);
-        t->g.matmul_bwd_bf16(G, dy.d, x.d, w.d, dx.d, dw.d, N, K, M);
-        if (tc_sync(t, NM("cuda matmul_bwd_bf16 N=%lld K=%lld M=%lld", SH))) {
-            tc_bcmp(t, NM("cuda matmul_bwd_bf16 dx N=%lld K=%lld M=%lld", SH), dx, TOL_B);
-            tc_bcmp(t, NM("cuda matmul_bwd_bf16 dw N=%lld K=%lld M=%lld", SH), dw, TOL_B);
+        hk->c.matmul_fwd(C, x.h, w.h, y.h, N, K, M);
+        hk->g.matmul_fwd(G, x.d, w.d, y.d, N, K, M);
+        if (tc_sync(t, NM("cuda matmul_fwd_%s N=%lld K=%lld M=%lld", TN, SH)))
+            tc_hcmp(t, name, y, TOL_HALF);
+        hk->c.matmul_bwd(C, dy.h, x.h, w.h, dx.h, dw.h, N, K, M);
+        hk->g.matmul_bwd(G, dy.d, x.d, w.d, dx.d, dw.d, N, K, M);
+        if (tc_sync(t, NM("cuda matmul_bwd_%s N=%lld K=%lld M=%lld", TN, SH))) {
+            tc_hcmp(t, NM("cuda matmul_bwd_%s dx N=%lld K=%lld M=%lld", TN, SH), dx, TOL_HALF);
+            tc_hcmp(t, NM("cuda matmul_bwd_%s dw N=%lld K=%lld M=%lld", TN, SH), dw, TOL_HALF);
         }
 #undef SH
         tc_reset(t);
     }
 }
 
-static void tc_b_norm_rope(tc_env *t)
+static void tc_h_norm_rope(tc_env *t)
 {
+    tc_half *hk = t->half;
     static const int64_t shapes[][2] = {{1, 1}, {37, 19}, {64, 1000}};
     char name[160];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int64_t N = shapes[s][0], D = shapes[s][1];
-        tc_b x = tc_bin(t, N * D, -2, 2), w = tc_bin(t, D, 0.5f, 1.5f), y = tc_bout(t, N * D);
+        tc_h x = tc_hin(t, N * D, -2, 2), w = tc_hin(t, D, 0.5f, 1.5f), y = tc_hout(t, N * D);
         tc_f r = tc_out(t, N);
-        tc_b dy = tc_bin(t, N * D, -1, 1), dx = tc_bout(t, N * D), dw = tc_bout(t, D);
-        moek_rmsnorm_fwd_bf16(C, x.h, w.h, y.h, r.h, N, D, 1e-5f);
-        t->g.rmsnorm_fwd_bf16(G, x.d, w.d, y.d, r.d, N, D, 1e-5f);
-        if (tc_sync(t, NM("cuda rmsnorm_fwd_bf16 N=%lld D=%lld", (long long)N, (long long)D))) {
-            tc_bcmp(t, name, y, TOL_B);
-            tc_cmp(t, NM("cuda rmsnorm_fwd_bf16 rstd N=%lld D=%lld", (long long)N, (long long)D), r,
+        tc_h dy = tc_hin(t, N * D, -1, 1), dx = tc_hout(t, N * D), dw = tc_hout(t, D);
+        hk->c.rmsnorm_fwd(C, x.h, w.h, y.h, r.h, N, D, 1e-5f);
+        hk->g.rmsnorm_fwd(G, x.d, w.d, y.d, r.d, N, D, 1e-5f);
+        if (tc_sync(t, NM("cuda rmsnorm_fwd_%s N=%lld D=%lld", TN, (long long)N, (long long)D))) {
+            tc_hcmp(t, name, y, TOL_HALF);
+            tc_cmp(t, NM("cuda rmsnorm_fwd_%s rstd N=%lld D=%lld", TN, (long long)N, (long long)D), r,
                    TOL_SIDE);
         }
         tc_h2d(t, r.d, r.h, N * 4);
-        moek_rmsnorm_bwd_bf16(C, dy.h, x.h, w.h, r.h, dx.h, dw.h, N, D);
-        t->g.rmsnorm_bwd_bf16(G, dy.d, x.d, w.d, r.d, dx.d, dw.d, N, D);
-        if (tc_sync(t, NM("cuda rmsnorm_bwd_bf16 N=%lld D=%lld", (long long)N, (long long)D))) {
-            tc_bcmp(t, NM("cuda rmsnorm_bwd_bf16 dx N=%lld D=%lld", (long long)N, (long long)D), dx,
-                    TOL_B);
-            tc_bcmp(t, NM("cuda rmsnorm_bwd_bf16 dw N=%lld D=%lld", (long long)N, (long long)D), dw,
-                    TOL_B);
+        hk->c.rmsnorm_bwd(C, dy.h, x.h, w.h, r.h, dx.h, dw.h, N, D);
+        hk->g.rmsnorm_bwd(G, dy.d, x.d, w.d, r.d, dx.d, dw.d, N, D);
+        if (tc_sync(t, NM("cuda rmsnorm_bwd_%s N=%lld D=%lld", TN, (long long)N, (long long)D))) {
+            tc_hcmp(t, NM("cuda rmsnorm_bwd_%s dx N=%lld D=%lld", TN, (long long)N, (long long)D), dx,
+                    TOL_HALF);
+            tc_hcmp(t, NM("cuda rmsnorm_bwd_%s dw N=%lld D=%lld", TN, (long long)N, (long long)D), dw,
+                    TOL_HALF);
         }
         tc_reset(t);
     }
@@ -968,104 +981,107 @@ static void tc_b_norm_rope(tc_env *t)
     for (size_t s = 0; s < sizeof rshapes / sizeof *rshapes; s++) {
         int64_t B = rshapes[s][0], T = rshapes[s][1], H = rshapes[s][2], Dh = rshapes[s][3];
         int64_t n = B * T * H * Dh;
-        tc_b x = tc_bin(t, n, -1, 1), y = tc_bout(t, n), dx = tc_bout(t, n);
+        tc_h x = tc_hin(t, n, -1, 1), y = tc_hout(t, n), dx = tc_hout(t, n);
 #define SH (long long)B, (long long)T, (long long)H, (long long)Dh
-        moek_rope_fwd_bf16(C, x.h, y.h, B, T, H, Dh, 10000.0f);
-        t->g.rope_fwd_bf16(G, x.d, y.d, B, T, H, Dh, 10000.0f);
-        if (tc_sync(t, NM("cuda rope_fwd_bf16 B=%lld T=%lld H=%lld Dh=%lld", SH)))
-            tc_bcmp(t, name, y, TOL_B);
-        moek_rope_bwd_bf16(C, x.h, dx.h, B, T, H, Dh, 10000.0f);
-        t->g.rope_bwd_bf16(G, x.d, dx.d, B, T, H, Dh, 10000.0f);
-        if (tc_sync(t, NM("cuda rope_bwd_bf16 B=%lld T=%lld H=%lld Dh=%lld", SH)))
-            tc_bcmp(t, name, dx, TOL_B);
+        hk->c.rope_fwd(C, x.h, y.h, B, T, H, Dh, 10000.0f);
+        hk->g.rope_fwd(G, x.d, y.d, B, T, H, Dh, 10000.0f);
+        if (tc_sync(t, NM("cuda rope_fwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH)))
+            tc_hcmp(t, name, y, TOL_HALF);
+        hk->c.rope_bwd(C, x.h, dx.h, B, T, H, Dh, 10000.0f);
+        hk->g.rope_bwd(G, x.d, dx.d, B, T, H, Dh, 10000.0f);
+        if (tc_sync(t, NM("cuda rope_bwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH)))
+            tc_hcmp(t, name, dx, TOL_HALF);
 #undef SH
         tc_reset(t);
     }
 }
 
-static void tc_b_attention(tc_env *t)
+static void tc_h_attention(tc_env *t)
 {
+    tc_half *hk = t->half;
     static const int64_t shapes[][4] = {{1, 1, 1, 4}, {2, 37, 3, 16}, {1, 130, 2, 33}, {1, 64, 4, 64}};
     char name[160];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int64_t B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], Dh = shapes[s][3];
         int64_t n = B * T * H * Dh;
-        tc_b q = tc_bin(t, n, -1, 1), k = tc_bin(t, n, -1, 1), v = tc_bin(t, n, -1, 1);
-        tc_b o = tc_bout(t, n), dout = tc_bin(t, n, -1, 1);
+        tc_h q = tc_hin(t, n, -1, 1), k = tc_hin(t, n, -1, 1), v = tc_hin(t, n, -1, 1);
+        tc_h o = tc_hout(t, n), dout = tc_hin(t, n, -1, 1);
         tc_f lse = tc_out(t, B * H * T);
-        tc_b dq = tc_bout(t, n), dk = tc_bout(t, n), dv = tc_bout(t, n);
+        tc_h dq = tc_hout(t, n), dk = tc_hout(t, n), dv = tc_hout(t, n);
 #define SH (long long)B, (long long)T, (long long)H, (long long)Dh
-        moek_attention_fwd_bf16(C, q.h, k.h, v.h, o.h, lse.h, B, T, H, Dh);
-        t->g.attention_fwd_bf16(G, q.d, k.d, v.d, o.d, lse.d, B, T, H, Dh);
-        if (tc_sync(t, NM("cuda attention_fwd_bf16 B=%lld T=%lld H=%lld Dh=%lld", SH))) {
-            tc_bcmp(t, name, o, TOL_B);
-            tc_cmp(t, NM("cuda attention_fwd_bf16 lse B=%lld T=%lld H=%lld Dh=%lld", SH), lse,
+        hk->c.attention_fwd(C, q.h, k.h, v.h, o.h, lse.h, B, T, H, Dh);
+        hk->g.attention_fwd(G, q.d, k.d, v.d, o.d, lse.d, B, T, H, Dh);
+        if (tc_sync(t, NM("cuda attention_fwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH))) {
+            tc_hcmp(t, name, o, TOL_HALF);
+            tc_cmp(t, NM("cuda attention_fwd_%s lse B=%lld T=%lld H=%lld Dh=%lld", TN, SH), lse,
                    TOL_SIDE);
         }
-        tc_bup(t, o);   /* backward from the CPU's o and lse on both sides */
+        tc_hup(t, o);   /* backward from the CPU's o and lse on both sides */
         tc_h2d(t, lse.d, lse.h, B * H * T * 4);
-        moek_attention_bwd_bf16(C, dout.h, q.h, k.h, v.h, o.h, lse.h, dq.h, dk.h, dv.h, B, T, H, Dh);
-        t->g.attention_bwd_bf16(G, dout.d, q.d, k.d, v.d, o.d, lse.d, dq.d, dk.d, dv.d, B, T, H,
+        hk->c.attention_bwd(C, dout.h, q.h, k.h, v.h, o.h, lse.h, dq.h, dk.h, dv.h, B, T, H, Dh);
+        hk->g.attention_bwd(G, dout.d, q.d, k.d, v.d, o.d, lse.d, dq.d, dk.d, dv.d, B, T, H,
                                 Dh);
-        if (tc_sync(t, NM("cuda attention_bwd_bf16 B=%lld T=%lld H=%lld Dh=%lld", SH))) {
-            tc_bcmp(t, NM("cuda attention_bwd_bf16 dq B=%lld T=%lld H=%lld Dh=%lld", SH), dq, TOL_B);
-            tc_bcmp(t, NM("cuda attention_bwd_bf16 dk B=%lld T=%lld H=%lld Dh=%lld", SH), dk, TOL_B);
-            tc_bcmp(t, NM("cuda attention_bwd_bf16 dv B=%lld T=%lld H=%lld Dh=%lld", SH), dv, TOL_B);
+        if (tc_sync(t, NM("cuda attention_bwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH))) {
+            tc_hcmp(t, NM("cuda attention_bwd_%s dq B=%lld T=%lld H=%lld Dh=%lld", TN, SH), dq, TOL_HALF);
+            tc_hcmp(t, NM("cuda attention_bwd_%s dk B=%lld T=%lld H=%lld Dh=%lld", TN, SH), dk, TOL_HALF);
+            tc_hcmp(t, NM("cuda attention_bwd_%s dv B=%lld T=%lld H=%lld Dh=%lld", TN, SH), dv, TOL_HALF);
         }
 #undef SH
         tc_reset(t);
     }
 }
 
-static void tc_b_losses(tc_env *t)
+static void tc_h_losses(tc_env *t)
 {
+    tc_half *hk = t->half;
     static const int64_t shapes[][2] = {{1, 5}, {37, 1000}, {16, 5003}};
     char name[160];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int64_t N = shapes[s][0], V = shapes[s][1];
-        tc_b x = tc_bin(t, N * V, -4, 4), dx = tc_bout(t, N * V);
+        tc_h x = tc_hin(t, N * V, -4, 4), dx = tc_hout(t, N * V);
         tc_f loss = tc_out(t, 1), lse = tc_out(t, N), dl = tc_in(t, 1, 0.5f, 2.0f);
         tc_i y = tc_iin(t, N, 0, V);
 #define SH (long long)N, (long long)V
-        moek_cross_entropy_fwd_bf16(C, x.h, y.h, loss.h, lse.h, N, V);
-        t->g.cross_entropy_fwd_bf16(G, x.d, y.d, loss.d, lse.d, N, V);
-        if (tc_sync(t, NM("cuda cross_entropy_fwd_bf16 N=%lld V=%lld", SH))) {
+        hk->c.cross_entropy_fwd(C, x.h, y.h, loss.h, lse.h, N, V);
+        hk->g.cross_entropy_fwd(G, x.d, y.d, loss.d, lse.d, N, V);
+        if (tc_sync(t, NM("cuda cross_entropy_fwd_%s N=%lld V=%lld", TN, SH))) {
             tc_cmp(t, name, loss, TOL_SIDE);
-            tc_cmp(t, NM("cuda cross_entropy_fwd_bf16 lse N=%lld V=%lld", SH), lse, TOL_SIDE);
+            tc_cmp(t, NM("cuda cross_entropy_fwd_%s lse N=%lld V=%lld", TN, SH), lse, TOL_SIDE);
         }
         tc_h2d(t, lse.d, lse.h, N * 4);
-        moek_cross_entropy_bwd_bf16(C, dl.h, x.h, y.h, lse.h, dx.h, N, V);
-        t->g.cross_entropy_bwd_bf16(G, dl.d, x.d, y.d, lse.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda cross_entropy_bwd_bf16 N=%lld V=%lld", SH)))
-            tc_bcmp(t, name, dx, TOL_B);
-        moek_zloss_fwd_bf16(C, x.h, loss.h, N, V);
-        t->g.zloss_fwd_bf16(G, x.d, loss.d, N, V);
-        if (tc_sync(t, NM("cuda zloss_fwd_bf16 N=%lld E=%lld", SH)))
+        hk->c.cross_entropy_bwd(C, dl.h, x.h, y.h, lse.h, dx.h, N, V);
+        hk->g.cross_entropy_bwd(G, dl.d, x.d, y.d, lse.d, dx.d, N, V);
+        if (tc_sync(t, NM("cuda cross_entropy_bwd_%s N=%lld V=%lld", TN, SH)))
+            tc_hcmp(t, name, dx, TOL_HALF);
+        hk->c.zloss_fwd(C, x.h, loss.h, N, V);
+        hk->g.zloss_fwd(G, x.d, loss.d, N, V);
+        if (tc_sync(t, NM("cuda zloss_fwd_%s N=%lld E=%lld", TN, SH)))
             tc_cmp(t, name, loss, TOL_SIDE);
-        moek_zloss_bwd_bf16(C, dl.h, x.h, dx.h, N, V);
-        t->g.zloss_bwd_bf16(G, dl.d, x.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda zloss_bwd_bf16 N=%lld E=%lld", SH)))
-            tc_bcmp(t, name, dx, TOL_B);
+        hk->c.zloss_bwd(C, dl.h, x.h, dx.h, N, V);
+        hk->g.zloss_bwd(G, dl.d, x.d, dx.d, N, V);
+        if (tc_sync(t, NM("cuda zloss_bwd_%s N=%lld E=%lld", TN, SH)))
+            tc_hcmp(t, name, dx, TOL_HALF);
         /* router softmax on the same logits: fp32 probabilities */
         tc_f p = tc_out(t, N * V), dp = tc_in(t, N * V, -1, 1);
-        moek_softmax_fwd_bf16(C, x.h, p.h, N, V);
-        t->g.softmax_fwd_bf16(G, x.d, p.d, N, V);
-        if (tc_sync(t, NM("cuda softmax_fwd_bf16 N=%lld E=%lld", SH)))
+        hk->c.softmax_fwd(C, x.h, p.h, N, V);
+        hk->g.softmax_fwd(G, x.d, p.d, N, V);
+        if (tc_sync(t, NM("cuda softmax_fwd_%s N=%lld E=%lld", TN, SH)))
             tc_cmp(t, name, p, TOL_SIDE);
         tc_h2d(t, p.d, p.h, N * V * 4);
-        moek_softmax_bwd_bf16(C, dp.h, p.h, dx.h, N, V);
-        t->g.softmax_bwd_bf16(G, dp.d, p.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda softmax_bwd_bf16 N=%lld E=%lld", SH)))
-            tc_bcmp(t, name, dx, TOL_B);
+        hk->c.softmax_bwd(C, dp.h, p.h, dx.h, N, V);
+        hk->g.softmax_bwd(G, dp.d, p.d, dx.d, N, V);
+        if (tc_sync(t, NM("cuda softmax_bwd_%s N=%lld E=%lld", TN, SH)))
+            tc_hcmp(t, name, dx, TOL_HALF);
 #undef SH
         tc_reset(t);
     }
 }
 
 /* idx patterns as in tc_moe_case */
-static void tc_b_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, int64_t C_,
+static void tc_h_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, int64_t C_,
                           int64_t M, int pattern)
 {
+    tc_half *hk = t->half;
     char name[200], sh[120];
     snprintf(sh, sizeof sh, "N=%lld D=%lld E=%lld k=%lld C=%lld M=%lld idx=%d", (long long)N,
              (long long)D, (long long)E, (long long)k, (long long)C_, (long long)M, pattern);
@@ -1086,66 +1102,67 @@ static void tc_b_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k,
         }
     }
     tc_iup(t, idx);
-    tc_b x = tc_bin(t, N * D, -1, 1), xs = tc_bout(t, R * D);
+    tc_h x = tc_hin(t, N * D, -1, 1), xs = tc_hout(t, R * D);
     tc_i slot = tc_iout(t, S), er = tc_iout(t, 2 * E);
-    moek_dispatch_fwd_bf16(C, x.h, idx.h, xs.h, slot.h, er.h, N, D, E, k, C_);
-    t->g.dispatch_fwd_bf16(G, x.d, idx.d, xs.d, slot.d, er.d, N, D, E, k, C_);
-    if (tc_sync(t, NM("cuda dispatch_fwd_bf16 %s", sh))) {
-        tc_bcmp(t, NM("cuda dispatch_fwd_bf16 xs %s", sh), xs, 0.0);
-        tc_icmp(t, NM("cuda dispatch_fwd_bf16 slot_row %s", sh), slot);
-        tc_icmp(t, NM("cuda dispatch_fwd_bf16 expert_rows %s", sh), er);
+    hk->c.dispatch_fwd(C, x.h, idx.h, xs.h, slot.h, er.h, N, D, E, k, C_);
+    hk->g.dispatch_fwd(G, x.d, idx.d, xs.d, slot.d, er.d, N, D, E, k, C_);
+    if (tc_sync(t, NM("cuda dispatch_fwd_%s %s", TN, sh))) {
+        tc_hcmp(t, NM("cuda dispatch_fwd_%s xs %s", TN, sh), xs, 0.0);
+        tc_icmp(t, NM("cuda dispatch_fwd_%s slot_row %s", TN, sh), slot);
+        tc_icmp(t, NM("cuda dispatch_fwd_%s expert_rows %s", TN, sh), er);
     }
     tc_iup(t, slot);
     tc_iup(t, er);
-    tc_bup(t, xs);
-    tc_b dxs = tc_bin(t, R * D, -1, 1), dx = tc_bout(t, N * D);
-    moek_dispatch_bwd_bf16(C, dxs.h, slot.h, dx.h, N, D, k, R);
-    t->g.dispatch_bwd_bf16(G, dxs.d, slot.d, dx.d, N, D, k, R);
-    if (tc_sync(t, NM("cuda dispatch_bwd_bf16 %s", sh)))
-        tc_bcmp(t, name, dx, TOL_B);
-    tc_b w = tc_bin(t, E * M * D, -1, 1), ys = tc_bout(t, R * M);
-    moek_grouped_matmul_fwd_bf16(C, xs.h, w.h, er.h, ys.h, R, D, M, E);
-    t->g.grouped_matmul_fwd_bf16(G, xs.d, w.d, er.d, ys.d, R, D, M, E);
-    if (tc_sync(t, NM("cuda grouped_matmul_fwd_bf16 %s", sh)))
-        tc_bcmp(t, name, ys, TOL_B);
-    tc_b dys = tc_bin(t, R * M, -1, 1), dxs2 = tc_bout(t, R * D), dw = tc_bout(t, E * M * D);
-    moek_grouped_matmul_bwd_bf16(C, dys.h, xs.h, w.h, er.h, dxs2.h, dw.h, R, D, M, E);
-    t->g.grouped_matmul_bwd_bf16(G, dys.d, xs.d, w.d, er.d, dxs2.d, dw.d, R, D, M, E);
-    if (tc_sync(t, NM("cuda grouped_matmul_bwd_bf16 %s", sh))) {
-        tc_bcmp(t, NM("cuda grouped_matmul_bwd_bf16 dxs %s", sh), dxs2, TOL_B);
-        tc_bcmp(t, NM("cuda grouped_matmul_bwd_bf16 dw %s", sh), dw, TOL_B);
+    tc_hup(t, xs);
+    tc_h dxs = tc_hin(t, R * D, -1, 1), dx = tc_hout(t, N * D);
+    hk->c.dispatch_bwd(C, dxs.h, slot.h, dx.h, N, D, k, R);
+    hk->g.dispatch_bwd(G, dxs.d, slot.d, dx.d, N, D, k, R);
+    if (tc_sync(t, NM("cuda dispatch_bwd_%s %s", TN, sh)))
+        tc_hcmp(t, name, dx, TOL_HALF);
+    tc_h w = tc_hin(t, E * M * D, -1, 1), ys = tc_hout(t, R * M);
+    hk->c.grouped_matmul_fwd(C, xs.h, w.h, er.h, ys.h, R, D, M, E);
+    hk->g.grouped_matmul_fwd(G, xs.d, w.d, er.d, ys.d, R, D, M, E);
+    if (tc_sync(t, NM("cuda grouped_matmul_fwd_%s %s", TN, sh)))
+        tc_hcmp(t, name, ys, TOL_HALF);
+    tc_h dys = tc_hin(t, R * M, -1, 1), dxs2 = tc_hout(t, R * D), dw = tc_hout(t, E * M * D);
+    hk->c.grouped_matmul_bwd(C, dys.h, xs.h, w.h, er.h, dxs2.h, dw.h, R, D, M, E);
+    hk->g.grouped_matmul_bwd(G, dys.d, xs.d, w.d, er.d, dxs2.d, dw.d, R, D, M, E);
+    if (tc_sync(t, NM("cuda grouped_matmul_bwd_%s %s", TN, sh))) {
+        tc_hcmp(t, NM("cuda grouped_matmul_bwd_%s dxs %s", TN, sh), dxs2, TOL_HALF);
+        tc_hcmp(t, NM("cuda grouped_matmul_bwd_%s dw %s", TN, sh), dw, TOL_HALF);
     }
     tc_f gates = tc_in(t, S, 0, 1), dg = tc_out(t, S);
-    tc_b out = tc_bout(t, N * M), dout = tc_bin(t, N * M, -1, 1), dys2 = tc_bout(t, R * M);
-    tc_bup(t, ys);
-    moek_combine_fwd_bf16(C, ys.h, slot.h, gates.h, out.h, N, M, k, R);
-    t->g.combine_fwd_bf16(G, ys.d, slot.d, gates.d, out.d, N, M, k, R);
-    if (tc_sync(t, NM("cuda combine_fwd_bf16 %s", sh)))
-        tc_bcmp(t, name, out, TOL_B);
-    moek_combine_bwd_bf16(C, dout.h, ys.h, slot.h, gates.h, dys2.h, dg.h, N, M, k, R);
-    t->g.combine_bwd_bf16(G, dout.d, ys.d, slot.d, gates.d, dys2.d, dg.d, N, M, k, R);
-    if (tc_sync(t, NM("cuda combine_bwd_bf16 %s", sh))) {
-        tc_bcmp(t, NM("cuda combine_bwd_bf16 dys %s", sh), dys2, TOL_B);
-        tc_cmp(t, NM("cuda combine_bwd_bf16 dgates %s", sh), dg, TOL_SIDE);
+    tc_h out = tc_hout(t, N * M), dout = tc_hin(t, N * M, -1, 1), dys2 = tc_hout(t, R * M);
+    tc_hup(t, ys);
+    hk->c.combine_fwd(C, ys.h, slot.h, gates.h, out.h, N, M, k, R);
+    hk->g.combine_fwd(G, ys.d, slot.d, gates.d, out.d, N, M, k, R);
+    if (tc_sync(t, NM("cuda combine_fwd_%s %s", TN, sh)))
+        tc_hcmp(t, name, out, TOL_HALF);
+    hk->c.combine_bwd(C, dout.h, ys.h, slot.h, gates.h, dys2.h, dg.h, N, M, k, R);
+    hk->g.combine_bwd(G, dout.d, ys.d, slot.d, gates.d, dys2.d, dg.d, N, M, k, R);
+    if (tc_sync(t, NM("cuda combine_bwd_%s %s", TN, sh))) {
+        tc_hcmp(t, NM("cuda combine_bwd_%s dys %s", TN, sh), dys2, TOL_HALF);
+        tc_cmp(t, NM("cuda combine_bwd_%s dgates %s", TN, sh), dg, TOL_SIDE);
     }
     tc_reset(t);
 }
 
-static void tc_b_moe(tc_env *t)
+static void tc_h_moe(tc_env *t)
 {
-    tc_b_moe_case(t, 37, 13, 8, 2, 0, 23, 0);     /* dropless */
-    tc_b_moe_case(t, 37, 13, 8, 2, 5, 23, 0);     /* capacity 5: drops */
-    tc_b_moe_case(t, 37, 13, 8, 2, 12, 23, 1);    /* expert 0 gets nothing */
-    tc_b_moe_case(t, 37, 13, 8, 2, 0, 23, 1);
-    tc_b_moe_case(t, 50, 19, 4, 1, 0, 9, 2);      /* all tokens to one expert */
-    tc_b_moe_case(t, 1, 7, 3, 1, 0, 5, 0);        /* a single token */
-    tc_b_moe_case(t, 1, 7, 3, 2, 1, 5, 0);
-    tc_b_moe_case(t, 300, 64, 16, 4, 0, 96, 0);   /* blocks over several tiles */
-    tc_b_moe_case(t, 300, 64, 16, 4, 70, 96, 0);
+    tc_h_moe_case(t, 37, 13, 8, 2, 0, 23, 0);     /* dropless */
+    tc_h_moe_case(t, 37, 13, 8, 2, 5, 23, 0);     /* capacity 5: drops */
+    tc_h_moe_case(t, 37, 13, 8, 2, 12, 23, 1);    /* expert 0 gets nothing */
+    tc_h_moe_case(t, 37, 13, 8, 2, 0, 23, 1);
+    tc_h_moe_case(t, 50, 19, 4, 1, 0, 9, 2);      /* all tokens to one expert */
+    tc_h_moe_case(t, 1, 7, 3, 1, 0, 5, 0);        /* a single token */
+    tc_h_moe_case(t, 1, 7, 3, 2, 1, 5, 0);
+    tc_h_moe_case(t, 300, 64, 16, 4, 0, 96, 0);   /* blocks over several tiles */
+    tc_h_moe_case(t, 300, 64, 16, 4, 70, 96, 0);
 }
 
-static void tc_b_optim(tc_env *t)
+static void tc_h_optim(tc_env *t)
 {
+    tc_half *hk = t->half;
     static const int64_t sizes[] = {1, 37, 100003};
     char name[160];
     for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
@@ -1165,45 +1182,77 @@ static void tc_b_optim(tc_env *t)
             tc_h2d(t, hy.d, hy.h, sizeof hyper);
             tc_f master = tc_in(t, n, -1, 1), g = tc_in(t, n, -1, 1), m = tc_in(t, n, -0.1f, 0.1f);
             tc_f v = tc_in(t, n, 0, 0.1f), ns = tc_in(t, 1, 4.0f, 9.0f);
-            tc_b p = tc_bout(t, n);
-            moek_adamw_bf16(C, p.h, master.h, g.h, m.h, v.h, n, hy.h, ns.h, 0.1f);
-            t->g.adamw_bf16(G, p.d, master.d, g.d, m.d, v.d, n, hy.d, ns.d, 0.1f);
-            if (tc_sync(t, NM("cuda adamw_bf16 n=%lld clip=%d", (long long)n, clip))) {
-                tc_bcmp(t, NM("cuda adamw_bf16 p n=%lld clip=%d", (long long)n, clip), p, TOL_B);
-                tc_cmp(t, NM("cuda adamw_bf16 master n=%lld clip=%d", (long long)n, clip), master,
+            tc_h p = tc_hout(t, n);
+            hk->c.adamw(C, p.h, master.h, g.h, m.h, v.h, n, hy.h, ns.h, 0.1f);
+            hk->g.adamw(G, p.d, master.d, g.d, m.d, v.d, n, hy.d, ns.d, 0.1f);
+            if (tc_sync(t, NM("cuda adamw_%s n=%lld clip=%d", TN, (long long)n, clip))) {
+                tc_hcmp(t, NM("cuda adamw_%s p n=%lld clip=%d", TN, (long long)n, clip), p, TOL_HALF);
+                tc_cmp(t, NM("cuda adamw_%s master n=%lld clip=%d", TN, (long long)n, clip), master,
                        TOL_SIDE);
-                tc_cmp(t, NM("cuda adamw_bf16 m n=%lld clip=%d", (long long)n, clip), m, TOL_SIDE);
-                tc_cmp(t, NM("cuda adamw_bf16 v n=%lld clip=%d", (long long)n, clip), v, TOL_SIDE);
+                tc_cmp(t, NM("cuda adamw_%s m n=%lld clip=%d", TN, (long long)n, clip), m, TOL_SIDE);
+                tc_cmp(t, NM("cuda adamw_%s v n=%lld clip=%d", TN, (long long)n, clip), v, TOL_SIDE);
             }
             /* poison again: sgd must write every element */
             for (int64_t i = 0; i < n; i++)
-                p.h[i] = 0x7fc0;
-            tc_bup(t, p);
-            moek_sgd_bf16(C, p.h, master.h, g.h, m.h, n, hy.h, clip ? ns.h : NULL, 0.01f);
-            t->g.sgd_bf16(G, p.d, master.d, g.d, m.d, n, hy.d, clip ? ns.d : NULL, 0.01f);
-            if (tc_sync(t, NM("cuda sgd_bf16 n=%lld clip=%d", (long long)n, clip))) {
-                tc_bcmp(t, NM("cuda sgd_bf16 p n=%lld clip=%d", (long long)n, clip), p, TOL_B);
-                tc_cmp(t, NM("cuda sgd_bf16 master n=%lld clip=%d", (long long)n, clip), master,
+                p.h[i] = hk->ty->nan;
+            tc_hup(t, p);
+            hk->c.sgd(C, p.h, master.h, g.h, m.h, n, hy.h, clip ? ns.h : NULL, 0.01f);
+            hk->g.sgd(G, p.d, master.d, g.d, m.d, n, hy.d, clip ? ns.d : NULL, 0.01f);
+            if (tc_sync(t, NM("cuda sgd_%s n=%lld clip=%d", TN, (long long)n, clip))) {
+                tc_hcmp(t, NM("cuda sgd_%s p n=%lld clip=%d", TN, (long long)n, clip), p, TOL_HALF);
+                tc_cmp(t, NM("cuda sgd_%s master n=%lld clip=%d", TN, (long long)n, clip), master,
                        TOL_SIDE);
-                tc_cmp(t, NM("cuda sgd_bf16 buf n=%lld clip=%d", (long long)n, clip), m, TOL_SIDE);
+                tc_cmp(t, NM("cuda sgd_%s buf n=%lld clip=%d", TN, (long long)n, clip), m, TOL_SIDE);
             }
         }
         tc_reset(t);
     }
 }
 
-static void tc_bf16(tc_env *t)
+/* the cast test's first values, between neighbours of the type with exact
+ * ties.  bf16: 1 + 2^-8 and -(1 + 2^-8) (ties, to even: down), 1 + 3 * 2^-8
+ * (a tie, up), 3e38 (finite in bf16) and an fp32 subnormal.  fp16 has 3
+ * more mantissa bits and a far smaller range, so it needs its own: the same
+ * ties at 2^-11, 65519 (below 65520, the midpoint to 2^16: rounds to 65504,
+ * the largest half; 3e38 would be Inf, which tc_hcmp fails as for bf16) and
+ * 1e-7 (an fp16 subnormal, 2 units of 2^-24). */
+static const float tc_ties_bf16[] = {1.00390625f, 1.01171875f, -1.00390625f, 3.0e38f, 1e-40f};
+static const float tc_ties_f16[] = {1.00048828125f, 1.00146484375f, -1.00048828125f, 65519.0f,
+                                    1e-7f};
+
+/* the CPU side of both half types; the CUDA side comes from main's symbols */
+static void tc_half_init(tc_env *t)
 {
-    t->bf16 = 1;
-    tc_b_elementwise(t);
-    tc_b_embedding(t);
-    tc_b_matmul(t);
-    tc_b_norm_rope(t);
-    tc_b_attention(t);
-    tc_b_losses(t);
-    tc_b_moe(t);
-    tc_b_optim(t);
-    t->bf16 = 0;
+    tc_half *b = &t->halves[CH_BF16], *f = &t->halves[CH_F16];
+#define TC_CPU_BF16(n) b->c.n = moek_##n##_bf16;
+#define TC_CPU_F16(n) f->c.n = moek_##n##_f16;
+    TC_HALF_KERNELS(TC_CPU_BF16)
+    TC_HALF_KERNELS(TC_CPU_F16)
+#undef TC_CPU_BF16
+#undef TC_CPU_F16
+    b->c.cast_to_f32 = moek_cast_bf16_f32;
+    f->c.cast_to_f32 = moek_cast_f16_f32;
+    b->ty = ch_half_type(CH_BF16);
+    f->ty = ch_half_type(CH_F16);
+    b->ties = tc_ties_bf16;
+    b->nties = sizeof tc_ties_bf16 / sizeof *tc_ties_bf16;
+    f->ties = tc_ties_f16;
+    f->nties = sizeof tc_ties_f16 / sizeof *tc_ties_f16;
+}
+
+/* every half case, for one type */
+static void tc_half_cases(tc_env *t, tc_half *hk)
+{
+    t->half = hk;
+    tc_h_elementwise(t);
+    tc_h_embedding(t);
+    tc_h_matmul(t);
+    tc_h_norm_rope(t);
+    tc_h_attention(t);
+    tc_h_losses(t);
+    tc_h_moe(t);
+    tc_h_optim(t);
+    t->half = NULL;
 }
 
 int main(void)
@@ -1215,8 +1264,14 @@ int main(void)
     if (!t)
         return 2;
 #define TC_SYM(n) CH_ENTRY(t->g, n)
-    ch_sym syms[] = {TC_KERNELS(TC_SYM)};
+#define TC_SYM_BF16(n) CH_HENTRY(t->halves[CH_BF16].g, n, "_bf16")
+#define TC_SYM_F16(n) CH_HENTRY(t->halves[CH_F16].g, n, "_f16")
+    ch_sym syms[] = {TC_KERNELS(TC_SYM) TC_HALF_KERNELS(TC_SYM_BF16) TC_HALF_KERNELS(TC_SYM_F16)
+                     {"moek_cast_bf16_f32", (void **)&t->halves[CH_BF16].g.cast_to_f32},
+                     {"moek_cast_f16_f32", (void **)&t->halves[CH_F16].g.cast_to_f32}};
 #undef TC_SYM
+#undef TC_SYM_BF16
+#undef TC_SYM_F16
     int go = ch_start(lib, "cuda_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
     if (go < 0)
         return 1;
@@ -1228,6 +1283,7 @@ int main(void)
     t->gctx.status = &t->gstatus;
     t->cctx.status = &t->cstatus;
     t->rng = 0x9e3779b97f4a7c15ull;
+    tc_half_init(t);
     tc_services(t);
     tc_elementwise(t);
     tc_embedding(t);
@@ -1239,19 +1295,26 @@ int main(void)
     tc_router(t);
     tc_moe(t);
     tc_optim(t);
-    /* the CPU bf16 variants widen into a workspace; every case here fits */
+    /* the CPU half variants widen into a workspace (the bf16 macro serves
+     * fp16 too); every case here fits */
     t->cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(4 << 20);
     t->cctx.workspace = malloc((size_t)t->cctx.workspace_bytes);
     if (!t->cctx.workspace)
         return 2;
-    tc_bf16(t);
+    /* bf16 first and fp16 last, so the fp32 and bf16 cases draw the inputs
+     * they always drew */
+    tc_half_cases(t, &t->halves[CH_BF16]);
+    tc_half_cases(t, &t->halves[CH_F16]);
     free(t->cctx.workspace);
     t->g.device_fini(&t->gctx);
     /* how much room the tolerances leave */
     printf("# worst relative error: %.3g (%s)\n", t->worst, t->worst_name);
-    printf("# worst bf16 output error: %.3g (%s)\n", t->worst_b, t->worst_b_name);
-    printf("# worst fp32 output error of a bf16 kernel: %.3g (%s)\n", t->worst_side,
-           t->worst_side_name);
+    for (int i = 0; i < CH_NHALF; i++) {
+        tc_half *hk = &t->halves[i];
+        printf("# worst %s output error: %.3g (%s)\n", hk->ty->name, hk->worst, hk->worst_name);
+        printf("# worst fp32 output error of a %s kernel: %.3g (%s)\n", hk->ty->name,
+               hk->worst_side, hk->worst_side_name);
+    }
     free(t);
     CHECK_DONE();
 }

@@ -4,10 +4,12 @@
  * The CUDA library is dlopened from $MOEC_BUILD/libmoek_cuda.so (default
  * build/); without it or without a GPU this prints one SKIP line.  Random
  * inputs, GPU outputs poisoned with NaN; fp32 outputs within 1e-5 relative
- * (L2), bf16 outputs within 1e-2 (a bf16 ulp is 2^-8 relative, and a
- * different sum order in the row statistic can move a rounding).  Also
- * SwiGLU with its projections and router softmax + top-k (tolerances at
- * tg_proj and tg_router). */
+ * (L2), bf16 and fp16 outputs within 1e-2 (a bf16 ulp is 2^-8 relative, an
+ * fp16 one 2^-11, and a different sum order in the row statistic can move a
+ * rounding).  Also SwiGLU with its projections and router softmax + top-k
+ * (tolerances at tg_proj and tg_router).  Every case runs in fp32, then
+ * bf16, then fp16 (one body: tg_half below), on the bf16 cases' input
+ * ranges. */
 #include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
@@ -21,10 +23,13 @@
 
 #define TG_SYMS(X)                                                                          \
     X(device_count) X(device_init) X(device_fini) X(device_alloc) X(device_free)            \
-    X(device_copy) X(device_sync) X(add_rmsnorm_fwd) X(add_rmsnorm_bwd)                     \
-    X(add_rmsnorm_fwd_bf16) X(add_rmsnorm_bwd_bf16) X(swiglu_proj_fwd) X(swiglu_proj_bwd)        \
-    X(swiglu_proj_fwd_bf16) X(swiglu_proj_bwd_bf16) X(softmax_topk_fwd) X(softmax_topk_bwd)      \
-    X(softmax_topk_fwd_bf16) X(softmax_topk_bwd_bf16)
+    X(device_copy) X(device_sync) X(add_rmsnorm_fwd) X(add_rmsnorm_bwd) X(swiglu_proj_fwd)  \
+    X(swiglu_proj_bwd) X(softmax_topk_fwd) X(softmax_topk_bwd)
+
+/* the half variants, by their names without the _bf16 / _f16 suffix */
+#define TG_HALF(X)                                                                          \
+    X(cast_f32) X(add_rmsnorm_fwd) X(add_rmsnorm_bwd) X(swiglu_proj_fwd) X(swiglu_proj_bwd) \
+    X(softmax_topk_fwd) X(softmax_topk_bwd)
 
 typedef struct {
 #define TG_FIELD(n) __typeof__(&moek_##n) n;
@@ -32,8 +37,23 @@ typedef struct {
 #undef TG_FIELD
 } tg_lib;
 
+/* one library's half variants, typed as the _bf16 ones (cuda_harness.h) */
+typedef struct {
+#define TG_HFIELD(n) __typeof__(&moek_##n##_bf16) n;
+    TG_HALF(TG_HFIELD)
+#undef TG_HFIELD
+} tg_hlib;
+
+/* a half type: its descriptor and its variants in the CPU and CUDA libraries;
+ * a case given NULL runs fp32 */
+typedef struct {
+    const ch_half *ty;
+    tg_hlib c, g;
+} tg_half;
+
 typedef struct {
     tg_lib g;
+    tg_half halves[CH_NHALF];
     moek_ctx gctx, cctx;
     int gst, cst;
     char err[256];
@@ -68,32 +88,10 @@ static void *tg_down(tg_env *t, const void *d, int64_t bytes)
     return h;
 }
 
-/* relative L2 distance of n values (bf16 when half) */
-static double tg_rel(const void *got, const void *want, int64_t n, int half)
+/* one case: N x D, fp32 (hk NULL) or the half type hk */
+static void tg_case(tg_env *t, int64_t N, int64_t D, const tg_half *hk)
 {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float g, w;
-        if (half) {
-            uint32_t ug = (uint32_t)((const uint16_t *)got)[i] << 16, uw = (uint32_t)((const uint16_t *)want)[i] << 16;
-            memcpy(&g, &ug, 4);
-            memcpy(&w, &uw, 4);
-        } else {
-            g = ((const float *)got)[i];
-            w = ((const float *)want)[i];
-        }
-        if (!isfinite(g))
-            return INFINITY;
-        num += ((double)g - w) * ((double)g - w);
-        den += (double)w * w;
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
-/* one case: N x D, fp32 (half 0) or bf16 (half 1) */
-static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
-{
-    int64_t n = N * D, es = half ? 2 : 4;
+    int64_t n = N * D, es = hk ? 2 : 4;
     float *f[6];
     int64_t len[6] = {n, n, D, n, n, 0};
     for (int i = 0; i < 5; i++) {
@@ -104,8 +102,8 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
     void *h[5];   /* a, b, w, dy, ds in the storage type */
     for (int i = 0; i < 5; i++) {
         h[i] = malloc((size_t)(len[i] * es));
-        if (half)
-            moek_cast_f32_bf16(&t->cctx, f[i], h[i], len[i]);
+        if (hk)
+            hk->c.cast_f32(&t->cctx, f[i], h[i], len[i]);
         else
             memcpy(h[i], f[i], (size_t)len[i] * 4);
     }
@@ -113,9 +111,9 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
     void *s = malloc((size_t)(n * es)), *y = malloc((size_t)(n * es)), *da = malloc((size_t)(n * es)),
          *db = malloc((size_t)(n * es)), *dw = malloc((size_t)(D * es));
     float *r = malloc((size_t)N * 4);
-    if (half) {
-        moek_add_rmsnorm_fwd_bf16(&t->cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
-        moek_add_rmsnorm_bwd_bf16(&t->cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
+    if (hk) {
+        hk->c.add_rmsnorm_fwd(&t->cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
+        hk->c.add_rmsnorm_bwd(&t->cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
     } else {
         moek_add_rmsnorm_fwd(&t->cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
         moek_add_rmsnorm_bwd(&t->cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
@@ -126,35 +124,35 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
         d[i] = tg_up(t, h[i], len[i] * es);
     void *gs = tg_up(t, NULL, n * es), *gy = tg_up(t, NULL, n * es), *gr = tg_up(t, NULL, N * 4),
          *gda = tg_up(t, NULL, n * es), *gdb = tg_up(t, NULL, n * es), *gdw = tg_up(t, NULL, D * es);
-    if (half) {
-        t->g.add_rmsnorm_fwd_bf16(&t->gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
-        t->g.add_rmsnorm_bwd_bf16(&t->gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
+    if (hk) {
+        hk->g.add_rmsnorm_fwd(&t->gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
+        hk->g.add_rmsnorm_bwd(&t->gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
     } else {
         t->g.add_rmsnorm_fwd(&t->gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
         t->g.add_rmsnorm_bwd(&t->gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
     }
     int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
     char name[96];
-    snprintf(name, sizeof name, "cuda add_rmsnorm%s fwd+bwd %lldx%lld runs", half ? "_bf16" : "",
+    snprintf(name, sizeof name, "cuda add_rmsnorm%s fwd+bwd %lldx%lld runs", hk ? hk->ty->suffix : "",
              (long long)N, (long long)D);
     CHECK(name, rc == 0 && t->gst == 0 && t->cst == 0, "sync %d (%s) gpu %d cpu %d", rc, t->err, t->gst, t->cst);
     const void *gdev[6] = {gs, gy, gr, gda, gdb, gdw};
     const void *cpu[6] = {s, y, r, da, db, dw};
     const char *what[6] = {"s", "y", "rstd", "da", "db", "dw"};
     int64_t cnt[6] = {n, n, N, n, n, D};
-    double tol = half ? 1e-2 : 1e-5, worst = 0;
+    double tol = hk ? 1e-2 : 1e-5, worst = 0;
     const char *wn = "";
     for (int i = 0; i < 6; i++) {
-        int ishalf = half && i != 2;
-        void *g = tg_down(t, gdev[i], cnt[i] * (ishalf ? 2 : 4));
-        double e = tg_rel(g, cpu[i], cnt[i], ishalf);
+        const ch_half *ty = hk && i != 2 ? hk->ty : NULL;   /* rstd is fp32 */
+        void *g = tg_down(t, gdev[i], cnt[i] * (ty ? 2 : 4));
+        double e = ch_rel(g, cpu[i], cnt[i], ty);
         if (!(e <= worst)) {
             worst = e;
             wn = what[i];
         }
         free(g);
     }
-    snprintf(name, sizeof name, "cuda add_rmsnorm%s == cpu %lldx%lld", half ? "_bf16" : "", (long long)N,
+    snprintf(name, sizeof name, "cuda add_rmsnorm%s == cpu %lldx%lld", hk ? hk->ty->suffix : "", (long long)N,
              (long long)D);
     CHECK(name, worst <= tol, "worst %s: %.3g > %.3g", wn, worst, tol);
     printf("# %s: worst relative error %.3g (%s)\n", name, worst, wn);
@@ -166,37 +164,38 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, int half)
     free(s), free(y), free(da), free(db), free(dw), free(r);
 }
 
-/* random values of n elements in the storage type (bf16 when half) */
-static void *tg_rand(tg_env *t, int64_t n, float lo, float hi, int half)
+/* random values of n elements in the storage type (fp32 when hk is NULL) */
+static void *tg_rand(tg_env *t, int64_t n, float lo, float hi, const tg_half *hk)
 {
     float *f = malloc((size_t)n * 4);
     for (int64_t j = 0; j < n; j++)
         f[j] = ch_unif(&t->rng, lo, hi);
-    if (!half)
+    if (!hk)
         return f;
     void *h = malloc((size_t)n * 2);
-    moek_cast_f32_bf16(&t->cctx, f, h, n);
+    hk->c.cast_f32(&t->cctx, f, h, n);
     free(f);
     return h;
 }
 
-/* compares a device buffer with the CPU's; frees the download */
-static double tg_cmp(tg_env *t, const void *dev, const void *cpu, int64_t n, int half)
+/* compares a device buffer with the CPU's (fp32 when ty is NULL); frees
+ * the download */
+static double tg_cmp(tg_env *t, const void *dev, const void *cpu, int64_t n, const ch_half *ty)
 {
-    void *g = tg_down(t, dev, n * (half ? 2 : 4));
-    double e = tg_rel(g, cpu, n, half);
+    void *g = tg_down(t, dev, n * (ty ? 2 : 4));
+    double e = ch_rel(g, cpu, n, ty);
     free(g);
     return e;
 }
 
 /* SwiGLU with its projections: gate, up, y, dx, dw1, dw3 against the CPU.
  * fp32 within 1e-4 (cuBLAS and BLAS sum K terms in different orders), bf16
- * within 2e-2 (a rounding of gate or up moved by that order moves y). */
-static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, int half)
+ * and fp16 within 2e-2 (a rounding of gate or up moved by that order moves y). */
+static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, const tg_half *hk)
 {
-    int64_t es = half ? 2 : 4, nk = N * K, mk = M * K, nm = N * M;
-    void *x = tg_rand(t, nk, -1, 1, half), *w1 = tg_rand(t, mk, -0.3f, 0.3f, half),
-         *w3 = tg_rand(t, mk, -0.3f, 0.3f, half), *dy = tg_rand(t, nm, -1, 1, half);
+    int64_t es = hk ? 2 : 4, nk = N * K, mk = M * K, nm = N * M;
+    void *x = tg_rand(t, nk, -1, 1, hk), *w1 = tg_rand(t, mk, -0.3f, 0.3f, hk),
+         *w3 = tg_rand(t, mk, -0.3f, 0.3f, hk), *dy = tg_rand(t, nm, -1, 1, hk);
     int64_t cnt[6] = {nm, nm, nm, nk, mk, mk};
     void *c[6], *g[6];
     for (int i = 0; i < 6; i++) {
@@ -205,11 +204,11 @@ static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, int half)
     }
     void *dx_ = tg_up(t, x, nk * es), *dw1_ = tg_up(t, w1, mk * es), *dw3_ = tg_up(t, w3, mk * es),
          *ddy = tg_up(t, dy, nm * es);
-    if (half) {
-        moek_swiglu_proj_fwd_bf16(&t->cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
-        moek_swiglu_proj_bwd_bf16(&t->cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
-        t->g.swiglu_proj_fwd_bf16(&t->gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
-        t->g.swiglu_proj_bwd_bf16(&t->gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
+    if (hk) {
+        hk->c.swiglu_proj_fwd(&t->cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
+        hk->c.swiglu_proj_bwd(&t->cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
+        hk->g.swiglu_proj_fwd(&t->gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
+        hk->g.swiglu_proj_bwd(&t->gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
     } else {
         moek_swiglu_proj_fwd(&t->cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
         moek_swiglu_proj_bwd(&t->cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
@@ -218,18 +217,18 @@ static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, int half)
     }
     int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
     char name[96];
-    snprintf(name, sizeof name, "cuda swiglu_proj%s fwd+bwd %lldx%lldx%lld runs", half ? "_bf16" : "",
+    snprintf(name, sizeof name, "cuda swiglu_proj%s fwd+bwd %lldx%lldx%lld runs", hk ? hk->ty->suffix : "",
              (long long)N, (long long)K, (long long)M);
     CHECK(name, rc == 0 && t->gst == 0 && t->cst == 0, "sync %d (%s) gpu %d cpu %d", rc, t->err, t->gst, t->cst);
     const char *what[6] = {"gate", "up", "y", "dx", "dw1", "dw3"};
-    double tol = half ? 2e-2 : 1e-4, worst = 0;
+    double tol = hk ? 2e-2 : 1e-4, worst = 0;
     const char *wn = "";
     for (int i = 0; i < 6; i++) {
-        double e = tg_cmp(t, g[i], c[i], cnt[i], half);
+        double e = tg_cmp(t, g[i], c[i], cnt[i], hk ? hk->ty : NULL);
         if (!(e <= worst))
             worst = e, wn = what[i];
     }
-    snprintf(name, sizeof name, "cuda swiglu_proj%s == cpu %lldx%lldx%lld", half ? "_bf16" : "", (long long)N,
+    snprintf(name, sizeof name, "cuda swiglu_proj%s == cpu %lldx%lldx%lld", hk ? hk->ty->suffix : "", (long long)N,
              (long long)K, (long long)M);
     CHECK(name, worst <= tol, "worst %s: %.3g > %.3g", wn, worst, tol);
     printf("# %s: worst relative error %.3g (%s)\n", name, worst, wn);
@@ -242,23 +241,23 @@ static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, int half)
 }
 
 /* router softmax + top-k: probs, gates and dlogits within 1e-5 (fp32) or
- * 1e-2 (bf16 dlogits), idx equal */
-static void tg_router(tg_env *t, int64_t N, int64_t E, int64_t k, int half)
+ * 1e-2 (half dlogits), idx equal */
+static void tg_router(tg_env *t, int64_t N, int64_t E, int64_t k, const tg_half *hk)
 {
-    int64_t es = half ? 2 : 4, ne = N * E, nk = N * k;
-    void *lg = tg_rand(t, ne, -3, 3, half);
-    float *dp = tg_rand(t, ne, -1, 1, 0), *dgt = tg_rand(t, nk, -1, 1, 0);
+    int64_t es = hk ? 2 : 4, ne = N * E, nk = N * k;
+    void *lg = tg_rand(t, ne, -3, 3, hk);
+    float *dp = tg_rand(t, ne, -1, 1, NULL), *dgt = tg_rand(t, nk, -1, 1, NULL);
     float *p = malloc((size_t)ne * 4), *gt = malloc((size_t)nk * 4);
     int32_t *ix = malloc((size_t)nk * 4);
     void *dl = malloc((size_t)(ne * es));
     void *glg = tg_up(t, lg, ne * es), *gdp = tg_up(t, dp, ne * 4), *gdg = tg_up(t, dgt, nk * 4);
     void *gp = tg_up(t, NULL, ne * 4), *gix = tg_up(t, NULL, nk * 4), *ggt = tg_up(t, NULL, nk * 4),
          *gdl = tg_up(t, NULL, ne * es);
-    if (half) {
-        moek_softmax_topk_fwd_bf16(&t->cctx, lg, p, ix, gt, N, E, k, 1);
-        moek_softmax_topk_bwd_bf16(&t->cctx, dp, dgt, p, ix, dl, N, E, k, 1);
-        t->g.softmax_topk_fwd_bf16(&t->gctx, glg, gp, gix, ggt, N, E, k, 1);
-        t->g.softmax_topk_bwd_bf16(&t->gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
+    if (hk) {
+        hk->c.softmax_topk_fwd(&t->cctx, lg, p, ix, gt, N, E, k, 1);
+        hk->c.softmax_topk_bwd(&t->cctx, dp, dgt, p, ix, dl, N, E, k, 1);
+        hk->g.softmax_topk_fwd(&t->gctx, glg, gp, gix, ggt, N, E, k, 1);
+        hk->g.softmax_topk_bwd(&t->gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
     } else {
         moek_softmax_topk_fwd(&t->cctx, lg, p, ix, gt, N, E, k, 1);
         moek_softmax_topk_bwd(&t->cctx, dp, dgt, p, ix, dl, N, E, k, 1);
@@ -267,12 +266,13 @@ static void tg_router(tg_env *t, int64_t N, int64_t E, int64_t k, int half)
     }
     int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
     int32_t *hix = tg_down(t, gix, nk * 4);
-    double ep = tg_cmp(t, gp, p, ne, 0), eg = tg_cmp(t, ggt, gt, nk, 0), ed = tg_cmp(t, gdl, dl, ne, half);
+    double ep = tg_cmp(t, gp, p, ne, NULL), eg = tg_cmp(t, ggt, gt, nk, NULL),
+           ed = tg_cmp(t, gdl, dl, ne, hk ? hk->ty : NULL);
     char name[96];
-    snprintf(name, sizeof name, "cuda softmax_topk%s == cpu %lldx%lld k %lld", half ? "_bf16" : "", (long long)N,
+    snprintf(name, sizeof name, "cuda softmax_topk%s == cpu %lldx%lld k %lld", hk ? hk->ty->suffix : "", (long long)N,
              (long long)E, (long long)k);
     CHECK(name, rc == 0 && t->gst == 0 && memcmp(hix, ix, (size_t)nk * 4) == 0 && ep <= 1e-5 && eg <= 1e-5 &&
-          ed <= (half ? 1e-2 : 1e-5), "sync %d gpu %d idx %s probs %.3g gates %.3g dlogits %.3g", rc, t->gst,
+          ed <= (hk ? 1e-2 : 1e-5), "sync %d gpu %d idx %s probs %.3g gates %.3g dlogits %.3g", rc, t->gst,
           memcmp(hix, ix, (size_t)nk * 4) ? "differ" : "equal", ep, eg, ed);
     free(hix), free(lg), free(dp), free(dgt), free(p), free(gt), free(ix), free(dl);
     void *dall[7] = {glg, gdp, gdg, gp, gix, ggt, gdl};
@@ -287,8 +287,12 @@ int main(void)
         return 0;
     tg_env *t = calloc(1, sizeof *t);
 #define TG_SYM(n) CH_ENTRY(t->g, n)
-    ch_sym syms[] = {TG_SYMS(TG_SYM)};
+#define TG_SYM_BF16(n) CH_HENTRY(t->halves[CH_BF16].g, n, "_bf16")
+#define TG_SYM_F16(n) CH_HENTRY(t->halves[CH_F16].g, n, "_f16")
+    ch_sym syms[] = {TG_SYMS(TG_SYM) TG_HALF(TG_SYM_BF16) TG_HALF(TG_SYM_F16)};
 #undef TG_SYM
+#undef TG_SYM_BF16
+#undef TG_SYM_F16
     int go = ch_start(lib, "cuda_fused_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
     if (go < 0)
         return 1;
@@ -302,13 +306,25 @@ int main(void)
     t->cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(8 << 20);
     t->cctx.workspace = malloc((size_t)t->cctx.workspace_bytes);
     t->rng = 0x9e3779b97f4a7c15ull;
-    for (int half = 0; half < 2; half++) {
-        tg_case(t, 5, 33, half);
-        tg_case(t, 1024, 768, half);
-        tg_proj(t, 3, 5, 7, half);
-        tg_proj(t, 64, 48, 96, half);   /* workspace 2NM + NK floats: within the harness's 1 MiB */
-        tg_router(t, 7, 4, 2, half);
-        tg_router(t, 512, 8, 2, half);
+    tg_half *bf = &t->halves[CH_BF16], *hf = &t->halves[CH_F16];
+#define TG_CPU_BF16(n) bf->c.n = moek_##n##_bf16;
+#define TG_CPU_F16(n) hf->c.n = moek_##n##_f16;
+    TG_HALF(TG_CPU_BF16)
+    TG_HALF(TG_CPU_F16)
+#undef TG_CPU_BF16
+#undef TG_CPU_F16
+    bf->ty = ch_half_type(CH_BF16);
+    hf->ty = ch_half_type(CH_F16);
+    /* fp32, bf16, fp16 in that order: the fp32 and bf16 cases draw the
+     * inputs they drew before fp16 was tested */
+    tg_half *types[] = {NULL, bf, hf};
+    for (int i = 0; i < 3; i++) {
+        tg_case(t, 5, 33, types[i]);
+        tg_case(t, 1024, 768, types[i]);
+        tg_proj(t, 3, 5, 7, types[i]);
+        tg_proj(t, 64, 48, 96, types[i]);   /* workspace 2NM + NK floats: within the harness's 1 MiB */
+        tg_router(t, 7, 4, 2, types[i]);
+        tg_router(t, 512, 8, 2, types[i]);
     }
     free(t->cctx.workspace);
     t->g.device_fini(&t->gctx);
