@@ -24,13 +24,17 @@ mk() {   # NAME SED-EXPR SOURCE
 # 1. bf16 ZeRO 1, 2, 3 at 2 ranks == 1 rank within 1e-4 relative (bf16
 # rounds at 3.9e-3; ZeRO-1 is bit-identical, 2 and 3 sum the widened
 # gradients in another fp32 order, 7.6e-6 measured)
-mk one 's/batch = 8 /batch = 8  grad_accum = 2 /' tiny_moe_bf16.moe
-"$RUN" one.bin --data "$DATA" --steps 10 --metrics one.jsonl -q
-for z in 1 2 3; do
-    mk z$z "\$a parallel { ranks = 2  zero = $z }" tiny_moe_bf16.moe
-    "${MPIRUN[@]}" -np 2 "$RUN" z$z.bin --data "$DATA" --steps 10 --metrics z$z.jsonl -q \
-        --comm-timeout 60 > z$z.out 2>&1 || fail mpi.zero_bf16.run$z "$(tail -3 z$z.out)"
-    if out=$(/usr/bin/python3 - one.jsonl z$z.jsonl <<'PY'
+# eq_one_rank PREC PREFIX SED: ZeRO 1, 2, 3 at 2 ranks against one rank with
+# grad_accum 2, both made from tiny_moe_bf16 edited by SED
+eq_one_rank() {
+    local prec=$1 p=$2 ed=$3 z out
+    mk ${p}one "${ed}s/batch = 8 /batch = 8  grad_accum = 2 /" tiny_moe_bf16.moe
+    "$RUN" ${p}one.bin --data "$DATA" --steps 10 --metrics ${p}one.jsonl -q
+    for z in 1 2 3; do
+        mk ${p}z$z "${ed}\$a parallel { ranks = 2  zero = $z }" tiny_moe_bf16.moe
+        "${MPIRUN[@]}" -np 2 "$RUN" ${p}z$z.bin --data "$DATA" --steps 10 --metrics ${p}z$z.jsonl -q \
+            --comm-timeout 60 > ${p}z$z.out 2>&1 || fail mpi.zero_$prec.run$z "$(tail -3 ${p}z$z.out)"
+        if out=$(/usr/bin/python3 - ${p}one.jsonl ${p}z$z.jsonl <<'PY'
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]; b = [json.loads(l) for l in open(sys.argv[2])]
 if len(a) != len(b) or len(a) != 10: print("steps %d vs %d" % (len(a), len(b))); sys.exit(1)
@@ -38,27 +42,14 @@ w = max(abs(x[k] - y[k]) / abs(x[k]) for x, y in zip(a, b) for k in ("loss", "no
 print("worst relative difference %.3g over %d steps (loss %.6f -> %.6f)" % (w, len(a), b[0]["loss"], b[-1]["loss"]))
 sys.exit(0 if w <= 1e-4 and b[-1]["loss"] < b[0]["loss"] else 1)
 PY
-    ); then pass mpi.zero_bf16.z${z}_eq_1rank; echo "  ZeRO-$z bf16: $out"; else fail mpi.zero_bf16.z${z}_eq_1rank "$out"; fi
-done
+        ); then pass mpi.zero_$prec.z${z}_eq_1rank; echo "  ZeRO-$z $prec: $out"
+        else fail mpi.zero_$prec.z${z}_eq_1rank "$out"; fi
+    done
+}
+eq_one_rank bf16 "" ""
 # the same for fp16 (dynamic loss scaling: every rank sees the summed
 # gradient's norm, so all skip or step together)
-F16='s/precision = bf16/precision = fp16/'
-mk f16one "$F16;s/batch = 8 /batch = 8  grad_accum = 2 /" tiny_moe_bf16.moe
-"$RUN" f16one.bin --data "$DATA" --steps 10 --metrics f16one.jsonl -q
-for z in 1 2 3; do
-    mk f16z$z "$F16;\$a parallel { ranks = 2  zero = $z }" tiny_moe_bf16.moe
-    "${MPIRUN[@]}" -np 2 "$RUN" f16z$z.bin --data "$DATA" --steps 10 --metrics f16z$z.jsonl -q \
-        --comm-timeout 60 > f16z$z.out 2>&1 || fail mpi.zero_fp16.run$z "$(tail -3 f16z$z.out)"
-    if out=$(/usr/bin/python3 - f16one.jsonl f16z$z.jsonl <<'PY'
-import json, sys
-a = [json.loads(l) for l in open(sys.argv[1])]; b = [json.loads(l) for l in open(sys.argv[2])]
-if len(a) != len(b) or len(a) != 10: print("steps %d vs %d" % (len(a), len(b))); sys.exit(1)
-w = max(abs(x[k] - y[k]) / abs(x[k]) for x, y in zip(a, b) for k in ("loss", "norm"))
-print("worst relative difference %.3g over %d steps (loss %.6f -> %.6f)" % (w, len(a), b[0]["loss"], b[-1]["loss"]))
-sys.exit(0 if w <= 1e-4 and b[-1]["loss"] < b[0]["loss"] else 1)
-PY
-    ); then pass mpi.zero_fp16.z${z}_eq_1rank; echo "  ZeRO-$z fp16: $out"; else fail mpi.zero_fp16.z${z}_eq_1rank "$out"; fi
-done
+eq_one_rank fp16 f16 's/precision = bf16/precision = fp16/;'
 
 # the half gradients reach the reduce-scatter as bf16
 if "$RUN" --inspect z2.bin | grep -q 'moec_comm_zero_reduce_scatter_half(1, d.layers.0.attn.wq.weight, 4096, layers.0.attn.wq.weight.grad, 2048, 1, 1)'; then
