@@ -48,6 +48,8 @@ static void dump_value(const ir_graph *g, int i, FILE *out)
         fprintf(out, " role=%s", dump_role(v->role));
     if (v->param >= 0)
         fprintf(out, " param=p%d", v->param);
+    if (v->view_of >= 0)   /* a member of a flat buffer (pass_multi_tensor) */
+        fprintf(out, " view=v%d+%" PRIu64, v->view_of, v->view_offset);
     if (v->pool >= 0)
         fprintf(out, " @%s+%" PRIu64, ir_storage_name(v->pool), v->offset);
     fputc('\n', out);
