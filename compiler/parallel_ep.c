@@ -67,35 +67,11 @@ static int dim_index(const ir_opdef *d, const char *name)
 
 static const ir_opdef *counts_def(ir_graph *g)
 {
-    const ir_opdef *d = ir_def_find(g, "__ep_counts");
-    if (d)
-        return d;
-    ir_opdef def;
-    memset(&def, 0, sizeof def);
-    def.name = "__ep_counts";
-    def.lib = COMM_LIB;
-    def.ninputs = 1;
-    def.input_names[0] = "expert_rows";
-    def.noutputs = 2;
-    def.output_names[0] = "counts";
-    def.output_names[1] = "local_rows";
-    def.ndims = 1;
-    def.dim_names[0] = "E";
-    def.nattrs = 2;
-    def.attr_names[0] = "group";
-    def.attr_names[1] = "P";
-    def.attr_kinds[0] = def.attr_kinds[1] = PLAN_ARG_I64;
-    def.bwd_kind = IR_BWD_NONE;
-    def.fwd_symbol = "moec_comm_ep_counts";
-    int a = 0;
-    def.fwd[a++] = (ir_ref){IR_REF_ATTR, 0, 0, 0};
-    def.fwd[a++] = (ir_ref){IR_REF_IN, 0, 0, 0};
-    def.fwd[a++] = (ir_ref){IR_REF_OUT, 0, 0, 0};
-    def.fwd[a++] = (ir_ref){IR_REF_OUT, 1, 0, 0};
-    def.fwd[a++] = (ir_ref){IR_REF_DIM, 0, 0, 0};
-    def.fwd[a++] = (ir_ref){IR_REF_ATTR, 1, 0, 0};
-    def.nfwd = a;
-    return ir_def_add(g, &def);
+    static const char *const ins[] = {"expert_rows", NULL}, *const outs[] = {"counts", "local_rows", NULL},
+                             *const dims[] = {"E", NULL}, *const attrs[] = {"group", "P", NULL};
+    const ir_ref t[] = {{IR_REF_ATTR, 0, 0, 0}, {IR_REF_IN, 0, 0, 0}, {IR_REF_OUT, 0, 0, 0},
+                        {IR_REF_OUT, 1, 0, 0},  {IR_REF_DIM, 0, 0, 0}, {IR_REF_ATTR, 1, 0, 0}};
+    return pu_comm_def(g, "__ep_counts", "moec_comm_ep_counts", ins, outs, dims, attrs, t, 6);
 }
 
 /* __ep_send (dir 0 forward) or __ep_recv (dir 1 forward); the backward
@@ -488,27 +464,10 @@ int parallel_ep_rewrite(ir_graph *g, moec_error *err)
 
 static const ir_opdef *norm_allreduce_def(ir_graph *g)
 {
-    const ir_opdef *d = ir_def_find(g, "__ep_norm_allreduce");
-    if (d)
-        return d;
-    ir_opdef def;
-    memset(&def, 0, sizeof def);
-    def.name = "__ep_norm_allreduce";
-    def.lib = COMM_LIB;
-    def.ninputs = 1;
-    def.input_names[0] = "x";
-    def.ndims = 1;
-    def.dim_names[0] = "n";
-    def.nattrs = 1;
-    def.attr_names[0] = "group";
-    def.attr_kinds[0] = PLAN_ARG_I64;
-    def.bwd_kind = IR_BWD_NONE;
-    def.fwd_symbol = "moec_comm_allreduce_f32";
-    def.fwd[0] = (ir_ref){IR_REF_IN, 0, 0, 0};
-    def.fwd[1] = (ir_ref){IR_REF_DIM, 0, 0, 0};
-    def.fwd[2] = (ir_ref){IR_REF_ATTR, 0, 0, 0};
-    def.nfwd = 3;
-    return ir_def_add(g, &def);
+    static const char *const ins[] = {"x", NULL}, *const dims[] = {"n", NULL},
+                             *const attrs[] = {"group", NULL};
+    const ir_ref t[] = {{IR_REF_IN, 0, 0, 0}, {IR_REF_DIM, 0, 0, 0}, {IR_REF_ATTR, 0, 0, 0}};
+    return pu_comm_def(g, "__ep_norm_allreduce", "moec_comm_allreduce_f32", ins, NULL, dims, attrs, t, 3);
 }
 
 int parallel_ep_norm(ir_graph *g, int norm, moec_error *err)

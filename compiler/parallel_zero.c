@@ -73,67 +73,39 @@ static int zero_group(const ir_graph *g, const ir_param *pp, int64_t *size)
     return COMM_GROUP_DP;
 }
 
-/* An op of "@comm" without outputs: every tensor is updated in place. */
-static const ir_opdef *zdef(ir_graph *g, const char *name, const char *sym, int nin,
-                            const char *const *ins, int ndims, const char *const *dims,
-                            int nattrs, const char *const *attrs, const ir_ref *tmpl, int nt)
-{
-    const ir_opdef *d = ir_def_find(g, name);
-    if (d)
-        return d;
-    ir_opdef def;
-    memset(&def, 0, sizeof def);
-    def.name = name;
-    def.lib = COMM_LIB;
-    def.ninputs = nin;
-    for (int i = 0; i < nin; i++)
-        def.input_names[i] = ins[i];
-    def.ndims = ndims;
-    for (int i = 0; i < ndims; i++)
-        def.dim_names[i] = dims[i];
-    def.nattrs = nattrs;
-    for (int i = 0; i < nattrs; i++) {
-        def.attr_names[i] = attrs[i];
-        def.attr_kinds[i] = PLAN_ARG_I64;
-    }
-    def.bwd_kind = IR_BWD_NONE;
-    def.fwd_symbol = sym;
-    def.nfwd = nt;
-    memcpy(def.fwd, tmpl, sizeof *tmpl * (size_t)nt);
-    return ir_def_add(g, &def);
-}
-
 #define RIN(i) ((ir_ref){IR_REF_IN, (i), 0, 0})
 #define RDIM(i) ((ir_ref){IR_REF_DIM, (i), 0, 0})
 #define RATTR(i) ((ir_ref){IR_REF_ATTR, (i), 0, 0})
 
+/* The "@comm" ops of ZeRO; all but the stage-3 gather have no outputs and
+ * update their tensors in place. */
+static const char *const z_full_slice[] = {"full", "slice", NULL}, *const z_slice_full[] = {"slice", "full", NULL},
+                         *const z_n_s[] = {"n", "s", NULL}, *const z_s_n[] = {"s", "n", NULL};
+
 /* moec_comm_zero_slice(group, full, n, slice, s, esize) */
 static const ir_opdef *slice_def(ir_graph *g)
 {
-    static const char *const ins[] = {"full", "slice"}, *const dims[] = {"n", "s"},
-                             *const attrs[] = {"group", "esize"};
+    static const char *const attrs[] = {"group", "esize", NULL};
     const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1)};
-    return zdef(g, "__zero_slice", "moec_comm_zero_slice", 2, ins, 2, dims, 2, attrs, t, 6);
+    return pu_comm_def(g, "__zero_slice", "moec_comm_zero_slice", z_full_slice, NULL, z_n_s, attrs, t, 6);
 }
 
 /* moec_comm_zero_allgather(group, slice, s, full, n, esize) */
 static const ir_opdef *allgather_def(ir_graph *g)
 {
-    static const char *const ins[] = {"slice", "full"}, *const dims[] = {"s", "n"},
-                             *const attrs[] = {"group", "esize"};
+    static const char *const attrs[] = {"group", "esize", NULL};
     const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1)};
-    return zdef(g, "__zero_allgather", "moec_comm_zero_allgather", 2, ins, 2, dims, 2, attrs,
-                t, 6);
+    return pu_comm_def(g, "__zero_allgather", "moec_comm_zero_allgather", z_slice_full, NULL, z_s_n, attrs,
+                       t, 6);
 }
 
 /* moec_comm_zero_reduce_scatter(group, full, n, slice, s, accumulate) */
 static const ir_opdef *reduce_scatter_def(ir_graph *g)
 {
-    static const char *const ins[] = {"full", "slice"}, *const dims[] = {"n", "s"},
-                             *const attrs[] = {"group", "accumulate"};
+    static const char *const attrs[] = {"group", "accumulate", NULL};
     const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1)};
-    return zdef(g, "__zero_reduce_scatter", "moec_comm_zero_reduce_scatter", 2, ins, 2, dims, 2,
-                attrs, t, 6);
+    return pu_comm_def(g, "__zero_reduce_scatter", "moec_comm_zero_reduce_scatter", z_full_slice, NULL,
+                       z_n_s, attrs, t, 6);
 }
 
 /* moec_comm_zero_reduce_scatter_half(group, full, n, slice, s, accumulate,
@@ -141,20 +113,19 @@ static const ir_opdef *reduce_scatter_def(ir_graph *g)
  * fp32 into the fp32 gradient slice (docs/parallel.md "ZeRO with bf16") */
 static const ir_opdef *reduce_scatter_half_def(ir_graph *g)
 {
-    static const char *const ins[] = {"full", "slice"}, *const dims[] = {"n", "s"},
-                             *const attrs[] = {"group", "accumulate", "dtype"};
+    static const char *const attrs[] = {"group", "accumulate", "dtype", NULL};
     const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), RIN(1), RDIM(1), RATTR(1), RATTR(2)};
-    return zdef(g, "__zero_reduce_scatter_half", "moec_comm_zero_reduce_scatter_half", 2, ins, 2,
-                dims, 3, attrs, t, 7);
+    return pu_comm_def(g, "__zero_reduce_scatter_half", "moec_comm_zero_reduce_scatter_half", z_full_slice,
+                       NULL, z_n_s, attrs, t, 7);
 }
 
 /* moec_comm_allreduce_f32(buf, n, group): the norm's sum of slice squares */
 static const ir_opdef *norm_def(ir_graph *g)
 {
-    static const char *const ins[] = {"x"}, *const dims[] = {"n"}, *const attrs[] = {"group"};
+    static const char *const ins[] = {"x", NULL}, *const dims[] = {"n", NULL},
+                             *const attrs[] = {"group", NULL};
     const ir_ref t[] = {RIN(0), RDIM(0), RATTR(0)};
-    return zdef(g, "__zero_norm_allreduce", "moec_comm_allreduce_f32", 1, ins, 1, dims, 1, attrs,
-                t, 3);
+    return pu_comm_def(g, "__zero_norm_allreduce", "moec_comm_allreduce_f32", ins, NULL, dims, attrs, t, 3);
 }
 
 /* ZeRO-3: moec_comm_zero_allgather(group, slice, s, full, n, esize) with
@@ -162,31 +133,10 @@ static const ir_opdef *norm_def(ir_graph *g)
  * the gather to its last reader and then reuses it. */
 static const ir_opdef *gather3_def(ir_graph *g)
 {
-    const ir_opdef *d = ir_def_find(g, "__zero3_gather");
-    if (d)
-        return d;
-    ir_opdef def;
-    memset(&def, 0, sizeof def);
-    def.name = "__zero3_gather";
-    def.lib = COMM_LIB;
-    def.ninputs = 1;
-    def.input_names[0] = "slice";
-    def.noutputs = 1;
-    def.output_names[0] = "full";
-    def.ndims = 2;
-    def.dim_names[0] = "s";
-    def.dim_names[1] = "n";
-    def.nattrs = 2;
-    def.attr_names[0] = "group";
-    def.attr_names[1] = "esize";
-    def.attr_kinds[0] = def.attr_kinds[1] = PLAN_ARG_I64;
-    def.bwd_kind = IR_BWD_NONE;
-    def.fwd_symbol = "moec_comm_zero_allgather";
-    const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), (ir_ref){IR_REF_OUT, 0, 0, 0}, RDIM(1),
-                        RATTR(1)};
-    def.nfwd = 6;
-    memcpy(def.fwd, t, sizeof t);
-    return ir_def_add(g, &def);
+    static const char *const ins[] = {"slice", NULL}, *const outs[] = {"full", NULL},
+                             *const attrs[] = {"group", "esize", NULL};
+    const ir_ref t[] = {RATTR(0), RIN(0), RDIM(0), (ir_ref){IR_REF_OUT, 0, 0, 0}, RDIM(1), RATTR(1)};
+    return pu_comm_def(g, "__zero3_gather", "moec_comm_zero_allgather", ins, outs, z_s_n, attrs, t, 6);
 }
 
 static void node_init(ir_node *n, const ir_opdef *def, int phase, ir_srcloc loc, const char *what)

@@ -6,6 +6,7 @@
 
 #include "internal_ops.h"
 #include "memplan.h"
+#include "../runtime/comm.h"
 
 bool pu_writes(const ir_node *n, const ir_ref *r)
 {
@@ -109,4 +110,33 @@ uint64_t pu_peak_bytes(const ir_graph *g)
     }
     free(first), free(last), free(delta);
     return (uint64_t)(peak + pinned);
+}
+
+const ir_opdef *pu_comm_def(ir_graph *g, const char *name, const char *sym,
+                            const char *const *ins, const char *const *outs,
+                            const char *const *dims, const char *const *attrs,
+                            const ir_ref *tmpl, int nt)
+{
+    const ir_opdef *d = ir_def_find(g, name);
+    if (d)
+        return d;
+    ir_opdef def;
+    memset(&def, 0, sizeof def);
+    def.name = name;
+    def.lib = COMM_LIB;
+    for (; ins[def.ninputs]; def.ninputs++)
+        def.input_names[def.ninputs] = ins[def.ninputs];
+    for (; outs && outs[def.noutputs]; def.noutputs++)
+        def.output_names[def.noutputs] = outs[def.noutputs];
+    for (; dims[def.ndims]; def.ndims++)
+        def.dim_names[def.ndims] = dims[def.ndims];
+    for (; attrs[def.nattrs]; def.nattrs++) {
+        def.attr_names[def.nattrs] = attrs[def.nattrs];
+        def.attr_kinds[def.nattrs] = PLAN_ARG_I64;
+    }
+    def.bwd_kind = IR_BWD_NONE;
+    def.fwd_symbol = sym;
+    def.nfwd = nt;
+    memcpy(def.fwd, tmpl, sizeof *tmpl * (size_t)nt);
+    return ir_def_add(g, &def);
 }

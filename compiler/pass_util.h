@@ -37,4 +37,13 @@ void pu_reorder(ir_graph *g, const int *order, int n);
  * Needs no memory plan, so it can compare orders before memplan runs. */
 uint64_t pu_peak_bytes(const ir_graph *g);
 
+/* The def of an op of the "@comm" library (runtime/comm.h), registered once
+ * under name: int64 attributes, no backward.  ins, outs, dims and attrs are
+ * NULL-terminated name lists (outs may be NULL: an op without outputs
+ * updates its inputs in place); tmpl[0..nt) is the kernel's argument list. */
+const ir_opdef *pu_comm_def(ir_graph *g, const char *name, const char *sym,
+                            const char *const *ins, const char *const *outs,
+                            const char *const *dims, const char *const *attrs,
+                            const ir_ref *tmpl, int nt);
+
 #endif
