@@ -35,7 +35,7 @@ struct comm {
 };
 
 /* Grows a kept staging buffer to want bytes; -1 when out of memory. */
-static int ep_grow(unsigned char **p, int64_t *cap, int64_t want)
+static int stage_grow(unsigned char **p, int64_t *cap, int64_t want)
 {
     if (want <= *cap)
         return 0;
@@ -508,7 +508,7 @@ void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *sl
         return;
     }
     /* host: every rank's slices (and, staged, this rank's copied out) */
-    char *stage = ep_grow(&c->zstage, &c->zstage_cap, all + (mode == CX_STAGED ? s * esize : 0))
+    char *stage = stage_grow(&c->zstage, &c->zstage_cap, all + (mode == CX_STAGED ? s * esize : 0))
                       ? NULL : (char *)c->zstage;
     if (!stage) {
         snprintf(e, sizeof e, "rank %d: out of memory for a ZeRO all-gather of %" PRId64
@@ -567,7 +567,7 @@ static void zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const void *
     size_t bytes = (size_t)((size * s + 2 * s) * (int64_t)sizeof(float)) +
                    (half && mode != CX_HOST ? (size_t)n * 2 : 0);
     float *owned = NULL;   /* no comm (a plan run by a tool): a one-off buffer */
-    float *stage = c ? (ep_grow(&c->zstage, &c->zstage_cap, (int64_t)bytes + 1) ? NULL
+    float *stage = c ? (stage_grow(&c->zstage, &c->zstage_cap, (int64_t)bytes + 1) ? NULL
                                 : (float *)(void *)c->zstage)
                      : (owned = malloc(bytes + 1));
     if (!stage) {
@@ -693,7 +693,7 @@ int comm_allgather_host(comm *c, const void *mine, void *all, int64_t bytes, int
         return fail(err, errlen, "the %s backend has no all-to-all (expert parallelism)",
                     c->be->name);
     /* an all-gather is an all-to-all whose blocks are all the same */
-    if (ep_grow(&c->ep_send, &c->ep_send_cap, P * bytes))
+    if (stage_grow(&c->ep_send, &c->ep_send_cap, P * bytes))
         return fail(err, errlen, "out of memory gathering %s", what);
     for (int64_t k = 0; k < P; k++)
         memcpy(c->ep_send + k * bytes, mine, (size_t)bytes);
@@ -870,8 +870,8 @@ void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, cons
         recvb = sendb ? cx_dalloc(ctx, c, nrecv * rowb + 1, e, sizeof e) : NULL;
         rc = !sendb || !recvb ? -1 : 0;
     } else {
-        if (ep_grow(&c->ep_send, &c->ep_send_cap, nsend * rowb + 1) ||
-            ep_grow(&c->ep_recv, &c->ep_recv_cap, nrecv * rowb + 1)) {
+        if (stage_grow(&c->ep_send, &c->ep_send_cap, nsend * rowb + 1) ||
+            stage_grow(&c->ep_recv, &c->ep_recv_cap, nrecv * rowb + 1)) {
             *ctx->status = MOEK_E_DEVICE;
             free(ix);
             return;

@@ -227,6 +227,19 @@ static int post_allreduce(void *arg, MPI_Comm c, MPI_Request *req)
            MPI_SUCCESS;
 }
 
+/* Grows a kept float buffer to n elements; -1 when out of memory. */
+static int grow_floats(float **p, int64_t *cap, int64_t n)
+{
+    if (n <= *cap)
+        return 0;
+    float *q = realloc(*p, (size_t)n * sizeof *q);
+    if (!q)
+        return -1;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
 static int mpi_allreduce_f32(void *impl, float *const *bufs, const int64_t *ns, int count,
                              int group, const char *what, char *err, size_t errlen)
 {
@@ -243,14 +256,9 @@ static int mpi_allreduce_f32(void *impl, float *const *bufs, const int64_t *ns, 
                     "use smaller buckets", m->rank, what, total);
     ar_args a = {bufs[0], total, MPI_FLOAT};
     if (count > 1) {
-        if (total > m->stage_cap) {
-            float *s = realloc(m->stage, (size_t)total * sizeof *s);
-            if (!s)
-                return fail(err, errlen, "rank %d: out of memory for a %" PRId64 "-float bucket",
-                            m->rank, total);
-            m->stage = s;
-            m->stage_cap = total;
-        }
+        if (grow_floats(&m->stage, &m->stage_cap, total))
+            return fail(err, errlen, "rank %d: out of memory for a %" PRId64 "-float bucket",
+                        m->rank, total);
         for (int i = 0, at = 0; i < count; at += (int)ns[i], i++)
             memcpy(m->stage + at, bufs[i], (size_t)ns[i] * sizeof(float));
         a.buf = m->stage;
@@ -443,14 +451,9 @@ static int mpi_reduce_scatter(void *impl, const float *full, float *slice, int64
     if (s * size > INT32_MAX)
         return fail(err, errlen, "rank %d: %s of %" PRId64 " floats exceeds MPI's int count",
                     m->rank, what, s * size);
-    if (s * size > m->rs_recv_cap) {
-        float *r = realloc(m->rs_recv, (size_t)(s * size) * sizeof *r);
-        if (!r)
-            return fail(err, errlen, "rank %d: out of memory for a %" PRId64 "-float %s",
-                        m->rank, s * size, what);
-        m->rs_recv = r;
-        m->rs_recv_cap = s * size;
-    }
+    if (grow_floats(&m->rs_recv, &m->rs_recv_cap, s * size))
+        return fail(err, errlen, "rank %d: out of memory for a %" PRId64 "-float %s", m->rank,
+                    s * size, what);
     rs_args a = {full, m->rs_recv, s};
     if (run_collective(m, group, what, post_reduce_scatter, &a, err, errlen))
         return -1;
