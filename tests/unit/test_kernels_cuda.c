@@ -522,14 +522,10 @@ static void tc_router(tc_env *t)
 /* ---- dispatch, grouped matmul, combine ------------------------------------
  * idx patterns: 0 random distinct choices, 1 expert 0 never used, 2 every
  * token to expert E-1 (k = 1) */
-static void tc_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, int64_t C_,
-                        int64_t M, int pattern)
+/* idx <- k distinct experts per token in the pattern above (the fp32 and
+ * half cases draw the same routing from t->rng) */
+static void tc_route(tc_env *t, int32_t *idx, int64_t N, int64_t E, int64_t k, int pattern)
 {
-    char name[200], sh[120];
-    snprintf(sh, sizeof sh, "N=%lld D=%lld E=%lld k=%lld C=%lld M=%lld idx=%d", (long long)N,
-             (long long)D, (long long)E, (long long)k, (long long)C_, (long long)M, pattern);
-    int64_t S = N * k, R = C_ > 0 ? E * C_ : S;
-    tc_i idx = tc_iout(t, S);
     for (int64_t n = 0; n < N; n++) {
         for (int64_t j = 0; j < k; j++) {
             int64_t e;
@@ -539,11 +535,22 @@ static void tc_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, i
                                                         : (int64_t)(ch_next(&t->rng) % (uint64_t)E);
                 dup = 0;
                 for (int64_t i = 0; i < j; i++)
-                    dup |= idx.h[n * k + i] == e;
+                    dup |= idx[n * k + i] == e;
             } while (dup);
-            idx.h[n * k + j] = (int32_t)e;
+            idx[n * k + j] = (int32_t)e;
         }
     }
+}
+
+static void tc_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, int64_t C_,
+                        int64_t M, int pattern)
+{
+    char name[200], sh[120];
+    snprintf(sh, sizeof sh, "N=%lld D=%lld E=%lld k=%lld C=%lld M=%lld idx=%d", (long long)N,
+             (long long)D, (long long)E, (long long)k, (long long)C_, (long long)M, pattern);
+    int64_t S = N * k, R = C_ > 0 ? E * C_ : S;
+    tc_i idx = tc_iout(t, S);
+    tc_route(t, idx.h, N, E, k, pattern);
     tc_iup(t, idx);
     tc_f x = tc_in(t, N * D, -1, 1), xs = tc_out(t, R * D);
     tc_i slot = tc_iout(t, S), er = tc_iout(t, 2 * E);
@@ -1087,20 +1094,7 @@ static void tc_h_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k,
              (long long)D, (long long)E, (long long)k, (long long)C_, (long long)M, pattern);
     int64_t S = N * k, R = C_ > 0 ? E * C_ : S;
     tc_i idx = tc_iout(t, S);
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t j = 0; j < k; j++) {
-            int64_t e;
-            int dup;
-            do {
-                e = pattern == 2 ? E - 1 : pattern == 1 ? 1 + (int64_t)(ch_next(&t->rng) % (uint64_t)(E - 1))
-                                                        : (int64_t)(ch_next(&t->rng) % (uint64_t)E);
-                dup = 0;
-                for (int64_t i = 0; i < j; i++)
-                    dup |= idx.h[n * k + i] == e;
-            } while (dup);
-            idx.h[n * k + j] = (int32_t)e;
-        }
-    }
+    tc_route(t, idx.h, N, E, k, pattern);
     tc_iup(t, idx);
     tc_h x = tc_hin(t, N * D, -1, 1), xs = tc_hout(t, R * D);
     tc_i slot = tc_iout(t, S), er = tc_iout(t, 2 * E);
