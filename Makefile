@@ -53,17 +53,17 @@ $(BUILD)/lang/parser.o $(BUILD)/lang/lexer.o: %.o: %.c
 	$(CC) $(CFLAGS) -Wno-unused-function -Wno-sign-compare -Wno-unused-parameter -Ilang -I$(BUILD)/lang -c $< -o $@
 $(BUILD)/lang/%.o: lang/%.c $(BUILD)/lang/parser.h $(BUILD)/lang/lexer.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Ilang -I$(BUILD)/lang -MMD -c $< -o $@
+	$(CC) $(CFLAGS) -Ilang -I$(BUILD)/lang -MMD -MP -c $< -o $@
 
 $(BUILD)/compiler/%.o: compiler/%.c $(BUILD)/lang/parser.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Ilang -I$(BUILD)/lang -MMD -c $< -o $@
+	$(CC) $(CFLAGS) -Ilang -I$(BUILD)/lang -MMD -MP -c $< -o $@
 $(BUILD)/runtime/%.o: runtime/%.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -MMD -c $< -o $@
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 $(BUILD)/kernels/cpu/%.o: kernels/cpu/%.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -fopenmp $(OPENBLAS_CFLAGS) -MMD -c $< -o $@
+	$(CC) $(CFLAGS) -fopenmp $(OPENBLAS_CFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/libmoec_front.a: $(LANG_OBJ) $(COMPILER_OBJ)
 	ar rcs $@ $^

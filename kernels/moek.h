@@ -23,6 +23,7 @@
 #define MOEK_H
 
 #include <stdint.h>
+#include <string.h>
 
 #define MOEK_ABI_VERSION 1
 
@@ -197,6 +198,32 @@ void moek_sgd(const moek_ctx *ctx, float *p, const float *g, float *buf, int64_t
  * moek_bf16_workspace_bytes), so its bf16 results are the reference the CUDA
  * variants are compared with. */
 typedef uint16_t moek_bf16;
+
+/* The format's two conversions, shared by every library and the runtime
+ * (checkpoints, collectives).  fp32 -> bf16, round to nearest even: adding 0x7FFF plus the lowest kept
+ * bit carries into bit 16 exactly when the dropped half is above one half,
+ * or equal to it with an odd kept part.  The carry may run into the
+ * exponent (correct: the next binade) and turn the largest finite values
+ * into Inf (correct under RNE).  A NaN would carry the same way into Inf or
+ * lose its payload to zero, so it is truncated and quieted instead. */
+static inline moek_bf16 moek_bf16_from_f32(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (moek_bf16)((u >> 16) | 0x0040u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (moek_bf16)(u >> 16);
+}
+
+/* bf16 -> fp32 is exact: the bf16 bits are the top half of the fp32. */
+static inline float moek_bf16_to_f32(moek_bf16 h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 /* Workspace the CPU bf16 variants need for one call whose float tensor
  * arguments total `elems` elements: the compiler records the maximum in the
@@ -429,6 +456,58 @@ void moek_bias_add_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 
  * (hyper[MOEK_HYPER_LOSS_SCALE]) and the optimizers divide it back out and
  * skip a step whose gradient norm overflowed.  Workspace: the bf16 macro. */
 typedef uint16_t moek_f16;
+
+/* fp32 -> half, round to nearest even.  Three ranges:
+ *  - from 65520 up (the midpoint between 65504, the largest half with an odd
+ *    mantissa, and 2^16): Inf, as RNE says; Inf stays Inf;
+ *  - normal halves (>= 2^-14): rebias the exponent (127 -> 15) and round the
+ *    13 dropped mantissa bits as moek_bf16_from_f32 does its 16 (a carry
+ *    into the exponent is the next binade, correct);
+ *  - below 2^-14: a subnormal count of 2^-24 units, rounded by hand.
+ * NaN is quieted and keeps the top of its payload (never becomes Inf). */
+static inline moek_f16 moek_f16_from_f32(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (moek_f16)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u)
+        return (moek_f16)(sign | 0x7c00u);
+    if (a >= 0x38800000u) {
+        uint32_t r = a - 0x38000000u;
+        r += 0xfffu + ((r >> 13) & 1u);
+        return (moek_f16)(sign | (r >> 13));
+    }
+    uint32_t e = a >> 23;
+    uint32_t shift = 126u - e;                  /* >= 14 here */
+    if (shift > 24u)
+        return (moek_f16)sign;                  /* below a quarter unit: 0 */
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t k = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (k & 1u)))
+        k++;                                    /* may reach 0x400: the smallest normal */
+    return (moek_f16)(sign | k);
+}
+
+/* half -> fp32 is exact (every half is an fp32). */
+static inline float moek_f16_to_f32(moek_f16 h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    if (e == 0x1fu) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else if (e != 0) {
+        u = sign | ((e + 112u) << 23) | (m << 13);
+    } else {
+        float v = (float)m * 5.9604644775390625e-8f;   /* m * 2^-24, exact */
+        memcpy(&u, &v, sizeof u);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 void moek_cast_f32_f16(const moek_ctx *ctx, const float *x, moek_f16 *y, int64_t n);
 void moek_cast_f16_f32(const moek_ctx *ctx, const moek_f16 *x, float *y, int64_t n);

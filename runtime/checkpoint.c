@@ -201,45 +201,6 @@ static int read_whole(exec_state *ex, uint64_t i, void *buf, char *err, size_t e
     return 0;
 }
 
-uint16_t ckpt_bf16_from_f32(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40);   /* NaN: keep it a (quiet) NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);          /* round to nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
-
-/* fp32 -> IEEE half, round to nearest even (kernels/moek.h "fp16 storage"):
- * 65520 and up -> Inf, subnormals below 2^-14, NaN stays NaN.  The same
- * rounding as the CPU kernels' kf16_round, so a loaded param equals what
- * moek_adamw_f16 would write from that master. */
-static uint16_t ckpt_f16_from_f32(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u)
-        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
-    if (a >= 0x477ff000u)
-        return (uint16_t)(sign | 0x7c00u);
-    if (a >= 0x38800000u) {
-        uint32_t r = a - 0x38000000u;   /* rebias the exponent 127 -> 15 */
-        r += 0xfffu + ((r >> 13) & 1u);
-        return (uint16_t)(sign | (r >> 13));
-    }
-    uint32_t shift = 126u - (a >> 23);  /* a subnormal count of 2^-24 units */
-    if (shift > 24u)
-        return sign;
-    uint32_t m = (a & 0x7fffffu) | 0x800000u;
-    uint32_t k = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (k & 1u)))
-        k++;
-    return (uint16_t)(sign | k);
-}
-
 int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char *err,
                    size_t errlen)
 {
@@ -268,7 +229,7 @@ int ckpt_write_f32(exec_state *ex, uint64_t t, const float *h, uint64_t n, char 
     if (!b)
         return fail(err, errlen, "out of memory writing %s", plan_str(ex->pf, pt->name));
     for (uint64_t k = 0; k < n; k++)
-        b[k] = pt->dtype == PLAN_F16 ? ckpt_f16_from_f32(h[k]) : ckpt_bf16_from_f32(h[k]);
+        b[k] = pt->dtype == PLAN_F16 ? moek_f16_from_f32(h[k]) : moek_bf16_from_f32(h[k]);
     int rc = exec_write(ex, t, 0, b, n * 2, err, errlen);
     free(b);
     return rc;

@@ -37,7 +37,5 @@ int ckpt_set_param(exec_state *ex, uint64_t i, const float *h, char *err, size_t
 /* Elements of param i as a whole tensor (of this rank's experts): at ZeRO
  * stage 3 the param tensor itself holds only this rank's slice. */
 uint64_t ckpt_param_numel(const plan_file *pf, uint64_t i);
-/* Round to nearest even; NaN stays NaN. */
-uint16_t ckpt_bf16_from_f32(float f);
 
 #endif

@@ -527,28 +527,10 @@ void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *sl
         collective_failed(ctx, c, e);
 }
 
-/* A half-precision value widened exactly to fp32 (bf16: the top 16 bits;
- * fp16: IEEE half, subnormals and Inf/NaN kept). */
+/* A half-precision value widened exactly to fp32. */
 static float widen_half(uint16_t h, int64_t dtype)
 {
-    uint32_t u;
-    if (dtype == PLAN_BF16) {
-        u = (uint32_t)h << 16;
-    } else {
-        uint32_t sign = (uint32_t)(h & 0x8000u) << 16, ex = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-        if (ex == 0x1fu) {
-            u = sign | 0x7f800000u | (m << 13);
-        } else if (ex) {
-            u = sign | ((ex + 112u) << 23) | (m << 13);
-        } else {   /* zero or subnormal: m * 2^-24, exact in fp32 */
-            float f = (float)m * 0x1p-24f;
-            memcpy(&u, &f, 4);
-            u |= sign;
-        }
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return dtype == PLAN_BF16 ? moek_bf16_to_f32(h) : moek_f16_to_f32(h);
 }
 
 /* slice (+)= this rank's slice of the group's fp32 sum of full[0, n) (of

@@ -9,13 +9,12 @@
  * (silu, repeat_kv, bias_add) whose bf16 variants are in layer_ops.c, by the
  * same workspace recipe.
  * Loss scaling lives in the optimizer (optim.c): nothing here knows of it. */
-#include "f16.h"
 
 #define KH_T moek_f16
 #define KH_FN(name) name##_f16
 #define KH_CAST_TO_F32 moek_cast_f16_f32
-#define KH_ROUND(f) kf16_round(f)
-#define KH_WIDEN(h) kf16_widen(h)
+#define KH_ROUND(f) moek_f16_from_f32(f)
+#define KH_WIDEN(h) moek_f16_to_f32(h)
 #include "half_variants.inc"
 
 /* ---- issue 2 layer ops ---------------------------------------------------- */

@@ -10,8 +10,6 @@
  * it, the norm's dx before ds is added.  They need
  * MOEK_BF16_WORKSPACE_BYTES(sum of their half arguments' element counts),
  * and otherwise set MOEK_E_SHAPE and write nothing. */
-#include "bf16.h"
-#include "f16.h"
 #include "kcpu.h"
 
 void moek_add_rmsnorm_fwd(const moek_ctx *ctx, const float *a, const float *b, const float *w, float *s,
@@ -43,12 +41,8 @@ typedef struct {
     float (*widen)(uint16_t);
 } kfu_half;
 
-static uint16_t kfu_round_bf16(float f) { return kbf16_round(f); }
-static float kfu_widen_bf16(uint16_t h) { return kbf16_widen(h); }
-static uint16_t kfu_round_f16(float f) { return kf16_round(f); }
-static float kfu_widen_f16(uint16_t h) { return kf16_widen(h); }
-static const kfu_half kfu_bf16 = {kfu_round_bf16, kfu_widen_bf16};
-static const kfu_half kfu_f16 = {kfu_round_f16, kfu_widen_f16};
+static const kfu_half kfu_bf16 = {moek_bf16_from_f32, moek_bf16_to_f32};
+static const kfu_half kfu_f16 = {moek_f16_from_f32, moek_f16_to_f32};
 
 /* Carves `k` fp32 buffers of len[i] elements from the workspace, 64-byte
  * aligned.  0 (MOEK_E_SHAPE set) when it is too small. */

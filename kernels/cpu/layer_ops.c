@@ -5,7 +5,6 @@
  * on the thread count. */
 #include <math.h>
 
-#include "bf16.h"
 #include "kcpu.h"
 
 /* ---- layernorm ------------------------------------------------------------ */
@@ -214,10 +213,10 @@ void moek_silu_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, moek_bf16 *y, i
         float a[KL_CHUNK], r[KL_CHUNK];
         int64_t o = c * KL_CHUNK, m = n - o < KL_CHUNK ? n - o : KL_CHUNK;
         for (int64_t i = 0; i < m; i++)
-            a[i] = kbf16_widen(x[o + i]);
+            a[i] = moek_bf16_to_f32(x[o + i]);
         moek_silu_fwd(&one, a, r, m);
         for (int64_t i = 0; i < m; i++)
-            y[o + i] = kbf16_round(r[i]);
+            y[o + i] = moek_bf16_from_f32(r[i]);
     }
 }
 
@@ -231,12 +230,12 @@ void moek_silu_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, const moek_bf1
         float d[KL_CHUNK], a[KL_CHUNK], r[KL_CHUNK];
         int64_t o = c * KL_CHUNK, m = n - o < KL_CHUNK ? n - o : KL_CHUNK;
         for (int64_t i = 0; i < m; i++) {
-            d[i] = kbf16_widen(dy[o + i]);
-            a[i] = kbf16_widen(x[o + i]);
+            d[i] = moek_bf16_to_f32(dy[o + i]);
+            a[i] = moek_bf16_to_f32(x[o + i]);
         }
         moek_silu_bwd(&one, d, a, r, m);
         for (int64_t i = 0; i < m; i++)
-            dx[o + i] = kbf16_round(r[i]);
+            dx[o + i] = moek_bf16_from_f32(r[i]);
     }
 }
 
@@ -266,8 +265,8 @@ void moek_repeat_kv_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16
             for (int64_t d = 0; d < Dh; d++) {
                 float s = 0.0f;
                 for (int64_t g = 0; g < rep; g++)
-                    s += kbf16_widen(dy[(n * H + k * rep + g) * Dh + d]);
-                dx[(n * Hkv + k) * Dh + d] = kbf16_round(s);
+                    s += moek_bf16_to_f32(dy[(n * H + k * rep + g) * Dh + d]);
+                dx[(n * Hkv + k) * Dh + d] = moek_bf16_from_f32(s);
             }
 }
 
@@ -277,7 +276,7 @@ void moek_bias_add_fwd_bf16(const moek_ctx *ctx, const moek_bf16 *x, const moek_
 #pragma omp parallel for schedule(static) num_threads(kcpu_team(ctx, N * D))
     for (int64_t n = 0; n < N; n++)
         for (int64_t d = 0; d < D; d++)
-            y[n * D + d] = kbf16_round(kbf16_widen(x[n * D + d]) + kbf16_widen(b[d]));
+            y[n * D + d] = moek_bf16_from_f32(moek_bf16_to_f32(x[n * D + d]) + moek_bf16_to_f32(b[d]));
 }
 
 void moek_bias_add_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 *dx, moek_bf16 *db,
@@ -298,8 +297,8 @@ void moek_bias_add_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dy, moek_bf16 
         double acc[KL_COLS] = {0};
         for (int64_t n = 0; n < N; n++)
             for (int64_t d = d0; d < d1; d++)
-                acc[d - d0] += kbf16_widen(dy[n * D + d]);
+                acc[d - d0] += moek_bf16_to_f32(dy[n * D + d]);
         for (int64_t d = d0; d < d1; d++)
-            db[d] = kbf16_round((float)acc[d - d0]);
+            db[d] = moek_bf16_from_f32((float)acc[d - d0]);
     }
 }

@@ -115,67 +115,11 @@ static inline float ch_unif(uint64_t *rng, float lo, float hi)
 /* ---- half storage: bf16 and IEEE fp16 -------------------------------------
  * moek_bf16 and moek_f16 are both uint16_t, so a _f16 kernel has exactly the
  * type of its _bf16 twin: a program keeps its half kernels in one struct of
- * pointers typed as the _bf16 variants and fills one copy per type.  The
- * conversions below are the test's own (RNE, NaN stays NaN), used to make
- * inputs and to read results; the kernels' casts are what is tested. */
+ * pointers typed as the _bf16 variants and fills one copy per type.  Inputs
+ * are made and results read with the format's conversions in kernels/moek.h
+ * (RNE, NaN stays NaN); the kernels' casts are what is tested. */
 _Static_assert(__builtin_types_compatible_p(moek_bf16, moek_f16),
                "moek_bf16 and moek_f16 must be the same type for the shared half tables");
-
-static inline uint16_t ch_bf16_round(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float ch_bf16_widen(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* fp32 -> fp16: NaN stays NaN; from 65520 (halfway between 65504 and 2^16)
- * up, Inf; a normal half (>= 2^-14) rebiases the exponent (127 -> 15) and
- * rounds the 13 dropped bits to nearest even; below 2^-14 a count of 2^-24
- * units, |f| * 2^24 being exact and rintf rounding it to even (1024 is the
- * smallest normal, whose bits are 0x400 too). */
-static inline uint16_t ch_f16_round(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u)
-        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
-    if (a >= 0x477ff000u)
-        return (uint16_t)(sign | 0x7c00u);
-    if (a >= 0x38800000u) {
-        uint32_t r = a - 0x38000000u;
-        r += 0xfffu + ((r >> 13) & 1u);
-        return (uint16_t)(sign | (r >> 13));
-    }
-    return (uint16_t)(sign | (uint16_t)rintf(fabsf(f) * 16777216.0f));
-}
-
-/* fp16 -> fp32, exact: subnormals are m * 2^-24 */
-static inline float ch_f16_widen(uint16_t h)
-{
-    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    float f;
-    if (e == 0) {
-        f = (float)m * 5.9604644775390625e-8f;
-        return h & 0x8000u ? -f : f;
-    }
-    uint32_t u = ((uint32_t)(h & 0x8000u) << 16) | (e == 0x1fu ? 0x7f800000u : (e + 112u) << 23) |
-                 (m << 13);
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* a half storage type */
 typedef struct {
@@ -191,8 +135,8 @@ enum { CH_BF16, CH_F16, CH_NHALF };
 static inline const ch_half *ch_half_type(int which)
 {
     static const ch_half types[CH_NHALF] = {
-        {"bf16", "_bf16", 0x7fc0, ch_bf16_round, ch_bf16_widen},
-        {"f16", "_f16", 0x7e00, ch_f16_round, ch_f16_widen},
+        {"bf16", "_bf16", 0x7fc0, moek_bf16_from_f32, moek_bf16_to_f32},
+        {"f16", "_f16", 0x7e00, moek_f16_from_f32, moek_f16_to_f32},
     };
     return &types[which];
 }

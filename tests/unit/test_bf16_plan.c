@@ -286,13 +286,13 @@ static void rounding(void)
     int bad = 0;
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
         x.u = c[i].in;
-        if (ckpt_bf16_from_f32(x.f) != c[i].want) {
-            printf("# %08x -> %04x, want %04x\n", c[i].in, ckpt_bf16_from_f32(x.f), c[i].want);
+        if (moek_bf16_from_f32(x.f) != c[i].want) {
+            printf("# %08x -> %04x, want %04x\n", c[i].in, moek_bf16_from_f32(x.f), c[i].want);
             bad++;
         }
     }
     x.u = 0x7f800001u;   /* a NaN whose payload would round to inf */
-    uint16_t nan = ckpt_bf16_from_f32(x.f);
+    uint16_t nan = moek_bf16_from_f32(x.f);
     CHECK("bf16 host rounding: nearest even, overflow to inf, NaN stays NaN",
           bad == 0 && (nan & 0x7f80) == 0x7f80 && (nan & 0x7f) != 0, "%d wrong, NaN -> %04x", bad, nan);
 }

@@ -19,7 +19,7 @@
 #include "half_kernel_checks.h"
 
 /* the value of a half, computed from its fields in double (the oracle's own
- * decoding, independent of kf16_widen) */
+ * decoding, independent of moek_f16_to_f32) */
 static double th_value(uint16_t h)
 {
     int e = (h >> 10) & 0x1f, m = h & 0x3ff;

@@ -203,32 +203,14 @@ static void grad_others(tk_rng *g)
 }
 
 /* ---- bf16 variants: widen, fp32 kernel, round once --------------------------- */
-static moek_bf16 rnd16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (moek_bf16)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (moek_bf16)(u >> 16);
-}
-
-static float wid16(moek_bf16 h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /* n random bf16 values and their exact fp32 widening */
 static moek_bf16 *rand16(tk_rng *g, int64_t n, float lo, float hi, float **wide)
 {
     moek_bf16 *h = malloc((size_t)(n > 0 ? n : 1) * sizeof *h);
     *wide = malloc((size_t)(n > 0 ? n : 1) * sizeof **wide);
     for (int64_t i = 0; i < n; i++) {
-        h[i] = rnd16(tk_unif(g, lo, hi));
-        (*wide)[i] = wid16(h[i]);
+        h[i] = moek_bf16_from_f32(tk_unif(g, lo, hi));
+        (*wide)[i] = moek_bf16_to_f32(h[i]);
     }
     return h;
 }
@@ -237,7 +219,7 @@ static int same16(const moek_bf16 *a, const float *f, int64_t n)
 {
     int bad = 0;
     for (int64_t i = 0; i < n; i++)
-        bad += a[i] != rnd16(f[i]);
+        bad += a[i] != moek_bf16_from_f32(f[i]);
     return bad;
 }
 
