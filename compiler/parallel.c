@@ -47,36 +47,23 @@ static int perr(moec_error *err, ir_srcloc loc, const char *hint, const char *ms
  * unused slots bound to t0 and n = 0. */
 static const ir_opdef *allreduce_def(ir_graph *g, int k)
 {
-    const char *name = ir_strfmt(g, "__comm_allreduce_%d", k);
-    const ir_opdef *d = ir_def_find(g, name);
-    if (d)
-        return d;
-    ir_opdef def;
-    memset(&def, 0, sizeof def);
-    def.name = name;
-    def.lib = COMM_LIB;
-    def.ninputs = k;
-    def.ndims = k;
+    const char *ins[COMM_MULTI_MAX + 1] = {NULL}, *dims[COMM_MULTI_MAX + 1] = {NULL};
+    static const char *const attrs[] = {"group", "bucket", NULL};
     for (int i = 0; i < k; i++) {
-        def.input_names[i] = ir_strfmt(g, "g%d", i);
-        def.dim_names[i] = ir_strfmt(g, "n%d", i);
+        ins[i] = ir_strfmt(g, "g%d", i);
+        dims[i] = ir_strfmt(g, "n%d", i);
     }
-    def.nattrs = 2;
-    def.attr_names[0] = "group";
-    def.attr_names[1] = "bucket";
-    def.attr_kinds[0] = def.attr_kinds[1] = PLAN_ARG_I64;
-    def.bwd_kind = IR_BWD_NONE;
-    def.fwd_symbol = "moec_comm_allreduce_f32_multi";
+    ir_ref t[3 + 2 * COMM_MULTI_MAX];
     int a = 0;
-    def.fwd[a++] = (ir_ref){IR_REF_ATTR, 0, 0, 0};
-    def.fwd[a++] = (ir_ref){IR_REF_ATTR, 1, 0, 0};
-    def.fwd[a++] = (ir_ref){IR_REF_INT, 0, k, 0};
+    t[a++] = (ir_ref){IR_REF_ATTR, 0, 0, 0};
+    t[a++] = (ir_ref){IR_REF_ATTR, 1, 0, 0};
+    t[a++] = (ir_ref){IR_REF_INT, 0, k, 0};
     for (int i = 0; i < COMM_MULTI_MAX; i++) {
-        def.fwd[a++] = (ir_ref){IR_REF_IN, i < k ? i : 0, 0, 0};
-        def.fwd[a++] = i < k ? (ir_ref){IR_REF_DIM, i, 0, 0} : (ir_ref){IR_REF_INT, 0, 0, 0};
+        t[a++] = (ir_ref){IR_REF_IN, i < k ? i : 0, 0, 0};
+        t[a++] = i < k ? (ir_ref){IR_REF_DIM, i, 0, 0} : (ir_ref){IR_REF_INT, 0, 0, 0};
     }
-    def.nfwd = a;
-    return ir_def_add(g, &def);
+    return pu_comm_def(g, ir_strfmt(g, "__comm_allreduce_%d", k), "moec_comm_allreduce_f32_multi", ins,
+                       NULL, dims, attrs, t, a);
 }
 
 static void emit_bucket(ir_graph *g, const int *vals, int k, int group, int bucket, int phase)
