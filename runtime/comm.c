@@ -270,6 +270,18 @@ void comm_close(comm *c)
 }
 
 /* ---- the collective kernels ---------------------------------------------- */
+/* The communicator of a collective op, with the backend told the compute
+ * stream the op's buffers belong to (nccl orders its own stream after that
+ * stream's work and that stream after the collective; until told, it orders
+ * nothing).  Every moec_comm_* op starts here. */
+static comm *cx_enter(const moek_ctx *ctx)
+{
+    comm *c = ctx->comm;
+    if (c && c->bind)
+        c->bind(c->impl, ctx->stream);
+    return c;
+}
+
 static void collective_failed(const moek_ctx *ctx, comm *c, const char *e)
 {
     if (c && !c->err[0])
@@ -317,15 +329,13 @@ void moec_comm_allreduce_f32_multi(const moek_ctx *ctx, int64_t group, int64_t b
                                    int64_t n4, float *t5, int64_t n5, float *t6, int64_t n6,
                                    float *t7, int64_t n7)
 {
-    comm *c = ctx->comm;
+    comm *c = cx_enter(ctx);
     if (!c || c->world == 1 || *ctx->status)
         return;
     if (count < 1 || count > COMM_MULTI_MAX) {
         *ctx->status = *ctx->status ? *ctx->status : MOEK_E_SHAPE;
         return;
     }
-    if (c->bind)
-        c->bind(c->impl, ctx->stream);
     float *const bufs[COMM_MULTI_MAX] = {t0, t1, t2, t3, t4, t5, t6, t7};
     const int64_t ns[COMM_MULTI_MAX] = {n0, n1, n2, n3, n4, n5, n6, n7};
     char what[96], e[1024];
@@ -348,12 +358,10 @@ void moec_comm_allreduce_f32_multi(const moek_ctx *ctx, int64_t group, int64_t b
 
 void moec_comm_allreduce_f32(const moek_ctx *ctx, float *buf, int64_t n, int64_t group)
 {
-    comm *c = ctx->comm;
+    comm *c = cx_enter(ctx);
     if (!c || c->world == 1 || *ctx->status)
         return;
     char e[1024];
-    if (c->bind)
-        c->bind(c->impl, ctx->stream);
     if (c->be->allreduce_f32(c->impl, &buf, &n, 1, (int)group, "all-reduce", e, sizeof e))
         collective_failed(ctx, c, e);
 }
@@ -461,7 +469,7 @@ static int cx_move(const moek_ctx *ctx, comm *c, int dev, void *dst, const void 
 void moec_comm_zero_slice(const moek_ctx *ctx, int64_t group, const void *full, int64_t n,
                           void *slice, int64_t s, int64_t esize)
 {
-    comm *c = ctx->comm;
+    comm *c = cx_enter(ctx);
     if (*ctx->status)
         return;
     int64_t size, i = comm_group_index(c, (int)group, &size);
@@ -476,7 +484,7 @@ void moec_comm_zero_slice(const moek_ctx *ctx, int64_t group, const void *full, 
 void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *slice, int64_t s,
                               void *full, int64_t n, int64_t esize)
 {
-    comm *c = ctx->comm;
+    comm *c = cx_enter(ctx);
     if (*ctx->status)
         return;
     int64_t size;
@@ -538,7 +546,7 @@ static float widen_half(uint16_t h, int64_t dtype)
 static void zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const void *full, int64_t n,
                                 float *slice, int64_t s, int64_t accumulate, int64_t dtype)
 {
-    comm *c = ctx->comm;
+    comm *c = cx_enter(ctx);
     int64_t size, i = comm_group_index(c, (int)group, &size);
     int mode = cx_mode(c), rc = 0, half = dtype != PLAN_F32;
     /* direct, fp32, no padding: full itself is the group's vector */
@@ -711,7 +719,7 @@ static int ep_check(const moek_ctx *ctx, comm *c, int64_t group, int64_t P, cons
 void moec_comm_ep_counts(const moek_ctx *ctx, int64_t group, const int32_t *expert_rows,
                          int32_t *counts, int32_t *local_rows, int64_t E, int64_t P)
 {
-    comm *c = ctx->comm;
+    comm *c = cx_enter(ctx);
     if (*ctx->status)
         return;
     if (P < 1 || E % P) {
@@ -785,7 +793,7 @@ void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, cons
                            const int32_t *local_rows, int64_t R, int64_t Rr, int64_t D, int64_t E,
                            int64_t P, int64_t esize)
 {
-    comm *c = ctx->comm;
+    comm *c = cx_enter(ctx);
     if (*ctx->status)
         return;
     if (P < 1 || E % P || P > 4096 || (dir != 0 && dir != 1) || (esize != 2 && esize != 4)) {

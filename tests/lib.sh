@@ -34,3 +34,34 @@ expect_ok() {
 expect_same() {
     if cmp -s "$2" "$3"; then pass "$1"; else fail "$1" "differs from $2: $(diff "$2" "$3" | head -20)"; fi
 }
+
+# cmp_metrics NAME A B TOL KEYS...: two --metrics files (JSON lines) have the
+# same steps and every KEY within relative TOL at each step (a key in only
+# one file fails; one in neither is skipped, but some key must be compared)
+cmp_metrics() {
+    local name=$1 a=$2 b=$3 tol=$4; shift 4
+    local out
+    if out=$(/usr/bin/python3 - "$a" "$b" "$tol" "$@" <<'PY'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]
+b = [json.loads(l) for l in open(sys.argv[2])]
+tol, keys = float(sys.argv[3]), sys.argv[4:]
+if len(a) != len(b) or not a:
+    print("steps %d vs %d" % (len(a), len(b))); sys.exit(1)
+worst, at, compared = 0.0, "", 0
+for x, y in zip(a, b):
+    for k in keys:
+        if (k in x) != (k in y):
+            print("step %d: %s in only one file" % (x["step"], k)); sys.exit(1)
+        if k in x:
+            compared += 1
+            r = abs(x[k] - y[k]) / max(abs(x[k]), 1e-30)
+            if r >= worst:
+                worst, at = r, "step %d %s %.9g vs %.9g" % (x["step"], k, x[k], y[k])
+if not compared:
+    print("none of %s in either file" % " ".join(keys)); sys.exit(1)
+print("worst relative difference %.3g over %d steps (%s)" % (worst, len(a), at))
+sys.exit(0 if worst <= tol else 1)
+PY
+    ); then pass "$name"; echo "  $name: $out"; else fail "$name" "$out"; fi
+}

@@ -484,6 +484,7 @@ static int nc_collective(nc_impl *m, int group, const char *what, const void *in
         sleep((unsigned)(m->timeout_s * 10 + 30));   /* test hook: a rank stuck in a kernel */
     pthread_mutex_lock(&m->mu);
     int rc = 0;
+    cudaEvent_t end = NULL;   /* the eager collective's end event, once queued */
     if (m->failed) {
         rc = nc_fail(err, errlen, "%s", m->err);
         goto out;
@@ -543,8 +544,7 @@ static int nc_collective(nc_impl *m, int group, const char *what, const void *in
     }
     int slot = (m->head + m->count) % NC_RING;
     CK(cudaEventRecord(m->ev[slot], m->cs));
-    if (m->compute)
-        CK(cudaStreamWaitEvent(m->compute, m->ev[slot], 0));
+    end = m->ev[slot];
     nc_pending *p = &m->ring[slot];
     p->seq = seq;
     p->group = group;
@@ -560,6 +560,21 @@ static int nc_collective(nc_impl *m, int group, const char *what, const void *in
 #undef CK
 out:
     pthread_mutex_unlock(&m->mu);
+    /* The compute stream waits for the end, outside the lock: a runtime that
+     * waits on the host here (tests/standin/cudart.c does, its kernels run on
+     * the host) must not keep the watchdog from aborting a hung collective.
+     * The slot's event is not recorded again before this returns: only this
+     * thread records. */
+    if (rc == 0 && end && m->compute) {
+        cudaError_t e = cudaStreamWaitEvent(m->compute, end, 0);
+        if (e != cudaSuccess)
+            return nc_fail(err, errlen, "rank %d: %s: cudaStreamWaitEvent(compute, end) failed: "
+                           "%s", m->rank, what, cudaGetErrorString(e));
+        pthread_mutex_lock(&m->mu);
+        if (m->failed)
+            rc = nc_fail(err, errlen, "%s", m->err);
+        pthread_mutex_unlock(&m->mu);
+    }
     return rc;
 }
 

@@ -16,30 +16,6 @@ MPIRUN=(mpirun --oversubscribe)
 cd "$TMP"
 
 # compare two metrics files: every key given, relative tolerance, same steps
-cmp_metrics() {   # NAME A B TOL KEYS...
-    local name=$1 a=$2 b=$3 tol=$4; shift 4
-    local out
-    if out=$(/usr/bin/python3 - "$a" "$b" "$tol" "$@" <<'EOF'
-import json, sys
-a = [json.loads(l) for l in open(sys.argv[1])]
-b = [json.loads(l) for l in open(sys.argv[2])]
-tol, keys = float(sys.argv[3]), sys.argv[4:]
-if len(a) != len(b) or not a:
-    print("steps %d vs %d" % (len(a), len(b))); sys.exit(1)
-worst, at = 0.0, ""
-for x, y in zip(a, b):
-    for k in keys:
-        if (k in x) != (k in y):
-            print("step %d: %s in only one file" % (x["step"], k)); sys.exit(1)
-        if k in x:
-            r = abs(x[k] - y[k]) / max(abs(x[k]), 1e-30)
-            if r >= worst:
-                worst, at = r, "step %d %s %.9g vs %.9g" % (x["step"], k, x[k], y[k])
-print("worst relative difference %.3g (%s)" % (worst, at))
-sys.exit(0 if worst <= tol else 1)
-EOF
-    ); then pass "$name"; echo "  $name: $out"; else fail "$name" "$out"; fi
-}
 
 mk() {   # NAME SED-EXPR SOURCE: compile a variant of an example
     sed "$2" "$ROOT/examples/$3" > "$1.moe"

@@ -21,30 +21,6 @@ MPIRUN=(timeout 120 mpirun --oversubscribe)
 [ "$(id -u)" -eq 0 ] && MPIRUN=(timeout 120 mpirun --allow-run-as-root --oversubscribe)
 cd "$TMP"
 
-cmp_metrics() {   # NAME A B TOL KEYS...: same steps, every key within relative TOL
-    local name=$1 a=$2 b=$3 tol=$4; shift 4
-    local out
-    if out=$(/usr/bin/python3 - "$a" "$b" "$tol" "$@" <<'PY'
-import json, sys
-a = [json.loads(l) for l in open(sys.argv[1])]
-b = [json.loads(l) for l in open(sys.argv[2])]
-tol, keys = float(sys.argv[3]), sys.argv[4:]
-if len(a) != len(b) or not a:
-    print("steps %d vs %d" % (len(a), len(b))); sys.exit(1)
-worst, at = 0.0, ""
-for x, y in zip(a, b):
-    for k in keys:
-        if k not in x or k not in y:
-            print("step %d: %s missing" % (x["step"], k)); sys.exit(1)
-        r = abs(x[k] - y[k]) / max(abs(x[k]), 1e-30)
-        if r >= worst:
-            worst, at = r, "step %d %s %.9g vs %.9g" % (x["step"], k, x[k], y[k])
-print("worst relative difference %.3g over %d steps (%s)" % (worst, len(a), at))
-sys.exit(0 if worst <= tol else 1)
-PY
-    ); then pass "$name"; echo "  $name: $out"; else fail "$name" "$out"; fi
-}
-
 NOPAR='s/^parallel {.*}$//'
 for ex in mixtral_like deepseek_like; do
     # the per-rank batch stays the example's (4).  Mixtral: the reference
