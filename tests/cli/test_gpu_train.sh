@@ -7,7 +7,8 @@
 # Part 2 (GPU only): tiny_dense and tiny_moe, 20 steps on cuda vs cpu (same
 # plan, data and seed): every step's loss within 1e-4 relative; CUDA graph
 # replay vs --no-graph bit for bit (losses and final checkpoint); 10 + resume
-# + 10 steps on cuda equal 20 straight.
+# + 10 steps on cuda equal 20 straight; checkpoints trained on either
+# device sample the same greedy text on both.
 source "$(dirname "$0")/../lib.sh"
 B=""
 for b in ${MOEC_BUILD:-} build build-gpurt; do
@@ -66,6 +67,14 @@ else
     out=$(MOEC_KERNELS=$TMP/fake "$RUN" "${common[@]}" --device cuda --no-graph --metrics nog.jsonl --checkpoint n.st 2>&1); rc=$?
     if [ $rc -eq 0 ] && ! grep -q 'graph' <<<"$out" && cmp -s c.st n.st; then
         pass gpu.no_graph_silent; else fail gpu.no_graph_silent "exit $rc: $out"; fi
+    # sampling on the device path: a CPU-trained checkpoint sampled on
+    # "cuda" and a "cuda"-trained one on the CPU give the CPU's text
+    smp() { MOEC_KERNELS=$1 "$RUN" tiny_dense.bin --device "$2" --sample --checkpoint "$3" \
+                --prompt "The " --tokens 24 --temperature 0.8 --top-k 8 --seed 5 2>> smp.err; }
+    a=$(smp "$B" cpu c.st); b=$(smp "$TMP/fake" cuda c.st); c=$(smp "$B" cpu f.st)
+    if [ "$(tail -1 <<<"$a" | wc -c)" -ge 24 ] && [ "$a" = "$b" ] && [ "$a" = "$c" ]; then
+        pass gpu.fake_sample_both_ways
+    else fail gpu.fake_sample_both_ways "cpu: $a | cuda: $b | cpu from cuda: $c | $(tail -3 smp.err)"; fi
     # sync fails at the 3rd call (step 3), and again in the eager re-run: op 0
     expect_fail gpu.sync_error_names_step_and_op \
         '^run: step 3: fake: a kernel found bad data, first raised by op [0-9]+ \([^,]+, .*\.moe:[0-9]+:[0-9]+\); check the data and the model$' \
@@ -100,6 +109,16 @@ for m in tiny_dense tiny_moe; do
     if [ "$(losses "$m.graph.jsonl")" = "$(losses "$m.res.jsonl")" ] && cmp -s "$m.graph.st" "$m.res.st"; then
         pass "gpu.${m}_resume_exact"
     else fail "gpu.${m}_resume_exact" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.res.jsonl") | head -4)"; fi
+done
+# a checkpoint trained on one device samples on the other: greedy text of
+# the fp32 model equal (logits differ by float rounding only)
+greedy() { "$RUN" tiny_moe.bin --device "$1" --sample --checkpoint "$2" --prompt "The " --tokens 32 \
+               --temperature 0 --seed 1 2>> greedy.err; }
+for from in cpu graph; do
+    a=$(greedy cpu "tiny_moe.$from.st"); ra=$?; b=$(greedy cuda "tiny_moe.$from.st"); rb=$?
+    if [ $ra -eq 0 ] && [ $rb -eq 0 ] && [ "$(tail -1 <<<"$a" | wc -c)" -ge 32 ] && [ "$a" = "$b" ]; then
+        pass "gpu.sample_from_${from}_checkpoint"
+    else fail "gpu.sample_from_${from}_checkpoint" "cpu (exit $ra): $a | cuda (exit $rb): $b | $(tail -3 greedy.err)"; fi
 done
 out=$("$RUN" tiny_moe.bin --data data.txt --device cuda --steps 3 --metrics "" --checkpoint cap.st 2>&1)
 if grep -q '^run: captured the forward\.\.backward phases as a CUDA graph ([0-9]* ops); replaying it$' <<<"$out" &&
