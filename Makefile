@@ -123,9 +123,11 @@ test: all
 test-asan:
 	$(MAKE) BUILD=build-asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" \
 	    MOEC_BIN=build-asan/moec RUN_BIN=build-asan/run build-asan/moec build-asan/run \
-	    build-asan/libmoek_cpu.so build-asan/data/default.txt $(TEST_SRC:tests/unit/%.c=build-asan/tests/%)
+	    build-asan/libmoek_cpu.so build-asan/data/default.txt $(TEST_SRC:tests/unit/%.c=build-asan/tests/%) \
+	    $(COMM_LIBS:$(BUILD)/%=build-asan/%)
 	MOEC_BUILD=build-asan MOEC=$(CURDIR)/build-asan/moec RUN=$(CURDIR)/build-asan/run \
-	    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 bash tests/run.sh build-asan
+	    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=fast_unwind_on_malloc=0 \
+	    LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 bash tests/run.sh build-asan
 
 install: all
 	install -d $(PREFIX)/bin $(PREFIX)/lib/moec $(PREFIX)/share/moec/stdlib
@@ -160,6 +162,7 @@ MPICC ?= $(shell command -v mpicc 2>/dev/null)
 CUDA_HOME ?= /usr/local/cuda
 .PHONY: comm-mpi comm-nccl
 ifneq ($(MPICC),)
+COMM_LIBS += $(BUILD)/libmoec_comm_mpi.so
 all: $(BUILD)/libmoec_comm_mpi.so
 comm-mpi: $(BUILD)/libmoec_comm_mpi.so
 $(BUILD)/libmoec_comm_mpi.so: runtime/comm_backends/mpi.c runtime/comm.h kernels/moek.h
@@ -171,6 +174,7 @@ endif
 NCCL_H := $(firstword $(wildcard $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
 ifneq ($(NVCC),)
 ifneq ($(NCCL_H),)
+COMM_LIBS += $(BUILD)/libmoec_comm_nccl.so
 all: $(BUILD)/libmoec_comm_nccl.so
 comm-nccl: $(BUILD)/libmoec_comm_nccl.so
 $(BUILD)/libmoec_comm_nccl.so: runtime/comm_backends/nccl.c runtime/comm_backends/rendezvous.c \
