@@ -3,7 +3,9 @@
 # Part 1 (any machine): a stand-in "cuda" library (libmoek_cpu.so underneath,
 # with failing graph capture / device sync) shows the two error paths: a
 # capture failure falls back to eager with one line, and a data error
-# reported by moek_device_sync names the step and the op.
+# reported by moek_device_sync names the step and the op; every kind of
+# example (bf16, fp16, DeepSeek, Mixtral, switch, fused GELU) trains on the
+# device path exactly as on the CPU, and samples both ways.
 # Part 2 (GPU only): tiny_dense and tiny_moe, 20 steps on cuda vs cpu (same
 # plan, data and seed): every step's loss within 1e-4 relative; CUDA graph
 # replay vs --no-graph bit for bit (losses and final checkpoint); 10 + resume
@@ -75,6 +77,22 @@ else
     if [ "$(tail -1 <<<"$a" | wc -c)" -ge 24 ] && [ "$a" = "$b" ] && [ "$a" = "$c" ]; then
         pass gpu.fake_sample_both_ways
     else fail gpu.fake_sample_both_ways "cpu: $a | cuda: $b | cpu from cuda: $c | $(tail -3 smp.err)"; fi
+    # every kind of example takes the device path of the runtime (arenas,
+    # copies, fp16 loss scaling, routing, checkpoints from device memory)
+    # to the CPU's losses and checkpoint, bit for bit
+    sed 's/precision = bf16/precision = fp16/' "$ROOT/examples/tiny_moe_bf16.moe" > tiny_moe_f16.moe
+    for src in "$ROOT"/examples/{tiny_moe_bf16,deepseek_like,mixtral_like,switch,tiny_gelu}.moe tiny_moe_f16.moe; do
+        n=$(basename "$src" .moe)
+        args=("$n.bin" --data data.txt --steps 6 -q --no-graph)
+        if ! "$MOEC" --stdlib "${MOEC_STDLIB:-$ROOT/stdlib}" "$src" -o "$n.bin" > "$n.moec.log" 2>&1; then
+            fail "gpu.fake_$n" "$(tail -3 "$n.moec.log")"; continue
+        fi
+        MOEC_KERNELS=$B "$RUN" "${args[@]}" --device cpu --metrics "$n.c.jsonl" --checkpoint "$n.c.st" > /dev/null 2>&1
+        if MOEC_KERNELS=$TMP/fake "$RUN" "${args[@]}" --device cuda --metrics "$n.f.jsonl" --checkpoint "$n.f.st" > "$n.f.err" 2>&1 &&
+           [ -s "$n.c.jsonl" ] && [ "$(losses "$n.c.jsonl")" = "$(losses "$n.f.jsonl")" ] && cmp -s "$n.c.st" "$n.f.st"; then
+            pass "gpu.fake_${n}_eq_cpu"
+        else fail "gpu.fake_${n}_eq_cpu" "$(tail -2 "$n.f.err") $(diff <(losses "$n.c.jsonl") <(losses "$n.f.jsonl") | head -3)"; fi
+    done
     # sync fails at the 3rd call (step 3), and again in the eager re-run: op 0
     expect_fail gpu.sync_error_names_step_and_op \
         '^run: step 3: fake: a kernel found bad data, first raised by op [0-9]+ \([^,]+, .*\.moe:[0-9]+:[0-9]+\); check the data and the model$' \
