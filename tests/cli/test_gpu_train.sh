@@ -9,8 +9,9 @@
 # Part 2 (GPU only): tiny_dense and tiny_moe, 20 steps on cuda vs cpu (same
 # plan, data and seed): every step's loss within 1e-4 relative; CUDA graph
 # replay vs --no-graph bit for bit (losses and final checkpoint); 10 + resume
-# + 10 steps on cuda equal 20 straight; checkpoints trained on either
-# device sample the same greedy text on both.
+# + 10 steps on cuda equal 20 straight; bf16 (dense and MoE) and fp16 (MoE)
+# within 1e-2 relative of the CPU at each of 20 steps; checkpoints trained
+# on either device sample the same greedy text on both.
 source "$(dirname "$0")/../lib.sh"
 B=""
 for b in ${MOEC_BUILD:-} build build-gpurt; do
@@ -127,6 +128,26 @@ for m in tiny_dense tiny_moe; do
     if [ "$(losses "$m.graph.jsonl")" = "$(losses "$m.res.jsonl")" ] && cmp -s "$m.graph.st" "$m.res.st"; then
         pass "gpu.${m}_resume_exact"
     else fail "gpu.${m}_resume_exact" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.res.jsonl") | head -4)"; fi
+done
+# mixed precision: the same plan on cuda and cpu (both bf16 or fp16 storage
+# with fp32 accumulation; only summation order differs) within 1e-2
+# relative loss at each of 20 steps, dense and MoE
+sed 's/precision = fp32/precision = bf16/' "$ROOT/examples/tiny_dense.moe" > td_bf16.moe
+sed 's/precision = bf16/precision = fp16/' "$ROOT/examples/tiny_moe_bf16.moe" > tm_fp16.moe
+cp "$ROOT/examples/tiny_moe_bf16.moe" tm_bf16.moe
+for m in td_bf16 tm_bf16 tm_fp16; do
+    "$MOEC" --stdlib "${MOEC_STDLIB:-$ROOT/stdlib}" "$m.moe" -o "$m.bin" > "$m.moec.log" 2>&1 ||
+        { fail "gpu.${m}_cuda_vs_cpu" "$(tail -3 "$m.moec.log")"; continue; }
+    for d in cpu cuda; do
+        "$RUN" "$m.bin" --data data.txt -q --device $d --steps 20 --metrics "$m.$d.jsonl" --checkpoint "" \
+            > /dev/null 2>> "$m.err" || echo "exit $? on $d" >> "$m.err"
+    done
+    worst=$(paste <(losses "$m.cpu.jsonl") <(losses "$m.cuda.jsonl") |
+            awk '{d=$2-$4; if(d<0)d=-d; r=d/($2<0?-$2:$2); if(r>w)w=r; n++} END{printf "%d %.3g", n, w}')
+    read -r n w <<<"$worst"
+    if [ "$n" -eq 20 ] && awk -v w="$w" 'BEGIN{exit !(w <= 1e-2)}'; then
+        pass "gpu.${m}_cuda_vs_cpu (20 steps, max rel loss diff $w)"
+    else fail "gpu.${m}_cuda_vs_cpu" "$n steps, max rel loss diff $w > 1e-2: $(tail -3 "$m.err")"; fi
 done
 # a checkpoint trained on one device samples on the other: greedy text of
 # the fp32 model equal (logits differ by float rounding only)
