@@ -81,8 +81,10 @@ ifneq ($(MOEC_BIN),moec)
 moec: $(MOEC_BIN)
 run: $(RUN_BIN)
 $(MOEC_BIN): $(BUILD)/compiler/main.o $(BUILD)/libmoec_front.a
+	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ -lm
 $(RUN_BIN): $(BUILD)/runtime/main.o $(BUILD)/libmoec_runtime.a
+	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(HOST_LIBS)
 else
 moec: $(BUILD)/compiler/main.o $(BUILD)/libmoec_front.a
