@@ -7,7 +7,8 @@
  *
  * A program lists the symbols it needs as an X-macro over the names without
  * their moek_ prefix, keeps them in a struct of function pointers with those
- * field names, and starts with
+ * field names, keeps a ch_side s (the two contexts, statuses, error text
+ * and the running case's buffers) in its state t, and starts with
  *
  *     void *lib = ch_open("cuda_kernels");
  *     if (!lib)
@@ -15,10 +16,11 @@
  *     ... allocate its state t ...
  *     #define MY_SYM(n) CH_ENTRY(t->g, n)
  *     ch_sym syms[] = {MY_SYMS(MY_SYM)};
- *     int go = ch_start(lib, "cuda_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err,
- *                       sizeof t->err);
- *     go < 0: return 1 (a FAIL printed); go == 0: free t, dlclose, return 0
- *     (SKIP printed); else device 0 is initialised into t->gctx. */
+ *     int go = ch_start(lib, "cuda_kernels", syms, CH_NSYMS(syms), &t->s);
+ *     if (go <= 0) { free(t); return go < 0; }
+ *
+ * go < 0: a FAIL was printed; go == 0: no GPU, one SKIP printed and the
+ * library closed; else device 0 is initialised into t->s.gctx. */
 #ifndef MOEC_CUDA_HARNESS_H
 #define MOEC_CUDA_HARNESS_H
 
@@ -59,20 +61,47 @@ static void *ch_open(const char *test)
     return lib;
 }
 
-/* Fills every slot (one FAIL per missing symbol), then checks for a device
- * and initialises device 0 into gctx.  1: go on; 0: no GPU, one SKIP line
- * named `test` printed; -1: a FAIL printed. */
-static int ch_start(void *lib, const char *test, const ch_sym *syms, int nsyms, moek_ctx *gctx,
-                    char *err, size_t errsz)
+#define CH_MAXBUF 64
+
+/* The two sides of a program: the GPU and CPU contexts with their status
+ * words, the last error text, the library's device services, and the
+ * buffers of the running case (ch_host / ch_dev; ch_end_case frees them). */
+typedef struct {
+    const char *test;   /* the program's name in SKIP lines and fatal messages */
+    moek_ctx gctx, cctx;
+    int gstatus, cstatus;
+    char err[256];
+    __typeof__(&moek_device_alloc) alloc;
+    __typeof__(&moek_device_free) free;
+    __typeof__(&moek_device_copy) copy;
+    __typeof__(&moek_device_fini) fini;
+    __typeof__(&moek_device_sync) sync;
+    void *dev[CH_MAXBUF], *host[CH_MAXBUF];
+    int ndev, nhost;
+} ch_side;
+
+/* Fills every slot (one FAIL per missing symbol) and s's services, then
+ * checks for a device and initialises device 0 into s->gctx, both contexts
+ * reporting into s's status words.  1: go on; 0: no GPU, one SKIP line
+ * named `test` printed and lib closed; -1: a FAIL printed. */
+static int ch_start(void *lib, const char *test, const ch_sym *syms, int nsyms, ch_side *s)
 {
+    ch_sym services[] = {{"moek_device_alloc", (void **)&s->alloc},
+                         {"moek_device_free", (void **)&s->free},
+                         {"moek_device_copy", (void **)&s->copy},
+                         {"moek_device_fini", (void **)&s->fini},
+                         {"moek_device_sync", (void **)&s->sync}};
     int missing = 0;
-    for (int i = 0; i < nsyms; i++) {
-        *syms[i].slot = dlsym(lib, syms[i].name);
-        if (!*syms[i].slot) {
-            char what[160];
-            snprintf(what, sizeof what, "cuda library exports %s", syms[i].name);
-            CHECK(what, 0, "symbol missing");
-            missing++;
+    for (int k = 0; k < 2; k++) {
+        const ch_sym *list = k ? services : syms;
+        for (int i = 0; i < (k ? CH_NSYMS(services) : nsyms); i++) {
+            *list[i].slot = dlsym(lib, list[i].name);
+            if (!*list[i].slot) {
+                char what[160];
+                snprintf(what, sizeof what, "cuda library exports %s", list[i].name);
+                CHECK(what, 0, "symbol missing");
+                missing++;
+            }
         }
     }
     if (missing)
@@ -88,13 +117,74 @@ static int ch_start(void *lib, const char *test, const ch_sym *syms, int nsyms, 
     int ndev = count();
     if (ndev <= 0) {
         SKIP(test, "no GPU (moek_device_count() = %d)", ndev);
+        dlclose(lib);
         return 0;
     }
-    if (init(gctx, 0, 1 << 20, err, errsz)) {
-        CHECK("cuda device_init", 0, "%s", err);
+    s->test = test;
+    if (init(&s->gctx, 0, 1 << 20, s->err, sizeof s->err)) {
+        CHECK("cuda device_init", 0, "%s", s->err);
         return -1;
     }
+    s->gctx.status = &s->gstatus;
+    s->cctx.status = &s->cstatus;
     return 1;
+}
+
+/* ---- the running case's buffers: fatal on failure (the harness itself
+ * broke, not a kernel) ------------------------------------------------------ */
+static inline void ch_die(const ch_side *s, const char *what, const char *why)
+{
+    fprintf(stderr, "%s: %s: %s\n", s->test, what, why);
+    exit(2);
+}
+
+/* zeroed host memory, freed by ch_end_case */
+static inline void *ch_host(ch_side *s, int64_t bytes)
+{
+    void *p = calloc(1, (size_t)(bytes > 0 ? bytes : 1));
+    if (!p || s->nhost >= CH_MAXBUF)
+        ch_die(s, "host buffers", "exhausted");
+    return s->host[s->nhost++] = p;
+}
+
+/* device memory, freed by ch_end_case */
+static inline void *ch_dev(ch_side *s, int64_t bytes)
+{
+    void *p = s->alloc(&s->gctx, bytes > 0 ? bytes : 4, s->err, sizeof s->err);
+    if (!p || s->ndev >= CH_MAXBUF)
+        ch_die(s, "device allocation", p ? "exhausted" : s->err);
+    return s->dev[s->ndev++] = p;
+}
+
+/* bytes from src to dst, kind MOEK_COPY_H2D / D2H / D2D */
+static inline void ch_copy(ch_side *s, void *dst, const void *src, int64_t bytes, int kind)
+{
+    if (bytes > 0 && s->copy(&s->gctx, dst, src, bytes, kind, s->err, sizeof s->err))
+        ch_die(s, "copy", s->err);
+}
+
+/* waits for the GPU; false (with a FAIL line named `name`) when the sync or
+ * either side's status failed */
+static inline int ch_sync(ch_side *s, const char *name)
+{
+    int rc = s->sync(&s->gctx, s->err, sizeof s->err);
+    if (rc || s->gstatus || s->cstatus) {
+        CHECK(name, 0, "sync rc %d (%s), gpu status %d, cpu status %d", rc, rc ? s->err : "",
+              s->gstatus, s->cstatus);
+        return 0;
+    }
+    return 1;
+}
+
+/* frees the case's buffers and clears both status words */
+static inline void ch_end_case(ch_side *s)
+{
+    for (int i = 0; i < s->ndev; i++)
+        s->free(&s->gctx, s->dev[i]);
+    for (int i = 0; i < s->nhost; i++)
+        free(s->host[i]);
+    s->ndev = s->nhost = 0;
+    s->gstatus = s->cstatus = 0;
 }
 
 /* the inputs' generator: xorshift64*, and a uniform float in [lo, hi) from

@@ -70,73 +70,16 @@ typedef struct {
     char worst_name[200], worst_side_name[200];
 } tc_half;
 
-#define TC_MAXBUF 64
-
 typedef struct {
     tc_lib g;             /* the CUDA library */
-    moek_ctx gctx, cctx;  /* GPU and CPU contexts */
-    int gstatus, cstatus;
+    ch_side s;            /* contexts, statuses, this case's buffers */
     uint64_t rng;
-    void *dev[TC_MAXBUF]; /* this case's device buffers */
-    void *host[TC_MAXBUF];
-    int ndev, nhost;
-    char err[256];
     double worst;         /* largest relative error seen, and where */
     char worst_name[200];
     tc_half halves[CH_NHALF];     /* bf16, f16 */
     tc_half *half;        /* the half type whose cases run (tc_cmp records into its
                            * worst_side), NULL in the fp32 cases */
 } tc_env;
-
-/* ---- small helpers ------------------------------------------------------ */
-static void *tc_hmalloc(tc_env *t, int64_t bytes)
-{
-    void *p = calloc(1, (size_t)(bytes > 0 ? bytes : 1));
-    if (!p || t->nhost >= TC_MAXBUF) {
-        fprintf(stderr, "test_kernels_cuda: out of host buffers\n");
-        exit(2);
-    }
-    t->host[t->nhost++] = p;
-    return p;
-}
-
-static void *tc_dmalloc(tc_env *t, int64_t bytes)
-{
-    void *p = t->g.device_alloc(&t->gctx, bytes, t->err, sizeof t->err);
-    if (!p || t->ndev >= TC_MAXBUF) {
-        fprintf(stderr, "test_kernels_cuda: device allocation failed: %s\n", t->err);
-        exit(2);
-    }
-    t->dev[t->ndev++] = p;
-    return p;
-}
-
-static void tc_h2d(tc_env *t, void *d, const void *h, int64_t bytes)
-{
-    if (t->g.device_copy(&t->gctx, d, h, bytes, MOEK_COPY_H2D, t->err, sizeof t->err)) {
-        fprintf(stderr, "test_kernels_cuda: %s\n", t->err);
-        exit(2);
-    }
-}
-
-static void tc_d2h(tc_env *t, void *h, const void *d, int64_t bytes)
-{
-    if (t->g.device_copy(&t->gctx, h, d, bytes, MOEK_COPY_D2H, t->err, sizeof t->err)) {
-        fprintf(stderr, "test_kernels_cuda: %s\n", t->err);
-        exit(2);
-    }
-}
-
-/* frees this case's buffers */
-static void tc_reset(tc_env *t)
-{
-    for (int i = 0; i < t->ndev; i++)
-        t->g.device_free(&t->gctx, t->dev[i]);
-    for (int i = 0; i < t->nhost; i++)
-        free(t->host[i]);
-    t->ndev = t->nhost = 0;
-    t->gstatus = t->cstatus = 0;
-}
 
 /* a float tensor: h is the CPU side, d the GPU side */
 typedef struct {
@@ -152,59 +95,47 @@ typedef struct {
 /* random input, the same values on both sides */
 static tc_f tc_in(tc_env *t, int64_t n, float lo, float hi)
 {
-    tc_f b = {tc_hmalloc(t, n * 4), tc_dmalloc(t, n * 4), n};
+    tc_f b = {ch_host(&t->s, n * 4), ch_dev(&t->s, n * 4), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = ch_unif(&t->rng, lo, hi);
-    tc_h2d(t, b.d, b.h, n * 4);
+    ch_copy(&t->s, b.d, b.h, n * 4, MOEK_COPY_H2D);
     return b;
 }
 
 /* output: NaN on both sides, so anything left unwritten fails */
 static tc_f tc_out(tc_env *t, int64_t n)
 {
-    tc_f b = {tc_hmalloc(t, n * 4), tc_dmalloc(t, n * 4), n};
+    tc_f b = {ch_host(&t->s, n * 4), ch_dev(&t->s, n * 4), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = NAN;
-    tc_h2d(t, b.d, b.h, n * 4);
+    ch_copy(&t->s, b.d, b.h, n * 4, MOEK_COPY_H2D);
     return b;
 }
 
 static tc_i tc_iin(tc_env *t, int64_t n, int64_t lo, int64_t hi)
 {
-    tc_i b = {tc_hmalloc(t, n * 4), tc_dmalloc(t, n * 4), n};
+    tc_i b = {ch_host(&t->s, n * 4), ch_dev(&t->s, n * 4), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = (int32_t)(lo + (int64_t)(ch_next(&t->rng) % (uint64_t)(hi - lo)));
-    tc_h2d(t, b.d, b.h, n * 4);
+    ch_copy(&t->s, b.d, b.h, n * 4, MOEK_COPY_H2D);
     return b;
 }
 
-static void tc_iup(tc_env *t, tc_i b) { tc_h2d(t, b.d, b.h, b.n * 4); }
+static void tc_iup(tc_env *t, tc_i b) { ch_copy(&t->s, b.d, b.h, b.n * 4, MOEK_COPY_H2D); }
 
 static tc_i tc_iout(tc_env *t, int64_t n)
 {
-    tc_i b = {tc_hmalloc(t, n * 4), tc_dmalloc(t, n * 4), n};
+    tc_i b = {ch_host(&t->s, n * 4), ch_dev(&t->s, n * 4), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = -12345;
-    tc_h2d(t, b.d, b.h, n * 4);
+    ch_copy(&t->s, b.d, b.h, n * 4, MOEK_COPY_H2D);
     return b;
-}
-
-/* waits for the GPU; false (with a FAIL line) when it or either status failed */
-static int tc_sync(tc_env *t, const char *name)
-{
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
-    if (rc || t->gstatus || t->cstatus) {
-        CHECK(name, 0, "sync rc %d (%s), gpu status %d, cpu status %d", rc, rc ? t->err : "",
-              t->gstatus, t->cstatus);
-        return 0;
-    }
-    return 1;
 }
 
 static void tc_cmp(tc_env *t, const char *name, tc_f b, double tol)
 {
-    float *g = tc_hmalloc(t, b.n * 4);
-    tc_d2h(t, g, b.d, b.n * 4);
+    float *g = ch_host(&t->s, b.n * 4);
+    ch_copy(&t->s, g, b.d, b.n * 4, MOEK_COPY_D2H);
     double num = 0.0, den = 0.0;
     int64_t bad = -1;
     for (int64_t i = 0; i < b.n; i++) {
@@ -230,8 +161,8 @@ static void tc_cmp(tc_env *t, const char *name, tc_f b, double tol)
 
 static void tc_icmp(tc_env *t, const char *name, tc_i b)
 {
-    int32_t *g = tc_hmalloc(t, b.n * 4);
-    tc_d2h(t, g, b.d, b.n * 4);
+    int32_t *g = ch_host(&t->s, b.n * 4);
+    ch_copy(&t->s, g, b.d, b.n * 4, MOEK_COPY_D2H);
     int64_t bad = -1;
     for (int64_t i = 0; i < b.n && bad < 0; i++)
         if (g[i] != b.h[i])
@@ -242,8 +173,8 @@ static void tc_icmp(tc_env *t, const char *name, tc_i b)
 
 #define TOL 1e-5
 #define NM(...) (snprintf(name, sizeof name, __VA_ARGS__), name)
-#define G (&t->gctx)
-#define C (&t->cctx)
+#define G (&t->s.gctx)
+#define C (&t->s.cctx)
 
 /* ---- elementwise -------------------------------------------------------- */
 static void tc_elementwise(tc_env *t)
@@ -255,48 +186,48 @@ static void tc_elementwise(tc_env *t)
         tc_f a = tc_in(t, n, -3, 3), b = tc_in(t, n, -3, 3), y = tc_out(t, n), z = tc_out(t, n);
         moek_fill(C, y.h, n, 2.5f);
         t->g.fill(G, y.d, n, 2.5f);
-        if (tc_sync(t, NM("cuda fill n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda fill n=%lld", (long long)n)))
             tc_cmp(t, name, y, 0.0);
         moek_copy(C, a.h, y.h, n);
         t->g.copy(G, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda copy n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda copy n=%lld", (long long)n)))
             tc_cmp(t, name, y, 0.0);
         moek_add_fwd(C, a.h, b.h, y.h, n);
         t->g.add_fwd(G, a.d, b.d, y.d, n);
-        if (tc_sync(t, NM("cuda add_fwd n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda add_fwd n=%lld", (long long)n)))
             tc_cmp(t, name, y, TOL);
         moek_accumulate(C, y.h, a.h, n);
         t->g.accumulate(G, y.d, a.d, n);
-        if (tc_sync(t, NM("cuda accumulate n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda accumulate n=%lld", (long long)n)))
             tc_cmp(t, name, y, TOL);
         moek_scale_fwd(C, a.h, y.h, n, -0.37f);
         t->g.scale_fwd(G, a.d, y.d, n, -0.37f);
-        if (tc_sync(t, NM("cuda scale_fwd n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda scale_fwd n=%lld", (long long)n)))
             tc_cmp(t, name, y, TOL);
         moek_scale_bwd(C, b.h, y.h, n, 1.7f);
         t->g.scale_bwd(G, b.d, y.d, n, 1.7f);
-        if (tc_sync(t, NM("cuda scale_bwd n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda scale_bwd n=%lld", (long long)n)))
             tc_cmp(t, name, y, TOL);
         moek_gelu_fwd(C, a.h, y.h, n);
         t->g.gelu_fwd(G, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda gelu_fwd n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda gelu_fwd n=%lld", (long long)n)))
             tc_cmp(t, name, y, TOL);
         moek_gelu_bwd(C, b.h, a.h, y.h, n);
         t->g.gelu_bwd(G, b.d, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda gelu_bwd n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda gelu_bwd n=%lld", (long long)n)))
             tc_cmp(t, name, y, TOL);
         moek_swiglu_fwd(C, a.h, b.h, y.h, n);
         t->g.swiglu_fwd(G, a.d, b.d, y.d, n);
-        if (tc_sync(t, NM("cuda swiglu_fwd n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda swiglu_fwd n=%lld", (long long)n)))
             tc_cmp(t, name, y, TOL);
         tc_f dy = tc_in(t, n, -1, 1);
         moek_swiglu_bwd(C, dy.h, a.h, b.h, y.h, z.h, n);
         t->g.swiglu_bwd(G, dy.d, a.d, b.d, y.d, z.d, n);
-        if (tc_sync(t, NM("cuda swiglu_bwd n=%lld", (long long)n))) {
+        if (ch_sync(&t->s, NM("cuda swiglu_bwd n=%lld", (long long)n))) {
             tc_cmp(t, NM("cuda swiglu_bwd dgate n=%lld", (long long)n), y, TOL);
             tc_cmp(t, NM("cuda swiglu_bwd dup n=%lld", (long long)n), z, TOL);
         }
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -311,15 +242,15 @@ static void tc_embedding(tc_env *t)
         tc_f dtab = tc_out(t, V * D);
         moek_embedding_fwd(C, ids.h, tab.h, out.h, N, V, D);
         t->g.embedding_fwd(G, ids.d, tab.d, out.d, N, V, D);
-        if (tc_sync(t, NM("cuda embedding_fwd N=%lld V=%lld D=%lld", (long long)N, (long long)V,
+        if (ch_sync(&t->s, NM("cuda embedding_fwd N=%lld V=%lld D=%lld", (long long)N, (long long)V,
                           (long long)D)))
             tc_cmp(t, name, out, 0.0);
         moek_embedding_bwd(C, dout.h, ids.h, dtab.h, N, V, D);
         t->g.embedding_bwd(G, dout.d, ids.d, dtab.d, N, V, D);
-        if (tc_sync(t, NM("cuda embedding_bwd N=%lld V=%lld D=%lld", (long long)N, (long long)V,
+        if (ch_sync(&t->s, NM("cuda embedding_bwd N=%lld V=%lld D=%lld", (long long)N, (long long)V,
                           (long long)D)))
             tc_cmp(t, name, dtab, TOL);
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -334,19 +265,19 @@ static void tc_matmul(tc_env *t)
         tc_f dy = tc_in(t, N * M, -1, 1), dx = tc_out(t, N * K), dw = tc_out(t, M * K);
         moek_matmul_fwd(C, x.h, w.h, y.h, N, K, M);
         t->g.matmul_fwd(G, x.d, w.d, y.d, N, K, M);
-        if (tc_sync(t, NM("cuda matmul_fwd N=%lld K=%lld M=%lld", (long long)N, (long long)K,
+        if (ch_sync(&t->s, NM("cuda matmul_fwd N=%lld K=%lld M=%lld", (long long)N, (long long)K,
                           (long long)M)))
             tc_cmp(t, name, y, TOL);
         moek_matmul_bwd(C, dy.h, x.h, w.h, dx.h, dw.h, N, K, M);
         t->g.matmul_bwd(G, dy.d, x.d, w.d, dx.d, dw.d, N, K, M);
-        if (tc_sync(t, NM("cuda matmul_bwd N=%lld K=%lld M=%lld", (long long)N, (long long)K,
+        if (ch_sync(&t->s, NM("cuda matmul_bwd N=%lld K=%lld M=%lld", (long long)N, (long long)K,
                           (long long)M))) {
             tc_cmp(t, NM("cuda matmul_bwd dx N=%lld K=%lld M=%lld", (long long)N, (long long)K,
                          (long long)M), dx, TOL);
             tc_cmp(t, NM("cuda matmul_bwd dw N=%lld K=%lld M=%lld", (long long)N, (long long)K,
                          (long long)M), dw, TOL);
         }
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -360,18 +291,18 @@ static void tc_norm(tc_env *t)
         tc_f r = tc_out(t, N), dy = tc_in(t, N * D, -1, 1), dx = tc_out(t, N * D), dw = tc_out(t, D);
         moek_rmsnorm_fwd(C, x.h, w.h, y.h, r.h, N, D, 1e-5f);
         t->g.rmsnorm_fwd(G, x.d, w.d, y.d, r.d, N, D, 1e-5f);
-        if (tc_sync(t, NM("cuda rmsnorm_fwd N=%lld D=%lld", (long long)N, (long long)D))) {
+        if (ch_sync(&t->s, NM("cuda rmsnorm_fwd N=%lld D=%lld", (long long)N, (long long)D))) {
             tc_cmp(t, name, y, TOL);
             tc_cmp(t, NM("cuda rmsnorm_fwd rstd N=%lld D=%lld", (long long)N, (long long)D), r, TOL);
         }
         moek_rmsnorm_bwd(C, dy.h, x.h, w.h, r.h, dx.h, dw.h, N, D);
-        tc_h2d(t, r.d, r.h, N * 4);   /* the same rstd on both sides */
+        ch_copy(&t->s, r.d, r.h, N * 4, MOEK_COPY_H2D);   /* the same rstd on both sides */
         t->g.rmsnorm_bwd(G, dy.d, x.d, w.d, r.d, dx.d, dw.d, N, D);
-        if (tc_sync(t, NM("cuda rmsnorm_bwd N=%lld D=%lld", (long long)N, (long long)D))) {
+        if (ch_sync(&t->s, NM("cuda rmsnorm_bwd N=%lld D=%lld", (long long)N, (long long)D))) {
             tc_cmp(t, NM("cuda rmsnorm_bwd dx N=%lld D=%lld", (long long)N, (long long)D), dx, TOL);
             tc_cmp(t, NM("cuda rmsnorm_bwd dw N=%lld D=%lld", (long long)N, (long long)D), dw, TOL);
         }
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -385,15 +316,15 @@ static void tc_rope(tc_env *t)
         tc_f x = tc_in(t, n, -1, 1), y = tc_out(t, n), dx = tc_out(t, n);
         moek_rope_fwd(C, x.h, y.h, B, T, H, Dh, 10000.0f);
         t->g.rope_fwd(G, x.d, y.d, B, T, H, Dh, 10000.0f);
-        if (tc_sync(t, NM("cuda rope_fwd B=%lld T=%lld H=%lld Dh=%lld", (long long)B, (long long)T,
+        if (ch_sync(&t->s, NM("cuda rope_fwd B=%lld T=%lld H=%lld Dh=%lld", (long long)B, (long long)T,
                           (long long)H, (long long)Dh)))
             tc_cmp(t, name, y, TOL);
         moek_rope_bwd(C, x.h, dx.h, B, T, H, Dh, 10000.0f);
         t->g.rope_bwd(G, x.d, dx.d, B, T, H, Dh, 10000.0f);
-        if (tc_sync(t, NM("cuda rope_bwd B=%lld T=%lld H=%lld Dh=%lld", (long long)B, (long long)T,
+        if (ch_sync(&t->s, NM("cuda rope_bwd B=%lld T=%lld H=%lld Dh=%lld", (long long)B, (long long)T,
                           (long long)H, (long long)Dh)))
             tc_cmp(t, name, dx, TOL);
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -410,22 +341,22 @@ static void tc_attention(tc_env *t)
 #define SH (long long)B, (long long)T, (long long)H, (long long)Dh
         moek_attention_fwd(C, q.h, k.h, v.h, o.h, lse.h, B, T, H, Dh);
         t->g.attention_fwd(G, q.d, k.d, v.d, o.d, lse.d, B, T, H, Dh);
-        if (tc_sync(t, NM("cuda attention_fwd B=%lld T=%lld H=%lld Dh=%lld", SH))) {
+        if (ch_sync(&t->s, NM("cuda attention_fwd B=%lld T=%lld H=%lld Dh=%lld", SH))) {
             tc_cmp(t, name, o, TOL);
             tc_cmp(t, NM("cuda attention_fwd lse B=%lld T=%lld H=%lld Dh=%lld", SH), lse, TOL);
         }
         /* backward from the CPU's o and lse on both sides */
-        tc_h2d(t, o.d, o.h, n * 4);
-        tc_h2d(t, lse.d, lse.h, B * H * T * 4);
+        ch_copy(&t->s, o.d, o.h, n * 4, MOEK_COPY_H2D);
+        ch_copy(&t->s, lse.d, lse.h, B * H * T * 4, MOEK_COPY_H2D);
         moek_attention_bwd(C, dout.h, q.h, k.h, v.h, o.h, lse.h, dq.h, dk.h, dv.h, B, T, H, Dh);
         t->g.attention_bwd(G, dout.d, q.d, k.d, v.d, o.d, lse.d, dq.d, dk.d, dv.d, B, T, H, Dh);
-        if (tc_sync(t, NM("cuda attention_bwd B=%lld T=%lld H=%lld Dh=%lld", SH))) {
+        if (ch_sync(&t->s, NM("cuda attention_bwd B=%lld T=%lld H=%lld Dh=%lld", SH))) {
             tc_cmp(t, NM("cuda attention_bwd dq B=%lld T=%lld H=%lld Dh=%lld", SH), dq, TOL);
             tc_cmp(t, NM("cuda attention_bwd dk B=%lld T=%lld H=%lld Dh=%lld", SH), dk, TOL);
             tc_cmp(t, NM("cuda attention_bwd dv B=%lld T=%lld H=%lld Dh=%lld", SH), dv, TOL);
         }
 #undef SH
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -440,26 +371,26 @@ static void tc_losses(tc_env *t)
         tc_f dl = tc_in(t, 1, 0.5f, 2.0f), dx = tc_out(t, N * V);
         moek_cross_entropy_fwd(C, x.h, y.h, loss.h, lse.h, N, V);
         t->g.cross_entropy_fwd(G, x.d, y.d, loss.d, lse.d, N, V);
-        if (tc_sync(t, NM("cuda cross_entropy_fwd N=%lld V=%lld", (long long)N, (long long)V))) {
+        if (ch_sync(&t->s, NM("cuda cross_entropy_fwd N=%lld V=%lld", (long long)N, (long long)V))) {
             tc_cmp(t, name, loss, TOL);
             tc_cmp(t, NM("cuda cross_entropy_fwd lse N=%lld V=%lld", (long long)N, (long long)V),
                    lse, TOL);
         }
-        tc_h2d(t, lse.d, lse.h, N * 4);
+        ch_copy(&t->s, lse.d, lse.h, N * 4, MOEK_COPY_H2D);
         moek_cross_entropy_bwd(C, dl.h, x.h, y.h, lse.h, dx.h, N, V);
         t->g.cross_entropy_bwd(G, dl.d, x.d, y.d, lse.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda cross_entropy_bwd N=%lld V=%lld", (long long)N, (long long)V)))
+        if (ch_sync(&t->s, NM("cuda cross_entropy_bwd N=%lld V=%lld", (long long)N, (long long)V)))
             tc_cmp(t, name, dx, TOL);
         /* z-loss on the same rows */
         moek_zloss_fwd(C, x.h, loss.h, N, V);
         t->g.zloss_fwd(G, x.d, loss.d, N, V);
-        if (tc_sync(t, NM("cuda zloss_fwd N=%lld E=%lld", (long long)N, (long long)V)))
+        if (ch_sync(&t->s, NM("cuda zloss_fwd N=%lld E=%lld", (long long)N, (long long)V)))
             tc_cmp(t, name, loss, TOL);
         moek_zloss_bwd(C, dl.h, x.h, dx.h, N, V);
         t->g.zloss_bwd(G, dl.d, x.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda zloss_bwd N=%lld E=%lld", (long long)N, (long long)V)))
+        if (ch_sync(&t->s, NM("cuda zloss_bwd N=%lld E=%lld", (long long)N, (long long)V)))
             tc_cmp(t, name, dx, TOL);
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -475,23 +406,23 @@ static void tc_router(tc_env *t)
 #define SH (long long)N, (long long)E, (long long)k
         moek_softmax_fwd(C, x.h, p.h, N, E);
         t->g.softmax_fwd(G, x.d, p.d, N, E);
-        if (tc_sync(t, NM("cuda softmax_fwd N=%lld E=%lld (k=%lld)", SH)))
+        if (ch_sync(&t->s, NM("cuda softmax_fwd N=%lld E=%lld (k=%lld)", SH)))
             tc_cmp(t, name, p, TOL);
-        tc_h2d(t, p.d, p.h, N * E * 4);
+        ch_copy(&t->s, p.d, p.h, N * E * 4, MOEK_COPY_H2D);
         moek_softmax_bwd(C, dp.h, p.h, dx.h, N, E);
         t->g.softmax_bwd(G, dp.d, p.d, dx.d, N, E);
-        if (tc_sync(t, NM("cuda softmax_bwd N=%lld E=%lld (k=%lld)", SH)))
+        if (ch_sync(&t->s, NM("cuda softmax_bwd N=%lld E=%lld (k=%lld)", SH)))
             tc_cmp(t, name, dx, TOL);
         /* scores on a coarse grid so that ties are common */
         for (int64_t i = 0; i < N * E; i++)
             x.h[i] = (float)(ch_next(&t->rng) % 5) * 0.25f + 0.1f;
-        tc_h2d(t, x.d, x.h, N * E * 4);
+        ch_copy(&t->s, x.d, x.h, N * E * 4, MOEK_COPY_H2D);
         for (int renorm = 0; renorm < 2; renorm++) {
             tc_i idx = tc_iout(t, N * k);
             tc_f gates = tc_out(t, N * k), dg = tc_in(t, N * k, -1, 1), ds = tc_out(t, N * E);
             moek_topk_fwd(C, x.h, idx.h, gates.h, N, E, k, renorm);
             t->g.topk_fwd(G, x.d, idx.d, gates.d, N, E, k, renorm);
-            if (tc_sync(t, NM("cuda topk_fwd N=%lld E=%lld k=%lld renorm=%d", SH, renorm))) {
+            if (ch_sync(&t->s, NM("cuda topk_fwd N=%lld E=%lld k=%lld renorm=%d", SH, renorm))) {
                 tc_icmp(t, NM("cuda topk_fwd idx N=%lld E=%lld k=%lld renorm=%d", SH, renorm), idx);
                 tc_cmp(t, NM("cuda topk_fwd gates N=%lld E=%lld k=%lld renorm=%d", SH, renorm),
                        gates, TOL);
@@ -499,7 +430,7 @@ static void tc_router(tc_env *t)
             tc_iup(t, idx);
             moek_topk_bwd(C, dg.h, x.h, idx.h, ds.h, N, E, k, renorm);
             t->g.topk_bwd(G, dg.d, x.d, idx.d, ds.d, N, E, k, renorm);
-            if (tc_sync(t, NM("cuda topk_bwd N=%lld E=%lld k=%lld renorm=%d", SH, renorm)))
+            if (ch_sync(&t->s, NM("cuda topk_bwd N=%lld E=%lld k=%lld renorm=%d", SH, renorm)))
                 tc_cmp(t, name, ds, TOL);
             if (renorm)
                 continue;
@@ -507,15 +438,15 @@ static void tc_router(tc_env *t)
             tc_f loss = tc_out(t, 1), dl = tc_in(t, 1, 0.5f, 2.0f), dpr = tc_out(t, N * E);
             moek_balance_loss_fwd(C, p.h, idx.h, loss.h, N, E, k);
             t->g.balance_loss_fwd(G, p.d, idx.d, loss.d, N, E, k);
-            if (tc_sync(t, NM("cuda balance_loss_fwd N=%lld E=%lld k=%lld", SH)))
+            if (ch_sync(&t->s, NM("cuda balance_loss_fwd N=%lld E=%lld k=%lld", SH)))
                 tc_cmp(t, name, loss, TOL);
             moek_balance_loss_bwd(C, dl.h, p.h, idx.h, dpr.h, N, E, k);
             t->g.balance_loss_bwd(G, dl.d, p.d, idx.d, dpr.d, N, E, k);
-            if (tc_sync(t, NM("cuda balance_loss_bwd N=%lld E=%lld k=%lld", SH)))
+            if (ch_sync(&t->s, NM("cuda balance_loss_bwd N=%lld E=%lld k=%lld", SH)))
                 tc_cmp(t, name, dpr, TOL);
         }
 #undef SH
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -556,7 +487,7 @@ static void tc_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, i
     tc_i slot = tc_iout(t, S), er = tc_iout(t, 2 * E);
     moek_dispatch_fwd(C, x.h, idx.h, xs.h, slot.h, er.h, N, D, E, k, C_);
     t->g.dispatch_fwd(G, x.d, idx.d, xs.d, slot.d, er.d, N, D, E, k, C_);
-    if (tc_sync(t, NM("cuda dispatch_fwd %s", sh))) {
+    if (ch_sync(&t->s, NM("cuda dispatch_fwd %s", sh))) {
         tc_cmp(t, NM("cuda dispatch_fwd xs %s", sh), xs, 0.0);
         tc_icmp(t, NM("cuda dispatch_fwd slot_row %s", sh), slot);
         tc_icmp(t, NM("cuda dispatch_fwd expert_rows %s", sh), er);
@@ -564,38 +495,38 @@ static void tc_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k, i
     /* the rest runs from the CPU's routing on both sides */
     tc_iup(t, slot);
     tc_iup(t, er);
-    tc_h2d(t, xs.d, xs.h, R * D * 4);
+    ch_copy(&t->s, xs.d, xs.h, R * D * 4, MOEK_COPY_H2D);
     tc_f dxs = tc_in(t, R * D, -1, 1), dx = tc_out(t, N * D);
     moek_dispatch_bwd(C, dxs.h, slot.h, dx.h, N, D, k, R);
     t->g.dispatch_bwd(G, dxs.d, slot.d, dx.d, N, D, k, R);
-    if (tc_sync(t, NM("cuda dispatch_bwd %s", sh)))
+    if (ch_sync(&t->s, NM("cuda dispatch_bwd %s", sh)))
         tc_cmp(t, name, dx, TOL);
     tc_f w = tc_in(t, E * M * D, -1, 1), ys = tc_out(t, R * M);
     moek_grouped_matmul_fwd(C, xs.h, w.h, er.h, ys.h, R, D, M, E);
     t->g.grouped_matmul_fwd(G, xs.d, w.d, er.d, ys.d, R, D, M, E);
-    if (tc_sync(t, NM("cuda grouped_matmul_fwd %s", sh)))
+    if (ch_sync(&t->s, NM("cuda grouped_matmul_fwd %s", sh)))
         tc_cmp(t, name, ys, TOL);
     tc_f dys = tc_in(t, R * M, -1, 1), dxs2 = tc_out(t, R * D), dw = tc_out(t, E * M * D);
     moek_grouped_matmul_bwd(C, dys.h, xs.h, w.h, er.h, dxs2.h, dw.h, R, D, M, E);
     t->g.grouped_matmul_bwd(G, dys.d, xs.d, w.d, er.d, dxs2.d, dw.d, R, D, M, E);
-    if (tc_sync(t, NM("cuda grouped_matmul_bwd %s", sh))) {
+    if (ch_sync(&t->s, NM("cuda grouped_matmul_bwd %s", sh))) {
         tc_cmp(t, NM("cuda grouped_matmul_bwd dxs %s", sh), dxs2, TOL);
         tc_cmp(t, NM("cuda grouped_matmul_bwd dw %s", sh), dw, TOL);
     }
     tc_f gates = tc_in(t, S, 0, 1), out = tc_out(t, N * M), dout = tc_in(t, N * M, -1, 1);
-    tc_h2d(t, ys.d, ys.h, R * M * 4);
+    ch_copy(&t->s, ys.d, ys.h, R * M * 4, MOEK_COPY_H2D);
     moek_combine_fwd(C, ys.h, slot.h, gates.h, out.h, N, M, k, R);
     t->g.combine_fwd(G, ys.d, slot.d, gates.d, out.d, N, M, k, R);
-    if (tc_sync(t, NM("cuda combine_fwd %s", sh)))
+    if (ch_sync(&t->s, NM("cuda combine_fwd %s", sh)))
         tc_cmp(t, name, out, TOL);
     tc_f dys2 = tc_out(t, R * M), dg = tc_out(t, S);
     moek_combine_bwd(C, dout.h, ys.h, slot.h, gates.h, dys2.h, dg.h, N, M, k, R);
     t->g.combine_bwd(G, dout.d, ys.d, slot.d, gates.d, dys2.d, dg.d, N, M, k, R);
-    if (tc_sync(t, NM("cuda combine_bwd %s", sh))) {
+    if (ch_sync(&t->s, NM("cuda combine_bwd %s", sh))) {
         tc_cmp(t, NM("cuda combine_bwd dys %s", sh), dys2, TOL);
         tc_cmp(t, NM("cuda combine_bwd dgates %s", sh), dg, TOL);
     }
-    tc_reset(t);
+    ch_end_case(&t->s);
 }
 
 static void tc_moe(tc_env *t)
@@ -622,7 +553,7 @@ static void tc_optim(tc_env *t)
         tc_f x = tc_in(t, n, -2, 2), acc = tc_in(t, 1, 1.0f, 2.0f);
         moek_sumsq_accum(C, x.h, acc.h, n);
         t->g.sumsq_accum(G, x.d, acc.d, n);
-        if (tc_sync(t, NM("cuda sumsq_accum n=%lld", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda sumsq_accum n=%lld", (long long)n)))
             tc_cmp(t, name, acc, TOL);
         for (int clip = 0; clip < 2; clip++) {
             float hyper[MOEK_HYPER_COUNT] = {0};
@@ -636,24 +567,24 @@ static void tc_optim(tc_env *t)
             hyper[MOEK_HYPER_MOMENTUM] = 0.9f;
             tc_f hy = tc_in(t, MOEK_HYPER_COUNT, 0, 1);
             memcpy(hy.h, hyper, sizeof hyper);
-            tc_h2d(t, hy.d, hy.h, sizeof hyper);
+            ch_copy(&t->s, hy.d, hy.h, sizeof hyper, MOEK_COPY_H2D);
             tc_f p = tc_in(t, n, -1, 1), g = tc_in(t, n, -1, 1), m = tc_in(t, n, -0.1f, 0.1f);
             tc_f v = tc_in(t, n, 0, 0.1f), ns = tc_in(t, 1, 4.0f, 9.0f);
             moek_adamw(C, p.h, g.h, m.h, v.h, n, hy.h, ns.h, 0.1f);
             t->g.adamw(G, p.d, g.d, m.d, v.d, n, hy.d, ns.d, 0.1f);
-            if (tc_sync(t, NM("cuda adamw n=%lld clip=%d", (long long)n, clip))) {
+            if (ch_sync(&t->s, NM("cuda adamw n=%lld clip=%d", (long long)n, clip))) {
                 tc_cmp(t, NM("cuda adamw p n=%lld clip=%d", (long long)n, clip), p, TOL);
                 tc_cmp(t, NM("cuda adamw m n=%lld clip=%d", (long long)n, clip), m, TOL);
                 tc_cmp(t, NM("cuda adamw v n=%lld clip=%d", (long long)n, clip), v, TOL);
             }
             moek_sgd(C, p.h, g.h, m.h, n, hy.h, clip ? ns.h : NULL, 0.01f);
             t->g.sgd(G, p.d, g.d, m.d, n, hy.d, clip ? ns.d : NULL, 0.01f);
-            if (tc_sync(t, NM("cuda sgd n=%lld clip=%d", (long long)n, clip))) {
+            if (ch_sync(&t->s, NM("cuda sgd n=%lld clip=%d", (long long)n, clip))) {
                 tc_cmp(t, NM("cuda sgd p n=%lld clip=%d", (long long)n, clip), p, TOL);
                 tc_cmp(t, NM("cuda sgd buf n=%lld clip=%d", (long long)n, clip), m, TOL);
             }
         }
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -661,29 +592,29 @@ static void tc_optim(tc_env *t)
 static void tc_services(tc_env *t)
 {
     int64_t n = 1000;
-    float *a = tc_hmalloc(t, n * 4), *b = tc_hmalloc(t, n * 4);
+    float *a = ch_host(&t->s, n * 4), *b = ch_host(&t->s, n * 4);
     for (int64_t i = 0; i < n; i++)
         a[i] = (float)i * 0.5f;
-    float *d1 = tc_dmalloc(t, n * 4), *d2 = tc_dmalloc(t, n * 4);
-    tc_d2h(t, b, d1, n * 4);
+    float *d1 = ch_dev(&t->s, n * 4), *d2 = ch_dev(&t->s, n * 4);
+    ch_copy(&t->s, b, d1, n * 4, MOEK_COPY_D2H);
     int zero = 1;
     for (int64_t i = 0; i < n; i++)
         zero &= b[i] == 0.0f;
     CHECK("cuda device_alloc returns zeroed memory", zero, "non-zero byte in a fresh buffer");
-    int rc = t->g.device_copy(&t->gctx, d1, a, n * 4, MOEK_COPY_H2D, t->err, sizeof t->err);
-    rc |= t->g.device_copy(&t->gctx, d2, d1, n * 4, MOEK_COPY_D2D, t->err, sizeof t->err);
-    rc |= t->g.device_copy(&t->gctx, b, d2, n * 4, MOEK_COPY_D2H, t->err, sizeof t->err);
+    int rc = t->g.device_copy(&t->s.gctx, d1, a, n * 4, MOEK_COPY_H2D, t->s.err, sizeof t->s.err);
+    rc |= t->g.device_copy(&t->s.gctx, d2, d1, n * 4, MOEK_COPY_D2D, t->s.err, sizeof t->s.err);
+    rc |= t->g.device_copy(&t->s.gctx, b, d2, n * 4, MOEK_COPY_D2H, t->s.err, sizeof t->s.err);
     CHECK("cuda device_copy H2D, D2D, D2H roundtrip", rc == 0 && !memcmp(a, b, (size_t)n * 4),
-          "rc %d (%s)", rc, t->err);
-    rc = t->g.device_copy(&t->gctx, b, d2, n * 4, 7, t->err, sizeof t->err);
-    printf("# bad copy kind: %s\n", t->err);
-    CHECK("cuda device_copy rejects an unknown kind", rc == -1 && strstr(t->err, "unknown copy kind"),
+          "rc %d (%s)", rc, t->s.err);
+    rc = t->g.device_copy(&t->s.gctx, b, d2, n * 4, 7, t->s.err, sizeof t->s.err);
+    printf("# bad copy kind: %s\n", t->s.err);
+    CHECK("cuda device_copy rejects an unknown kind", rc == -1 && strstr(t->s.err, "unknown copy kind"),
           "rc %d", rc);
     moek_ctx bad = {0};
-    rc = t->g.device_init(&bad, 999, 0, t->err, sizeof t->err);
-    printf("# bad device index: %s\n", t->err);
-    CHECK("cuda device_init rejects a bad index", rc == -1 && strstr(t->err, "out of range"), "rc %d", rc);
-    tc_reset(t);
+    rc = t->g.device_init(&bad, 999, 0, t->s.err, sizeof t->s.err);
+    printf("# bad device index: %s\n", t->s.err);
+    CHECK("cuda device_init rejects a bad index", rc == -1 && strstr(t->s.err, "out of range"), "rc %d", rc);
+    ch_end_case(&t->s);
 
     /* a bad token id: reported at sync as MOEK_E_INDEX, output row zero */
     tc_i ids = tc_iin(t, 4, 0, 3);
@@ -691,18 +622,18 @@ static void tc_services(tc_env *t)
     tc_iup(t, ids);
     tc_f tab = tc_in(t, 3 * 5, -1, 1), out = tc_out(t, 4 * 5);
     t->g.embedding_fwd(G, ids.d, tab.d, out.d, 4, 3, 5);
-    rc = t->g.device_sync(G, t->err, sizeof t->err);
-    printf("# bad token id: %s\n", t->err);
-    CHECK("cuda a bad index is reported at sync", rc == -1 && t->gstatus == MOEK_E_INDEX &&
-          strstr(t->err, "MOEK_E_INDEX"), "rc %d status %d (%s)", rc, t->gstatus, t->err);
-    t->gstatus = 0;
-    rc = t->g.device_sync(G, t->err, sizeof t->err);
-    CHECK("cuda the device status flag is reported once", rc == 0 && t->gstatus == 0, "rc %d", rc);
+    rc = t->g.device_sync(G, t->s.err, sizeof t->s.err);
+    printf("# bad token id: %s\n", t->s.err);
+    CHECK("cuda a bad index is reported at sync", rc == -1 && t->s.gstatus == MOEK_E_INDEX &&
+          strstr(t->s.err, "MOEK_E_INDEX"), "rc %d status %d (%s)", rc, t->s.gstatus, t->s.err);
+    t->s.gstatus = 0;
+    rc = t->g.device_sync(G, t->s.err, sizeof t->s.err);
+    CHECK("cuda the device status flag is reported once", rc == 0 && t->s.gstatus == 0, "rc %d", rc);
     /* a bad size: MOEK_E_SHAPE straight away */
     t->g.fill(G, out.d, -1, 0.0f);
-    CHECK("cuda a negative size sets MOEK_E_SHAPE", t->gstatus == MOEK_E_SHAPE, "status %d",
-          t->gstatus);
-    tc_reset(t);
+    CHECK("cuda a negative size sets MOEK_E_SHAPE", t->s.gstatus == MOEK_E_SHAPE, "status %d",
+          t->s.gstatus);
+    ch_end_case(&t->s);
 
     /* graph: capture matmul + rmsnorm + attention, replay twice, compare
      * bit for bit with the same ops run one by one */
@@ -710,7 +641,7 @@ static void tc_services(tc_env *t)
     tc_f x = tc_in(t, N * K, -1, 1), w = tc_in(t, M * K, -1, 1), nw = tc_in(t, M, 0.5f, 1.5f);
     tc_f y = tc_out(t, N * M), yn = tc_out(t, N * M), r = tc_out(t, N), o = tc_out(t, N * M);
     tc_f lse = tc_out(t, 2 * H * T);
-    float *eager = tc_hmalloc(t, N * M * 4), *replay = tc_hmalloc(t, N * M * 4);
+    float *eager = ch_host(&t->s, N * M * 4), *replay = ch_host(&t->s, N * M * 4);
 #define TC_STEP()                                                                         \
     do {                                                                                  \
         t->g.matmul_fwd(G, x.d, w.d, y.d, N, K, M);                                       \
@@ -718,31 +649,31 @@ static void tc_services(tc_env *t)
         t->g.attention_fwd(G, yn.d, yn.d, y.d, o.d, lse.d, 2, T, H, Dh);                  \
     } while (0)
     TC_STEP();
-    if (!tc_sync(t, "cuda graph: eager run"))
+    if (!ch_sync(&t->s, "cuda graph: eager run"))
         goto out;
-    tc_d2h(t, eager, o.d, N * M * 4);
-    tc_h2d(t, o.d, o.h, N * M * 4);   /* poison again */
+    ch_copy(&t->s, eager, o.d, N * M * 4, MOEK_COPY_D2H);
+    ch_copy(&t->s, o.d, o.h, N * M * 4, MOEK_COPY_H2D);   /* poison again */
     void *graph = NULL;
-    rc = t->g.graph_begin(G, t->err, sizeof t->err);
+    rc = t->g.graph_begin(G, t->s.err, sizeof t->s.err);
     if (rc == 0) {
         TC_STEP();
-        rc = t->g.graph_end(G, &graph, t->err, sizeof t->err);
+        rc = t->g.graph_end(G, &graph, t->s.err, sizeof t->s.err);
     }
-    CHECK("cuda graph capture", rc == 0 && graph, "%s", t->err);
+    CHECK("cuda graph capture", rc == 0 && graph, "%s", t->s.err);
     if (rc == 0 && graph) {
         int same = 1;
         for (int rep = 0; rep < 2; rep++) {
-            rc = t->g.graph_launch(G, graph, t->err, sizeof t->err);
-            rc |= t->g.device_sync(G, t->err, sizeof t->err);
-            tc_d2h(t, replay, o.d, N * M * 4);
+            rc = t->g.graph_launch(G, graph, t->s.err, sizeof t->s.err);
+            rc |= t->g.device_sync(G, t->s.err, sizeof t->s.err);
+            ch_copy(&t->s, replay, o.d, N * M * 4, MOEK_COPY_D2H);
             same &= rc == 0 && !memcmp(eager, replay, (size_t)(N * M * 4));
         }
-        CHECK("cuda graph replay matches the eager run bit for bit", same, "rc %d (%s)", rc, t->err);
+        CHECK("cuda graph replay matches the eager run bit for bit", same, "rc %d (%s)", rc, t->s.err);
         t->g.graph_free(graph);
     }
 #undef TC_STEP
 out:
-    tc_reset(t);
+    ch_end_case(&t->s);
 }
 
 /* ---- half storage: bf16 and fp16 ---------------------------------------------
@@ -769,30 +700,30 @@ typedef struct {
 
 static tc_h tc_hin(tc_env *t, int64_t n, float lo, float hi)
 {
-    tc_h b = {tc_hmalloc(t, n * 2), tc_dmalloc(t, n * 2), n};
+    tc_h b = {ch_host(&t->s, n * 2), ch_dev(&t->s, n * 2), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = t->half->ty->round(ch_unif(&t->rng, lo, hi));
-    tc_h2d(t, b.d, b.h, n * 2);
+    ch_copy(&t->s, b.d, b.h, n * 2, MOEK_COPY_H2D);
     return b;
 }
 
 /* poisoned with NaN on both sides */
 static tc_h tc_hout(tc_env *t, int64_t n)
 {
-    tc_h b = {tc_hmalloc(t, n * 2), tc_dmalloc(t, n * 2), n};
+    tc_h b = {ch_host(&t->s, n * 2), ch_dev(&t->s, n * 2), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = t->half->ty->nan;
-    tc_h2d(t, b.d, b.h, n * 2);
+    ch_copy(&t->s, b.d, b.h, n * 2, MOEK_COPY_H2D);
     return b;
 }
 
-static void tc_hup(tc_env *t, tc_h b) { tc_h2d(t, b.d, b.h, b.n * 2); }
+static void tc_hup(tc_env *t, tc_h b) { ch_copy(&t->s, b.d, b.h, b.n * 2, MOEK_COPY_H2D); }
 
 static void tc_hcmp(tc_env *t, const char *name, tc_h b, double tol)
 {
     tc_half *hk = t->half;
-    uint16_t *g = tc_hmalloc(t, b.n * 2);
-    tc_d2h(t, g, b.d, b.n * 2);
+    uint16_t *g = ch_host(&t->s, b.n * 2);
+    ch_copy(&t->s, g, b.d, b.n * 2, MOEK_COPY_D2H);
     double num = 0.0, den = 0.0;
     int64_t bad = -1;
     for (int64_t i = 0; i < b.n; i++) {
@@ -827,64 +758,64 @@ static void tc_h_elementwise(tc_env *t)
         tc_f xf = tc_in(t, n, -3, 3), yf = tc_out(t, n);
         for (size_t i = 0; i < hk->nties && (int64_t)i < n; i++)
             xf.h[i] = hk->ties[i];
-        tc_h2d(t, xf.d, xf.h, n * 4);
+        ch_copy(&t->s, xf.d, xf.h, n * 4, MOEK_COPY_H2D);
         tc_h yb = tc_hout(t, n);
         hk->c.cast_f32(C, xf.h, yb.h, n);
         hk->g.cast_f32(G, xf.d, yb.d, n);
-        if (tc_sync(t, NM("cuda cast_f32_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda cast_f32_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, yb, 0.0);
         tc_hup(t, yb);
         hk->c.cast_to_f32(C, yb.h, yf.h, n);
         hk->g.cast_to_f32(G, yb.d, yf.d, n);
-        if (tc_sync(t, NM("cuda cast_%s_f32 n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda cast_%s_f32 n=%lld", TN, (long long)n)))
             tc_cmp(t, name, yf, 0.0);
 
         tc_h a = tc_hin(t, n, -3, 3), b = tc_hin(t, n, -3, 3), y = tc_hout(t, n), z = tc_hout(t, n);
         hk->c.fill(C, y.h, n, 2.5f);
         hk->g.fill(G, y.d, n, 2.5f);
-        if (tc_sync(t, NM("cuda fill_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda fill_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, 0.0);
         hk->c.copy(C, a.h, y.h, n);
         hk->g.copy(G, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda copy_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda copy_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, 0.0);
         hk->c.add_fwd(C, a.h, b.h, y.h, n);
         hk->g.add_fwd(G, a.d, b.d, y.d, n);
-        if (tc_sync(t, NM("cuda add_fwd_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda add_fwd_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, TOL_HALF);
         tc_f acc = tc_in(t, n, -1, 1);
         hk->c.accumulate(C, acc.h, a.h, n);
         hk->g.accumulate(G, acc.d, a.d, n);
-        if (tc_sync(t, NM("cuda accumulate_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda accumulate_%s n=%lld", TN, (long long)n)))
             tc_cmp(t, name, acc, TOL_SIDE);
         hk->c.scale_fwd(C, a.h, y.h, n, -0.37f);
         hk->g.scale_fwd(G, a.d, y.d, n, -0.37f);
-        if (tc_sync(t, NM("cuda scale_fwd_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda scale_fwd_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, TOL_HALF);
         hk->c.scale_bwd(C, b.h, y.h, n, 1.7f);
         hk->g.scale_bwd(G, b.d, y.d, n, 1.7f);
-        if (tc_sync(t, NM("cuda scale_bwd_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda scale_bwd_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, TOL_HALF);
         hk->c.gelu_fwd(C, a.h, y.h, n);
         hk->g.gelu_fwd(G, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda gelu_fwd_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda gelu_fwd_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, TOL_HALF);
         hk->c.gelu_bwd(C, b.h, a.h, y.h, n);
         hk->g.gelu_bwd(G, b.d, a.d, y.d, n);
-        if (tc_sync(t, NM("cuda gelu_bwd_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda gelu_bwd_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, TOL_HALF);
         hk->c.swiglu_fwd(C, a.h, b.h, y.h, n);
         hk->g.swiglu_fwd(G, a.d, b.d, y.d, n);
-        if (tc_sync(t, NM("cuda swiglu_fwd_%s n=%lld", TN, (long long)n)))
+        if (ch_sync(&t->s, NM("cuda swiglu_fwd_%s n=%lld", TN, (long long)n)))
             tc_hcmp(t, name, y, TOL_HALF);
         tc_h dy = tc_hin(t, n, -1, 1);
         hk->c.swiglu_bwd(C, dy.h, a.h, b.h, y.h, z.h, n);
         hk->g.swiglu_bwd(G, dy.d, a.d, b.d, y.d, z.d, n);
-        if (tc_sync(t, NM("cuda swiglu_bwd_%s n=%lld", TN, (long long)n))) {
+        if (ch_sync(&t->s, NM("cuda swiglu_bwd_%s n=%lld", TN, (long long)n))) {
             tc_hcmp(t, NM("cuda swiglu_bwd_%s dgate n=%lld", TN, (long long)n), y, TOL_HALF);
             tc_hcmp(t, NM("cuda swiglu_bwd_%s dup n=%lld", TN, (long long)n), z, TOL_HALF);
         }
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -902,14 +833,14 @@ static void tc_h_embedding(tc_env *t)
 #define SH (long long)N, (long long)V, (long long)D
         hk->c.embedding_fwd(C, ids.h, tab.h, out.h, N, V, D);
         hk->g.embedding_fwd(G, ids.d, tab.d, out.d, N, V, D);
-        if (tc_sync(t, NM("cuda embedding_fwd_%s N=%lld V=%lld D=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda embedding_fwd_%s N=%lld V=%lld D=%lld", TN, SH)))
             tc_hcmp(t, name, out, 0.0);
         hk->c.embedding_bwd(C, dout.h, ids.h, dtab.h, N, V, D);
         hk->g.embedding_bwd(G, dout.d, ids.d, dtab.d, N, V, D);
-        if (tc_sync(t, NM("cuda embedding_bwd_%s N=%lld V=%lld D=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda embedding_bwd_%s N=%lld V=%lld D=%lld", TN, SH)))
             tc_hcmp(t, name, dtab, TOL_HALF);
 #undef SH
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
     /* errors of the tiled half backward: a bad id at sync, a vocabulary too
      * big for its grid at once (nothing is touched before the check) */
@@ -918,16 +849,16 @@ static void tc_h_embedding(tc_env *t)
     tc_iup(t, ids);
     tc_h dout = tc_hin(t, 4 * 5, -1, 1), dtab = tc_hout(t, 3 * 5);
     hk->g.embedding_bwd(G, dout.d, ids.d, dtab.d, 4, 3, 5);
-    int rc = t->g.device_sync(G, t->err, sizeof t->err);
-    printf("# bad token id (embedding_bwd_%s): %s\n", TN, t->err);
+    int rc = t->g.device_sync(G, t->s.err, sizeof t->s.err);
+    printf("# bad token id (embedding_bwd_%s): %s\n", TN, t->s.err);
     CHECK(NM("cuda embedding_bwd_%s reports a bad id at sync", TN),
-          rc == -1 && t->gstatus == MOEK_E_INDEX && strstr(t->err, "MOEK_E_INDEX"),
-          "rc %d status %d", rc, t->gstatus);
-    t->gstatus = 0;
+          rc == -1 && t->s.gstatus == MOEK_E_INDEX && strstr(t->s.err, "MOEK_E_INDEX"),
+          "rc %d status %d", rc, t->s.gstatus);
+    t->s.gstatus = 0;
     hk->g.embedding_bwd(G, dout.d, ids.d, dtab.d, 4, (int64_t)1 << 25, 5);
     CHECK(NM("cuda embedding_bwd_%s rejects a vocabulary over 2^24 ids", TN),
-          t->gstatus == MOEK_E_SHAPE, "status %d", t->gstatus);
-    tc_reset(t);
+          t->s.gstatus == MOEK_E_SHAPE, "status %d", t->s.gstatus);
+    ch_end_case(&t->s);
 }
 
 static void tc_h_matmul(tc_env *t)
@@ -943,16 +874,16 @@ static void tc_h_matmul(tc_env *t)
 #define SH (long long)N, (long long)K, (long long)M
         hk->c.matmul_fwd(C, x.h, w.h, y.h, N, K, M);
         hk->g.matmul_fwd(G, x.d, w.d, y.d, N, K, M);
-        if (tc_sync(t, NM("cuda matmul_fwd_%s N=%lld K=%lld M=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda matmul_fwd_%s N=%lld K=%lld M=%lld", TN, SH)))
             tc_hcmp(t, name, y, TOL_HALF);
         hk->c.matmul_bwd(C, dy.h, x.h, w.h, dx.h, dw.h, N, K, M);
         hk->g.matmul_bwd(G, dy.d, x.d, w.d, dx.d, dw.d, N, K, M);
-        if (tc_sync(t, NM("cuda matmul_bwd_%s N=%lld K=%lld M=%lld", TN, SH))) {
+        if (ch_sync(&t->s, NM("cuda matmul_bwd_%s N=%lld K=%lld M=%lld", TN, SH))) {
             tc_hcmp(t, NM("cuda matmul_bwd_%s dx N=%lld K=%lld M=%lld", TN, SH), dx, TOL_HALF);
             tc_hcmp(t, NM("cuda matmul_bwd_%s dw N=%lld K=%lld M=%lld", TN, SH), dw, TOL_HALF);
         }
 #undef SH
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -968,21 +899,21 @@ static void tc_h_norm_rope(tc_env *t)
         tc_h dy = tc_hin(t, N * D, -1, 1), dx = tc_hout(t, N * D), dw = tc_hout(t, D);
         hk->c.rmsnorm_fwd(C, x.h, w.h, y.h, r.h, N, D, 1e-5f);
         hk->g.rmsnorm_fwd(G, x.d, w.d, y.d, r.d, N, D, 1e-5f);
-        if (tc_sync(t, NM("cuda rmsnorm_fwd_%s N=%lld D=%lld", TN, (long long)N, (long long)D))) {
+        if (ch_sync(&t->s, NM("cuda rmsnorm_fwd_%s N=%lld D=%lld", TN, (long long)N, (long long)D))) {
             tc_hcmp(t, name, y, TOL_HALF);
             tc_cmp(t, NM("cuda rmsnorm_fwd_%s rstd N=%lld D=%lld", TN, (long long)N, (long long)D), r,
                    TOL_SIDE);
         }
-        tc_h2d(t, r.d, r.h, N * 4);
+        ch_copy(&t->s, r.d, r.h, N * 4, MOEK_COPY_H2D);
         hk->c.rmsnorm_bwd(C, dy.h, x.h, w.h, r.h, dx.h, dw.h, N, D);
         hk->g.rmsnorm_bwd(G, dy.d, x.d, w.d, r.d, dx.d, dw.d, N, D);
-        if (tc_sync(t, NM("cuda rmsnorm_bwd_%s N=%lld D=%lld", TN, (long long)N, (long long)D))) {
+        if (ch_sync(&t->s, NM("cuda rmsnorm_bwd_%s N=%lld D=%lld", TN, (long long)N, (long long)D))) {
             tc_hcmp(t, NM("cuda rmsnorm_bwd_%s dx N=%lld D=%lld", TN, (long long)N, (long long)D), dx,
                     TOL_HALF);
             tc_hcmp(t, NM("cuda rmsnorm_bwd_%s dw N=%lld D=%lld", TN, (long long)N, (long long)D), dw,
                     TOL_HALF);
         }
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
     static const int64_t rshapes[][4] = {{1, 1, 1, 2}, {2, 37, 3, 10}, {1, 300, 2, 7}};
     for (size_t s = 0; s < sizeof rshapes / sizeof *rshapes; s++) {
@@ -992,14 +923,14 @@ static void tc_h_norm_rope(tc_env *t)
 #define SH (long long)B, (long long)T, (long long)H, (long long)Dh
         hk->c.rope_fwd(C, x.h, y.h, B, T, H, Dh, 10000.0f);
         hk->g.rope_fwd(G, x.d, y.d, B, T, H, Dh, 10000.0f);
-        if (tc_sync(t, NM("cuda rope_fwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda rope_fwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH)))
             tc_hcmp(t, name, y, TOL_HALF);
         hk->c.rope_bwd(C, x.h, dx.h, B, T, H, Dh, 10000.0f);
         hk->g.rope_bwd(G, x.d, dx.d, B, T, H, Dh, 10000.0f);
-        if (tc_sync(t, NM("cuda rope_bwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda rope_bwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH)))
             tc_hcmp(t, name, dx, TOL_HALF);
 #undef SH
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -1018,23 +949,23 @@ static void tc_h_attention(tc_env *t)
 #define SH (long long)B, (long long)T, (long long)H, (long long)Dh
         hk->c.attention_fwd(C, q.h, k.h, v.h, o.h, lse.h, B, T, H, Dh);
         hk->g.attention_fwd(G, q.d, k.d, v.d, o.d, lse.d, B, T, H, Dh);
-        if (tc_sync(t, NM("cuda attention_fwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH))) {
+        if (ch_sync(&t->s, NM("cuda attention_fwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH))) {
             tc_hcmp(t, name, o, TOL_HALF);
             tc_cmp(t, NM("cuda attention_fwd_%s lse B=%lld T=%lld H=%lld Dh=%lld", TN, SH), lse,
                    TOL_SIDE);
         }
         tc_hup(t, o);   /* backward from the CPU's o and lse on both sides */
-        tc_h2d(t, lse.d, lse.h, B * H * T * 4);
+        ch_copy(&t->s, lse.d, lse.h, B * H * T * 4, MOEK_COPY_H2D);
         hk->c.attention_bwd(C, dout.h, q.h, k.h, v.h, o.h, lse.h, dq.h, dk.h, dv.h, B, T, H, Dh);
         hk->g.attention_bwd(G, dout.d, q.d, k.d, v.d, o.d, lse.d, dq.d, dk.d, dv.d, B, T, H,
                                 Dh);
-        if (tc_sync(t, NM("cuda attention_bwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH))) {
+        if (ch_sync(&t->s, NM("cuda attention_bwd_%s B=%lld T=%lld H=%lld Dh=%lld", TN, SH))) {
             tc_hcmp(t, NM("cuda attention_bwd_%s dq B=%lld T=%lld H=%lld Dh=%lld", TN, SH), dq, TOL_HALF);
             tc_hcmp(t, NM("cuda attention_bwd_%s dk B=%lld T=%lld H=%lld Dh=%lld", TN, SH), dk, TOL_HALF);
             tc_hcmp(t, NM("cuda attention_bwd_%s dv B=%lld T=%lld H=%lld Dh=%lld", TN, SH), dv, TOL_HALF);
         }
 #undef SH
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -1051,36 +982,36 @@ static void tc_h_losses(tc_env *t)
 #define SH (long long)N, (long long)V
         hk->c.cross_entropy_fwd(C, x.h, y.h, loss.h, lse.h, N, V);
         hk->g.cross_entropy_fwd(G, x.d, y.d, loss.d, lse.d, N, V);
-        if (tc_sync(t, NM("cuda cross_entropy_fwd_%s N=%lld V=%lld", TN, SH))) {
+        if (ch_sync(&t->s, NM("cuda cross_entropy_fwd_%s N=%lld V=%lld", TN, SH))) {
             tc_cmp(t, name, loss, TOL_SIDE);
             tc_cmp(t, NM("cuda cross_entropy_fwd_%s lse N=%lld V=%lld", TN, SH), lse, TOL_SIDE);
         }
-        tc_h2d(t, lse.d, lse.h, N * 4);
+        ch_copy(&t->s, lse.d, lse.h, N * 4, MOEK_COPY_H2D);
         hk->c.cross_entropy_bwd(C, dl.h, x.h, y.h, lse.h, dx.h, N, V);
         hk->g.cross_entropy_bwd(G, dl.d, x.d, y.d, lse.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda cross_entropy_bwd_%s N=%lld V=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda cross_entropy_bwd_%s N=%lld V=%lld", TN, SH)))
             tc_hcmp(t, name, dx, TOL_HALF);
         hk->c.zloss_fwd(C, x.h, loss.h, N, V);
         hk->g.zloss_fwd(G, x.d, loss.d, N, V);
-        if (tc_sync(t, NM("cuda zloss_fwd_%s N=%lld E=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda zloss_fwd_%s N=%lld E=%lld", TN, SH)))
             tc_cmp(t, name, loss, TOL_SIDE);
         hk->c.zloss_bwd(C, dl.h, x.h, dx.h, N, V);
         hk->g.zloss_bwd(G, dl.d, x.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda zloss_bwd_%s N=%lld E=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda zloss_bwd_%s N=%lld E=%lld", TN, SH)))
             tc_hcmp(t, name, dx, TOL_HALF);
         /* router softmax on the same logits: fp32 probabilities */
         tc_f p = tc_out(t, N * V), dp = tc_in(t, N * V, -1, 1);
         hk->c.softmax_fwd(C, x.h, p.h, N, V);
         hk->g.softmax_fwd(G, x.d, p.d, N, V);
-        if (tc_sync(t, NM("cuda softmax_fwd_%s N=%lld E=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda softmax_fwd_%s N=%lld E=%lld", TN, SH)))
             tc_cmp(t, name, p, TOL_SIDE);
-        tc_h2d(t, p.d, p.h, N * V * 4);
+        ch_copy(&t->s, p.d, p.h, N * V * 4, MOEK_COPY_H2D);
         hk->c.softmax_bwd(C, dp.h, p.h, dx.h, N, V);
         hk->g.softmax_bwd(G, dp.d, p.d, dx.d, N, V);
-        if (tc_sync(t, NM("cuda softmax_bwd_%s N=%lld E=%lld", TN, SH)))
+        if (ch_sync(&t->s, NM("cuda softmax_bwd_%s N=%lld E=%lld", TN, SH)))
             tc_hcmp(t, name, dx, TOL_HALF);
 #undef SH
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -1100,7 +1031,7 @@ static void tc_h_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k,
     tc_i slot = tc_iout(t, S), er = tc_iout(t, 2 * E);
     hk->c.dispatch_fwd(C, x.h, idx.h, xs.h, slot.h, er.h, N, D, E, k, C_);
     hk->g.dispatch_fwd(G, x.d, idx.d, xs.d, slot.d, er.d, N, D, E, k, C_);
-    if (tc_sync(t, NM("cuda dispatch_fwd_%s %s", TN, sh))) {
+    if (ch_sync(&t->s, NM("cuda dispatch_fwd_%s %s", TN, sh))) {
         tc_hcmp(t, NM("cuda dispatch_fwd_%s xs %s", TN, sh), xs, 0.0);
         tc_icmp(t, NM("cuda dispatch_fwd_%s slot_row %s", TN, sh), slot);
         tc_icmp(t, NM("cuda dispatch_fwd_%s expert_rows %s", TN, sh), er);
@@ -1111,17 +1042,17 @@ static void tc_h_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k,
     tc_h dxs = tc_hin(t, R * D, -1, 1), dx = tc_hout(t, N * D);
     hk->c.dispatch_bwd(C, dxs.h, slot.h, dx.h, N, D, k, R);
     hk->g.dispatch_bwd(G, dxs.d, slot.d, dx.d, N, D, k, R);
-    if (tc_sync(t, NM("cuda dispatch_bwd_%s %s", TN, sh)))
+    if (ch_sync(&t->s, NM("cuda dispatch_bwd_%s %s", TN, sh)))
         tc_hcmp(t, name, dx, TOL_HALF);
     tc_h w = tc_hin(t, E * M * D, -1, 1), ys = tc_hout(t, R * M);
     hk->c.grouped_matmul_fwd(C, xs.h, w.h, er.h, ys.h, R, D, M, E);
     hk->g.grouped_matmul_fwd(G, xs.d, w.d, er.d, ys.d, R, D, M, E);
-    if (tc_sync(t, NM("cuda grouped_matmul_fwd_%s %s", TN, sh)))
+    if (ch_sync(&t->s, NM("cuda grouped_matmul_fwd_%s %s", TN, sh)))
         tc_hcmp(t, name, ys, TOL_HALF);
     tc_h dys = tc_hin(t, R * M, -1, 1), dxs2 = tc_hout(t, R * D), dw = tc_hout(t, E * M * D);
     hk->c.grouped_matmul_bwd(C, dys.h, xs.h, w.h, er.h, dxs2.h, dw.h, R, D, M, E);
     hk->g.grouped_matmul_bwd(G, dys.d, xs.d, w.d, er.d, dxs2.d, dw.d, R, D, M, E);
-    if (tc_sync(t, NM("cuda grouped_matmul_bwd_%s %s", TN, sh))) {
+    if (ch_sync(&t->s, NM("cuda grouped_matmul_bwd_%s %s", TN, sh))) {
         tc_hcmp(t, NM("cuda grouped_matmul_bwd_%s dxs %s", TN, sh), dxs2, TOL_HALF);
         tc_hcmp(t, NM("cuda grouped_matmul_bwd_%s dw %s", TN, sh), dw, TOL_HALF);
     }
@@ -1130,15 +1061,15 @@ static void tc_h_moe_case(tc_env *t, int64_t N, int64_t D, int64_t E, int64_t k,
     tc_hup(t, ys);
     hk->c.combine_fwd(C, ys.h, slot.h, gates.h, out.h, N, M, k, R);
     hk->g.combine_fwd(G, ys.d, slot.d, gates.d, out.d, N, M, k, R);
-    if (tc_sync(t, NM("cuda combine_fwd_%s %s", TN, sh)))
+    if (ch_sync(&t->s, NM("cuda combine_fwd_%s %s", TN, sh)))
         tc_hcmp(t, name, out, TOL_HALF);
     hk->c.combine_bwd(C, dout.h, ys.h, slot.h, gates.h, dys2.h, dg.h, N, M, k, R);
     hk->g.combine_bwd(G, dout.d, ys.d, slot.d, gates.d, dys2.d, dg.d, N, M, k, R);
-    if (tc_sync(t, NM("cuda combine_bwd_%s %s", TN, sh))) {
+    if (ch_sync(&t->s, NM("cuda combine_bwd_%s %s", TN, sh))) {
         tc_hcmp(t, NM("cuda combine_bwd_%s dys %s", TN, sh), dys2, TOL_HALF);
         tc_cmp(t, NM("cuda combine_bwd_%s dgates %s", TN, sh), dg, TOL_SIDE);
     }
-    tc_reset(t);
+    ch_end_case(&t->s);
 }
 
 static void tc_h_moe(tc_env *t)
@@ -1173,13 +1104,13 @@ static void tc_h_optim(tc_env *t)
             hyper[MOEK_HYPER_MOMENTUM] = 0.9f;
             tc_f hy = tc_in(t, MOEK_HYPER_COUNT, 0, 1);
             memcpy(hy.h, hyper, sizeof hyper);
-            tc_h2d(t, hy.d, hy.h, sizeof hyper);
+            ch_copy(&t->s, hy.d, hy.h, sizeof hyper, MOEK_COPY_H2D);
             tc_f master = tc_in(t, n, -1, 1), g = tc_in(t, n, -1, 1), m = tc_in(t, n, -0.1f, 0.1f);
             tc_f v = tc_in(t, n, 0, 0.1f), ns = tc_in(t, 1, 4.0f, 9.0f);
             tc_h p = tc_hout(t, n);
             hk->c.adamw(C, p.h, master.h, g.h, m.h, v.h, n, hy.h, ns.h, 0.1f);
             hk->g.adamw(G, p.d, master.d, g.d, m.d, v.d, n, hy.d, ns.d, 0.1f);
-            if (tc_sync(t, NM("cuda adamw_%s n=%lld clip=%d", TN, (long long)n, clip))) {
+            if (ch_sync(&t->s, NM("cuda adamw_%s n=%lld clip=%d", TN, (long long)n, clip))) {
                 tc_hcmp(t, NM("cuda adamw_%s p n=%lld clip=%d", TN, (long long)n, clip), p, TOL_HALF);
                 tc_cmp(t, NM("cuda adamw_%s master n=%lld clip=%d", TN, (long long)n, clip), master,
                        TOL_SIDE);
@@ -1192,14 +1123,14 @@ static void tc_h_optim(tc_env *t)
             tc_hup(t, p);
             hk->c.sgd(C, p.h, master.h, g.h, m.h, n, hy.h, clip ? ns.h : NULL, 0.01f);
             hk->g.sgd(G, p.d, master.d, g.d, m.d, n, hy.d, clip ? ns.d : NULL, 0.01f);
-            if (tc_sync(t, NM("cuda sgd_%s n=%lld clip=%d", TN, (long long)n, clip))) {
+            if (ch_sync(&t->s, NM("cuda sgd_%s n=%lld clip=%d", TN, (long long)n, clip))) {
                 tc_hcmp(t, NM("cuda sgd_%s p n=%lld clip=%d", TN, (long long)n, clip), p, TOL_HALF);
                 tc_cmp(t, NM("cuda sgd_%s master n=%lld clip=%d", TN, (long long)n, clip), master,
                        TOL_SIDE);
                 tc_cmp(t, NM("cuda sgd_%s buf n=%lld clip=%d", TN, (long long)n, clip), m, TOL_SIDE);
             }
         }
-        tc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -1266,16 +1197,11 @@ int main(void)
 #undef TC_SYM
 #undef TC_SYM_BF16
 #undef TC_SYM_F16
-    int go = ch_start(lib, "cuda_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
-    if (go < 0)
-        return 1;
-    if (go == 0) {
+    int go = ch_start(lib, "cuda_kernels", syms, CH_NSYMS(syms), &t->s);
+    if (go <= 0) {
         free(t);
-        dlclose(lib);
-        return 0;
+        return go < 0;
     }
-    t->gctx.status = &t->gstatus;
-    t->cctx.status = &t->cstatus;
     t->rng = 0x9e3779b97f4a7c15ull;
     tc_half_init(t);
     tc_services(t);
@@ -1291,16 +1217,16 @@ int main(void)
     tc_optim(t);
     /* the CPU half variants widen into a workspace (the bf16 macro serves
      * fp16 too); every case here fits */
-    t->cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(4 << 20);
-    t->cctx.workspace = malloc((size_t)t->cctx.workspace_bytes);
-    if (!t->cctx.workspace)
+    t->s.cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(4 << 20);
+    t->s.cctx.workspace = malloc((size_t)t->s.cctx.workspace_bytes);
+    if (!t->s.cctx.workspace)
         return 2;
     /* bf16 first and fp16 last, so the fp32 and bf16 cases draw the inputs
      * they always drew */
     tc_half_cases(t, &t->halves[CH_BF16]);
     tc_half_cases(t, &t->halves[CH_F16]);
-    free(t->cctx.workspace);
-    t->g.device_fini(&t->gctx);
+    free(t->s.cctx.workspace);
+    t->g.device_fini(&t->s.gctx);
     /* how much room the tolerances leave */
     printf("# worst relative error: %.3g (%s)\n", t->worst, t->worst_name);
     for (int i = 0; i < CH_NHALF; i++) {

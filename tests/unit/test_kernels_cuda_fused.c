@@ -54,24 +54,22 @@ typedef struct {
 typedef struct {
     tg_lib g;
     tg_half halves[CH_NHALF];
-    moek_ctx gctx, cctx;
-    int gst, cst;
-    char err[256];
+    ch_side s;   /* contexts, statuses, error text */
     uint64_t rng;
 } tg_env;
 
 /* a device copy of host bytes (or NaN bytes when h is NULL) */
 static void *tg_up(tg_env *t, const void *h, int64_t bytes)
 {
-    void *d = t->g.device_alloc(&t->gctx, bytes, t->err, sizeof t->err);
+    void *d = t->g.device_alloc(&t->s.gctx, bytes, t->s.err, sizeof t->s.err);
     void *nan = NULL;
     if (!h) {
         nan = malloc((size_t)bytes);
         memset(nan, 0xff, (size_t)bytes);
         h = nan;
     }
-    if (!d || t->g.device_copy(&t->gctx, d, h, bytes, MOEK_COPY_H2D, t->err, sizeof t->err)) {
-        fprintf(stderr, "test_kernels_cuda_fused: %s\n", t->err);
+    if (!d || t->g.device_copy(&t->s.gctx, d, h, bytes, MOEK_COPY_H2D, t->s.err, sizeof t->s.err)) {
+        fprintf(stderr, "test_kernels_cuda_fused: %s\n", t->s.err);
         exit(2);
     }
     free(nan);
@@ -81,8 +79,8 @@ static void *tg_up(tg_env *t, const void *h, int64_t bytes)
 static void *tg_down(tg_env *t, const void *d, int64_t bytes)
 {
     void *h = malloc((size_t)bytes);
-    if (t->g.device_copy(&t->gctx, h, d, bytes, MOEK_COPY_D2H, t->err, sizeof t->err)) {
-        fprintf(stderr, "test_kernels_cuda_fused: %s\n", t->err);
+    if (t->g.device_copy(&t->s.gctx, h, d, bytes, MOEK_COPY_D2H, t->s.err, sizeof t->s.err)) {
+        fprintf(stderr, "test_kernels_cuda_fused: %s\n", t->s.err);
         exit(2);
     }
     return h;
@@ -103,7 +101,7 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, const tg_half *hk)
     for (int i = 0; i < 5; i++) {
         h[i] = malloc((size_t)(len[i] * es));
         if (hk)
-            hk->c.cast_f32(&t->cctx, f[i], h[i], len[i]);
+            hk->c.cast_f32(&t->s.cctx, f[i], h[i], len[i]);
         else
             memcpy(h[i], f[i], (size_t)len[i] * 4);
     }
@@ -112,11 +110,11 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, const tg_half *hk)
          *db = malloc((size_t)(n * es)), *dw = malloc((size_t)(D * es));
     float *r = malloc((size_t)N * 4);
     if (hk) {
-        hk->c.add_rmsnorm_fwd(&t->cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
-        hk->c.add_rmsnorm_bwd(&t->cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
+        hk->c.add_rmsnorm_fwd(&t->s.cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
+        hk->c.add_rmsnorm_bwd(&t->s.cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
     } else {
-        moek_add_rmsnorm_fwd(&t->cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
-        moek_add_rmsnorm_bwd(&t->cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
+        moek_add_rmsnorm_fwd(&t->s.cctx, h[0], h[1], h[2], s, y, r, N, D, 1e-5f);
+        moek_add_rmsnorm_bwd(&t->s.cctx, h[3], h[4], s, h[2], r, da, db, dw, N, D);
     }
     /* GPU */
     void *d[5];
@@ -125,17 +123,17 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, const tg_half *hk)
     void *gs = tg_up(t, NULL, n * es), *gy = tg_up(t, NULL, n * es), *gr = tg_up(t, NULL, N * 4),
          *gda = tg_up(t, NULL, n * es), *gdb = tg_up(t, NULL, n * es), *gdw = tg_up(t, NULL, D * es);
     if (hk) {
-        hk->g.add_rmsnorm_fwd(&t->gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
-        hk->g.add_rmsnorm_bwd(&t->gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
+        hk->g.add_rmsnorm_fwd(&t->s.gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
+        hk->g.add_rmsnorm_bwd(&t->s.gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
     } else {
-        t->g.add_rmsnorm_fwd(&t->gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
-        t->g.add_rmsnorm_bwd(&t->gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
+        t->g.add_rmsnorm_fwd(&t->s.gctx, d[0], d[1], d[2], gs, gy, gr, N, D, 1e-5f);
+        t->g.add_rmsnorm_bwd(&t->s.gctx, d[3], d[4], gs, d[2], gr, gda, gdb, gdw, N, D);
     }
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
+    int rc = t->g.device_sync(&t->s.gctx, t->s.err, sizeof t->s.err);
     char name[96];
     snprintf(name, sizeof name, "cuda add_rmsnorm%s fwd+bwd %lldx%lld runs", hk ? hk->ty->suffix : "",
              (long long)N, (long long)D);
-    CHECK(name, rc == 0 && t->gst == 0 && t->cst == 0, "sync %d (%s) gpu %d cpu %d", rc, t->err, t->gst, t->cst);
+    CHECK(name, rc == 0 && t->s.gstatus == 0 && t->s.cstatus == 0, "sync %d (%s) gpu %d cpu %d", rc, t->s.err, t->s.gstatus, t->s.cstatus);
     const void *gdev[6] = {gs, gy, gr, gda, gdb, gdw};
     const void *cpu[6] = {s, y, r, da, db, dw};
     const char *what[6] = {"s", "y", "rstd", "da", "db", "dw"};
@@ -157,10 +155,10 @@ static void tg_case(tg_env *t, int64_t N, int64_t D, const tg_half *hk)
     CHECK(name, worst <= tol, "worst %s: %.3g > %.3g", wn, worst, tol);
     printf("# %s: worst relative error %.3g (%s)\n", name, worst, wn);
     for (int i = 0; i < 5; i++)
-        free(f[i]), free(h[i]), t->g.device_free(&t->gctx, d[i]);
+        free(f[i]), free(h[i]), t->g.device_free(&t->s.gctx, d[i]);
     void *gall[6] = {gs, gy, gr, gda, gdb, gdw};
     for (int i = 0; i < 6; i++)
-        t->g.device_free(&t->gctx, gall[i]);
+        t->g.device_free(&t->s.gctx, gall[i]);
     free(s), free(y), free(da), free(db), free(dw), free(r);
 }
 
@@ -173,7 +171,7 @@ static void *tg_rand(tg_env *t, int64_t n, float lo, float hi, const tg_half *hk
     if (!hk)
         return f;
     void *h = malloc((size_t)n * 2);
-    hk->c.cast_f32(&t->cctx, f, h, n);
+    hk->c.cast_f32(&t->s.cctx, f, h, n);
     free(f);
     return h;
 }
@@ -205,21 +203,21 @@ static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, const tg_half *h
     void *dx_ = tg_up(t, x, nk * es), *dw1_ = tg_up(t, w1, mk * es), *dw3_ = tg_up(t, w3, mk * es),
          *ddy = tg_up(t, dy, nm * es);
     if (hk) {
-        hk->c.swiglu_proj_fwd(&t->cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
-        hk->c.swiglu_proj_bwd(&t->cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
-        hk->g.swiglu_proj_fwd(&t->gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
-        hk->g.swiglu_proj_bwd(&t->gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
+        hk->c.swiglu_proj_fwd(&t->s.cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
+        hk->c.swiglu_proj_bwd(&t->s.cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
+        hk->g.swiglu_proj_fwd(&t->s.gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
+        hk->g.swiglu_proj_bwd(&t->s.gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
     } else {
-        moek_swiglu_proj_fwd(&t->cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
-        moek_swiglu_proj_bwd(&t->cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
-        t->g.swiglu_proj_fwd(&t->gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
-        t->g.swiglu_proj_bwd(&t->gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
+        moek_swiglu_proj_fwd(&t->s.cctx, x, w1, w3, c[0], c[1], c[2], N, K, M);
+        moek_swiglu_proj_bwd(&t->s.cctx, dy, x, w1, w3, c[0], c[1], c[3], c[4], c[5], N, K, M);
+        t->g.swiglu_proj_fwd(&t->s.gctx, dx_, dw1_, dw3_, g[0], g[1], g[2], N, K, M);
+        t->g.swiglu_proj_bwd(&t->s.gctx, ddy, dx_, dw1_, dw3_, g[0], g[1], g[3], g[4], g[5], N, K, M);
     }
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
+    int rc = t->g.device_sync(&t->s.gctx, t->s.err, sizeof t->s.err);
     char name[96];
     snprintf(name, sizeof name, "cuda swiglu_proj%s fwd+bwd %lldx%lldx%lld runs", hk ? hk->ty->suffix : "",
              (long long)N, (long long)K, (long long)M);
-    CHECK(name, rc == 0 && t->gst == 0 && t->cst == 0, "sync %d (%s) gpu %d cpu %d", rc, t->err, t->gst, t->cst);
+    CHECK(name, rc == 0 && t->s.gstatus == 0 && t->s.cstatus == 0, "sync %d (%s) gpu %d cpu %d", rc, t->s.err, t->s.gstatus, t->s.cstatus);
     const char *what[6] = {"gate", "up", "y", "dx", "dw1", "dw3"};
     double tol = hk ? 2e-2 : 1e-4, worst = 0;
     const char *wn = "";
@@ -233,10 +231,10 @@ static void tg_proj(tg_env *t, int64_t N, int64_t K, int64_t M, const tg_half *h
     CHECK(name, worst <= tol, "worst %s: %.3g > %.3g", wn, worst, tol);
     printf("# %s: worst relative error %.3g (%s)\n", name, worst, wn);
     for (int i = 0; i < 6; i++)
-        free(c[i]), t->g.device_free(&t->gctx, g[i]);
+        free(c[i]), t->g.device_free(&t->s.gctx, g[i]);
     void *dall[4] = {dx_, dw1_, dw3_, ddy};
     for (int i = 0; i < 4; i++)
-        t->g.device_free(&t->gctx, dall[i]);
+        t->g.device_free(&t->s.gctx, dall[i]);
     free(x), free(w1), free(w3), free(dy);
 }
 
@@ -254,30 +252,30 @@ static void tg_router(tg_env *t, int64_t N, int64_t E, int64_t k, const tg_half 
     void *gp = tg_up(t, NULL, ne * 4), *gix = tg_up(t, NULL, nk * 4), *ggt = tg_up(t, NULL, nk * 4),
          *gdl = tg_up(t, NULL, ne * es);
     if (hk) {
-        hk->c.softmax_topk_fwd(&t->cctx, lg, p, ix, gt, N, E, k, 1);
-        hk->c.softmax_topk_bwd(&t->cctx, dp, dgt, p, ix, dl, N, E, k, 1);
-        hk->g.softmax_topk_fwd(&t->gctx, glg, gp, gix, ggt, N, E, k, 1);
-        hk->g.softmax_topk_bwd(&t->gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
+        hk->c.softmax_topk_fwd(&t->s.cctx, lg, p, ix, gt, N, E, k, 1);
+        hk->c.softmax_topk_bwd(&t->s.cctx, dp, dgt, p, ix, dl, N, E, k, 1);
+        hk->g.softmax_topk_fwd(&t->s.gctx, glg, gp, gix, ggt, N, E, k, 1);
+        hk->g.softmax_topk_bwd(&t->s.gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
     } else {
-        moek_softmax_topk_fwd(&t->cctx, lg, p, ix, gt, N, E, k, 1);
-        moek_softmax_topk_bwd(&t->cctx, dp, dgt, p, ix, dl, N, E, k, 1);
-        t->g.softmax_topk_fwd(&t->gctx, glg, gp, gix, ggt, N, E, k, 1);
-        t->g.softmax_topk_bwd(&t->gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
+        moek_softmax_topk_fwd(&t->s.cctx, lg, p, ix, gt, N, E, k, 1);
+        moek_softmax_topk_bwd(&t->s.cctx, dp, dgt, p, ix, dl, N, E, k, 1);
+        t->g.softmax_topk_fwd(&t->s.gctx, glg, gp, gix, ggt, N, E, k, 1);
+        t->g.softmax_topk_bwd(&t->s.gctx, gdp, gdg, gp, gix, gdl, N, E, k, 1);
     }
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
+    int rc = t->g.device_sync(&t->s.gctx, t->s.err, sizeof t->s.err);
     int32_t *hix = tg_down(t, gix, nk * 4);
     double ep = tg_cmp(t, gp, p, ne, NULL), eg = tg_cmp(t, ggt, gt, nk, NULL),
            ed = tg_cmp(t, gdl, dl, ne, hk ? hk->ty : NULL);
     char name[96];
     snprintf(name, sizeof name, "cuda softmax_topk%s == cpu %lldx%lld k %lld", hk ? hk->ty->suffix : "", (long long)N,
              (long long)E, (long long)k);
-    CHECK(name, rc == 0 && t->gst == 0 && memcmp(hix, ix, (size_t)nk * 4) == 0 && ep <= 1e-5 && eg <= 1e-5 &&
-          ed <= (hk ? 1e-2 : 1e-5), "sync %d gpu %d idx %s probs %.3g gates %.3g dlogits %.3g", rc, t->gst,
+    CHECK(name, rc == 0 && t->s.gstatus == 0 && memcmp(hix, ix, (size_t)nk * 4) == 0 && ep <= 1e-5 && eg <= 1e-5 &&
+          ed <= (hk ? 1e-2 : 1e-5), "sync %d gpu %d idx %s probs %.3g gates %.3g dlogits %.3g", rc, t->s.gstatus,
           memcmp(hix, ix, (size_t)nk * 4) ? "differ" : "equal", ep, eg, ed);
     free(hix), free(lg), free(dp), free(dgt), free(p), free(gt), free(ix), free(dl);
     void *dall[7] = {glg, gdp, gdg, gp, gix, ggt, gdl};
     for (int i = 0; i < 7; i++)
-        t->g.device_free(&t->gctx, dall[i]);
+        t->g.device_free(&t->s.gctx, dall[i]);
 }
 
 int main(void)
@@ -293,18 +291,13 @@ int main(void)
 #undef TG_SYM
 #undef TG_SYM_BF16
 #undef TG_SYM_F16
-    int go = ch_start(lib, "cuda_fused_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
-    if (go < 0)
-        return 1;
-    if (go == 0) {
+    int go = ch_start(lib, "cuda_fused_kernels", syms, CH_NSYMS(syms), &t->s);
+    if (go <= 0) {
         free(t);
-        dlclose(lib);
-        return 0;
+        return go < 0;
     }
-    t->gctx.status = &t->gst;
-    t->cctx.status = &t->cst;
-    t->cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(8 << 20);
-    t->cctx.workspace = malloc((size_t)t->cctx.workspace_bytes);
+    t->s.cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(8 << 20);
+    t->s.cctx.workspace = malloc((size_t)t->s.cctx.workspace_bytes);
     t->rng = 0x9e3779b97f4a7c15ull;
     tg_half *bf = &t->halves[CH_BF16], *hf = &t->halves[CH_F16];
 #define TG_CPU_BF16(n) bf->c.n = moek_##n##_bf16;
@@ -326,8 +319,8 @@ int main(void)
         tg_router(t, 7, 4, 2, types[i]);
         tg_router(t, 512, 8, 2, types[i]);
     }
-    free(t->cctx.workspace);
-    t->g.device_fini(&t->gctx);
+    free(t->s.cctx.workspace);
+    t->g.device_fini(&t->s.gctx);
     free(t);
     CHECK_DONE();
 }

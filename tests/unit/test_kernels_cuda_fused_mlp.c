@@ -54,24 +54,22 @@ typedef struct {
 typedef struct {
     tm_lib g;
     tm_half halves[CH_NHALF];
-    moek_ctx gctx, cctx;
-    int gst, cst;
-    char err[256];
+    ch_side s;   /* contexts, statuses, error text */
     uint64_t rng;
 } tm_env;
 
 /* a device copy of host bytes (or NaN bytes when h is NULL) */
 static void *tm_up(tm_env *t, const void *h, int64_t bytes)
 {
-    void *d = t->g.device_alloc(&t->gctx, bytes, t->err, sizeof t->err);
+    void *d = t->g.device_alloc(&t->s.gctx, bytes, t->s.err, sizeof t->s.err);
     void *nan = NULL;
     if (!h) {
         nan = malloc((size_t)bytes);
         memset(nan, 0xff, (size_t)bytes);
         h = nan;
     }
-    if (!d || t->g.device_copy(&t->gctx, d, h, bytes, MOEK_COPY_H2D, t->err, sizeof t->err)) {
-        fprintf(stderr, "test_kernels_cuda_fused_mlp: %s\n", t->err);
+    if (!d || t->g.device_copy(&t->s.gctx, d, h, bytes, MOEK_COPY_H2D, t->s.err, sizeof t->s.err)) {
+        fprintf(stderr, "test_kernels_cuda_fused_mlp: %s\n", t->s.err);
         exit(2);
     }
     free(nan);
@@ -83,8 +81,8 @@ static void *tm_up(tm_env *t, const void *h, int64_t bytes)
 static double tm_cmp(tm_env *t, const void *dev, const void *cpu, int64_t n, const tm_half *hk)
 {
     void *got = malloc((size_t)(n * (hk ? 2 : 4)));
-    if (t->g.device_copy(&t->gctx, got, dev, n * (hk ? 2 : 4), MOEK_COPY_D2H, t->err, sizeof t->err)) {
-        fprintf(stderr, "test_kernels_cuda_fused_mlp: %s\n", t->err);
+    if (t->g.device_copy(&t->s.gctx, got, dev, n * (hk ? 2 : 4), MOEK_COPY_D2H, t->s.err, sizeof t->s.err)) {
+        fprintf(stderr, "test_kernels_cuda_fused_mlp: %s\n", t->s.err);
         exit(2);
     }
     double e = ch_rel(got, cpu, n, hk ? hk->ty : NULL);
@@ -100,7 +98,7 @@ static void *tm_rand(tm_env *t, int64_t n, float lo, float hi, const tm_half *hk
     if (!hk)
         return f;
     void *h = malloc((size_t)n * 2);
-    hk->c.cast_f32(&t->cctx, f, h, n);
+    hk->c.cast_f32(&t->s.cctx, f, h, n);
     free(f);
     return h;
 }
@@ -117,27 +115,27 @@ static void tm_case(tm_env *t, int gelu, int64_t N, int64_t K, int64_t M, const 
     void *gpre = tm_up(t, NULL, nm * es), *gy = tm_up(t, NULL, nm * es), *gdx = tm_up(t, NULL, nk * es),
          *gdw = tm_up(t, NULL, mk * es), *gdb = tm_up(t, NULL, M * es);
     if (gelu && hk) {
-        hk->c.matmul_bias_gelu_fwd(&t->cctx, x, w, b, pre, y, N, K, M);
-        hk->c.matmul_bias_gelu_bwd(&t->cctx, dy, x, w, pre, dx, dw, db, N, K, M);
-        hk->g.matmul_bias_gelu_fwd(&t->gctx, gx, gw, gb, gpre, gy, N, K, M);
-        hk->g.matmul_bias_gelu_bwd(&t->gctx, gdy, gx, gw, gpre, gdx, gdw, gdb, N, K, M);
+        hk->c.matmul_bias_gelu_fwd(&t->s.cctx, x, w, b, pre, y, N, K, M);
+        hk->c.matmul_bias_gelu_bwd(&t->s.cctx, dy, x, w, pre, dx, dw, db, N, K, M);
+        hk->g.matmul_bias_gelu_fwd(&t->s.gctx, gx, gw, gb, gpre, gy, N, K, M);
+        hk->g.matmul_bias_gelu_bwd(&t->s.gctx, gdy, gx, gw, gpre, gdx, gdw, gdb, N, K, M);
     } else if (gelu) {
-        moek_matmul_bias_gelu_fwd(&t->cctx, x, w, b, pre, y, N, K, M);
-        moek_matmul_bias_gelu_bwd(&t->cctx, dy, x, w, pre, dx, dw, db, N, K, M);
-        t->g.matmul_bias_gelu_fwd(&t->gctx, gx, gw, gb, gpre, gy, N, K, M);
-        t->g.matmul_bias_gelu_bwd(&t->gctx, gdy, gx, gw, gpre, gdx, gdw, gdb, N, K, M);
+        moek_matmul_bias_gelu_fwd(&t->s.cctx, x, w, b, pre, y, N, K, M);
+        moek_matmul_bias_gelu_bwd(&t->s.cctx, dy, x, w, pre, dx, dw, db, N, K, M);
+        t->g.matmul_bias_gelu_fwd(&t->s.gctx, gx, gw, gb, gpre, gy, N, K, M);
+        t->g.matmul_bias_gelu_bwd(&t->s.gctx, gdy, gx, gw, gpre, gdx, gdw, gdb, N, K, M);
     } else if (hk) {
-        hk->c.matmul_bias_fwd(&t->cctx, x, w, b, pre, N, K, M);
-        hk->c.matmul_bias_bwd(&t->cctx, dy, x, w, dx, dw, db, N, K, M);
-        hk->g.matmul_bias_fwd(&t->gctx, gx, gw, gb, gpre, N, K, M);
-        hk->g.matmul_bias_bwd(&t->gctx, gdy, gx, gw, gdx, gdw, gdb, N, K, M);
+        hk->c.matmul_bias_fwd(&t->s.cctx, x, w, b, pre, N, K, M);
+        hk->c.matmul_bias_bwd(&t->s.cctx, dy, x, w, dx, dw, db, N, K, M);
+        hk->g.matmul_bias_fwd(&t->s.gctx, gx, gw, gb, gpre, N, K, M);
+        hk->g.matmul_bias_bwd(&t->s.gctx, gdy, gx, gw, gdx, gdw, gdb, N, K, M);
     } else {
-        moek_matmul_bias_fwd(&t->cctx, x, w, b, pre, N, K, M);
-        moek_matmul_bias_bwd(&t->cctx, dy, x, w, dx, dw, db, N, K, M);
-        t->g.matmul_bias_fwd(&t->gctx, gx, gw, gb, gpre, N, K, M);
-        t->g.matmul_bias_bwd(&t->gctx, gdy, gx, gw, gdx, gdw, gdb, N, K, M);
+        moek_matmul_bias_fwd(&t->s.cctx, x, w, b, pre, N, K, M);
+        moek_matmul_bias_bwd(&t->s.cctx, dy, x, w, dx, dw, db, N, K, M);
+        t->g.matmul_bias_fwd(&t->s.gctx, gx, gw, gb, gpre, N, K, M);
+        t->g.matmul_bias_bwd(&t->s.gctx, gdy, gx, gw, gdx, gdw, gdb, N, K, M);
     }
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
+    int rc = t->g.device_sync(&t->s.gctx, t->s.err, sizeof t->s.err);
     double e[5] = {tm_cmp(t, gpre, pre, nm, hk), gelu ? tm_cmp(t, gy, y, nm, hk) : 0,
                    tm_cmp(t, gdx, dx, nk, hk), tm_cmp(t, gdw, dw, mk, hk), tm_cmp(t, gdb, db, M, hk)};
     double tol = hk ? 2e-2 : 1e-4, worst = 0;
@@ -146,15 +144,15 @@ static void tm_case(tm_env *t, int gelu, int64_t N, int64_t K, int64_t M, const 
     char name[112];
     snprintf(name, sizeof name, "cuda %s%s == cpu %lldx%lldx%lld", gelu ? "matmul_bias_gelu" : "matmul_bias",
              hk ? hk->ty->suffix : "", (long long)N, (long long)K, (long long)M);
-    CHECK(name, rc == 0 && t->gst == 0 && t->cst == 0 && worst <= tol,
-          "sync %d (%s) gpu %d cpu %d; pre %.3g y %.3g dx %.3g dw %.3g db %.3g (tolerance %.3g)", rc, t->err, t->gst,
-          t->cst, e[0], e[1], e[2], e[3], e[4], tol);
+    CHECK(name, rc == 0 && t->s.gstatus == 0 && t->s.cstatus == 0 && worst <= tol,
+          "sync %d (%s) gpu %d cpu %d; pre %.3g y %.3g dx %.3g dw %.3g db %.3g (tolerance %.3g)", rc, t->s.err, t->s.gstatus,
+          t->s.cstatus, e[0], e[1], e[2], e[3], e[4], tol);
     printf("# %s: worst relative error %.3g\n", name, worst);
     void *host[9] = {x, w, b, dy, pre, y, dx, dw, db};
     void *dev[9] = {gx, gw, gb, gdy, gpre, gy, gdx, gdw, gdb};
     for (int i = 0; i < 9; i++) {
         free(host[i]);
-        t->g.device_free(&t->gctx, dev[i]);
+        t->g.device_free(&t->s.gctx, dev[i]);
     }
 }
 
@@ -171,18 +169,13 @@ int main(void)
 #undef TM_SYM
 #undef TM_SYM_BF16
 #undef TM_SYM_F16
-    int go = ch_start(lib, "cuda_fused_mlp_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
-    if (go < 0)
-        return 1;
-    if (go == 0) {
+    int go = ch_start(lib, "cuda_fused_mlp_kernels", syms, CH_NSYMS(syms), &t->s);
+    if (go <= 0) {
         free(t);
-        dlclose(lib);
-        return 0;
+        return go < 0;
     }
-    t->gctx.status = &t->gst;
-    t->cctx.status = &t->cst;
-    t->cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(8 << 20);
-    t->cctx.workspace = malloc((size_t)t->cctx.workspace_bytes);
+    t->s.cctx.workspace_bytes = MOEK_BF16_WORKSPACE_BYTES(8 << 20);
+    t->s.cctx.workspace = malloc((size_t)t->s.cctx.workspace_bytes);
     t->rng = 0x2545f4914f6cdd1dull;
     tm_half *bf = &t->halves[CH_BF16], *hf = &t->halves[CH_F16];
 #define TM_CPU_BF16(n) bf->c.n = moek_##n##_bf16;
@@ -201,8 +194,8 @@ int main(void)
             tm_case(t, gelu, 3, 5, 7, types[i]);
             tm_case(t, gelu, 128, 64, 192, types[i]);   /* dpre: 24 576 values, within the 1 MiB workspace */
         }
-    free(t->cctx.workspace);
-    t->g.device_fini(&t->gctx);
+    free(t->s.cctx.workspace);
+    t->g.device_fini(&t->s.gctx);
     free(t);
     CHECK_DONE();
 }

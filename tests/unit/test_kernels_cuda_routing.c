@@ -33,17 +33,12 @@ typedef struct {
 #undef RC_FIELD
 } rc_lib;
 
-#define RC_MAXBUF 64
 #define TOL 1e-5
 
 typedef struct {
     rc_lib g;
-    moek_ctx gctx, cctx;
-    int gstatus, cstatus;
+    ch_side s;          /* contexts, statuses, this case's buffers */
     uint64_t rng;
-    void *dev[RC_MAXBUF], *host[RC_MAXBUF];
-    int ndev, nhost;
-    char err[256];
     double worst;
     char worst_name[160];
 } rc_env;
@@ -51,92 +46,43 @@ typedef struct {
 typedef struct { float *h, *d; int64_t n; } rc_f;
 typedef struct { int32_t *h, *d; int64_t n; } rc_i;
 
-static void rc_die(const char *what, const char *why)
-{
-    fprintf(stderr, "test_kernels_cuda_routing: %s: %s\n", what, why);
-    exit(2);
-}
-
-static void *rc_h(rc_env *t, int64_t bytes)
-{
-    void *p = calloc(1, (size_t)(bytes > 0 ? bytes : 1));
-    if (!p || t->nhost >= RC_MAXBUF)
-        rc_die("host buffers", "exhausted");
-    return t->host[t->nhost++] = p;
-}
-
-static void *rc_d(rc_env *t, int64_t bytes)
-{
-    void *p = t->g.device_alloc(&t->gctx, bytes > 0 ? bytes : 4, t->err, sizeof t->err);
-    if (!p || t->ndev >= RC_MAXBUF)
-        rc_die("device allocation", t->err);
-    return t->dev[t->ndev++] = p;
-}
-
-static void rc_copy(rc_env *t, void *dst, const void *src, int64_t bytes, int kind)
-{
-    if (bytes > 0 && t->g.device_copy(&t->gctx, dst, src, bytes, kind, t->err, sizeof t->err))
-        rc_die("copy", t->err);
-}
-
-static void rc_reset(rc_env *t)
-{
-    for (int i = 0; i < t->ndev; i++)
-        t->g.device_free(&t->gctx, t->dev[i]);
-    for (int i = 0; i < t->nhost; i++)
-        free(t->host[i]);
-    t->ndev = t->nhost = 0;
-    t->gstatus = t->cstatus = 0;
-}
-
 /* random input; quant > 0 rounds to multiples of 1/quant so ties happen */
 static rc_f rc_in(rc_env *t, int64_t n, float lo, float hi, float quant)
 {
-    rc_f b = {rc_h(t, n * 4), rc_d(t, n * 4), n};
+    rc_f b = {ch_host(&t->s, n * 4), ch_dev(&t->s, n * 4), n};
     for (int64_t i = 0; i < n; i++) {
         b.h[i] = ch_unif(&t->rng, lo, hi);
         if (quant > 0)
             b.h[i] = roundf(b.h[i] * quant) / quant;
     }
-    rc_copy(t, b.d, b.h, n * 4, MOEK_COPY_H2D);
+    ch_copy(&t->s, b.d, b.h, n * 4, MOEK_COPY_H2D);
     return b;
 }
 
 static rc_f rc_out(rc_env *t, int64_t n)
 {
-    rc_f b = {rc_h(t, n * 4), rc_d(t, n * 4), n};
+    rc_f b = {ch_host(&t->s, n * 4), ch_dev(&t->s, n * 4), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = NAN;
-    rc_copy(t, b.d, b.h, n * 4, MOEK_COPY_H2D);
+    ch_copy(&t->s, b.d, b.h, n * 4, MOEK_COPY_H2D);
     return b;
 }
 
 static rc_i rc_iout(rc_env *t, int64_t n)
 {
-    rc_i b = {rc_h(t, n * 4), rc_d(t, n * 4), n};
+    rc_i b = {ch_host(&t->s, n * 4), ch_dev(&t->s, n * 4), n};
     for (int64_t i = 0; i < n; i++)
         b.h[i] = -12345;
-    rc_copy(t, b.d, b.h, n * 4, MOEK_COPY_H2D);
+    ch_copy(&t->s, b.d, b.h, n * 4, MOEK_COPY_H2D);
     return b;
 }
 
-static void rc_iup(rc_env *t, rc_i b) { rc_copy(t, b.d, b.h, b.n * 4, MOEK_COPY_H2D); }
-
-static int rc_sync(rc_env *t, const char *name)
-{
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
-    if (rc || t->gstatus || t->cstatus) {
-        CHECK(name, 0, "sync rc %d (%s), gpu status %d, cpu status %d", rc, rc ? t->err : "",
-              t->gstatus, t->cstatus);
-        return 0;
-    }
-    return 1;
-}
+static void rc_iup(rc_env *t, rc_i b) { ch_copy(&t->s, b.d, b.h, b.n * 4, MOEK_COPY_H2D); }
 
 static void rc_cmp(rc_env *t, const char *name, rc_f b, double tol)
 {
-    float *g = rc_h(t, b.n * 4);
-    rc_copy(t, g, b.d, b.n * 4, MOEK_COPY_D2H);
+    float *g = ch_host(&t->s, b.n * 4);
+    ch_copy(&t->s, g, b.d, b.n * 4, MOEK_COPY_D2H);
     double num = 0.0, den = 0.0;
     int64_t bad = -1;
     for (int64_t i = 0; i < b.n; i++) {
@@ -160,8 +106,8 @@ static void rc_cmp(rc_env *t, const char *name, rc_f b, double tol)
 
 static void rc_icmp(rc_env *t, const char *name, rc_i b)
 {
-    int32_t *g = rc_h(t, b.n * 4);
-    rc_copy(t, g, b.d, b.n * 4, MOEK_COPY_D2H);
+    int32_t *g = ch_host(&t->s, b.n * 4);
+    ch_copy(&t->s, g, b.d, b.n * 4, MOEK_COPY_D2H);
     int64_t bad = -1;
     for (int64_t i = 0; i < b.n && bad < 0; i++)
         if (g[i] != b.h[i])
@@ -171,8 +117,8 @@ static void rc_icmp(rc_env *t, const char *name, rc_i b)
 }
 
 #define NM(...) (snprintf(name, sizeof name, __VA_ARGS__), name)
-#define G (&t->gctx)
-#define C (&t->cctx)
+#define G (&t->s.gctx)
+#define C (&t->s.cctx)
 
 static void rc_sigmoid(rc_env *t)
 {
@@ -184,13 +130,13 @@ static void rc_sigmoid(rc_env *t)
         rc_f dx = rc_out(t, N * E);
         moek_sigmoid_fwd(C, x.h, y.h, N, E);
         t->g.sigmoid_fwd(G, x.d, y.d, N, E);
-        if (rc_sync(t, NM("cuda sigmoid_fwd N=%lld E=%lld", (long long)N, (long long)E)))
+        if (ch_sync(&t->s, NM("cuda sigmoid_fwd N=%lld E=%lld", (long long)N, (long long)E)))
             rc_cmp(t, name, y, TOL);
         moek_sigmoid_bwd(C, dy.h, y.h, dx.h, N, E);
         t->g.sigmoid_bwd(G, dy.d, y.d, dx.d, N, E);
-        if (rc_sync(t, NM("cuda sigmoid_bwd N=%lld E=%lld", (long long)N, (long long)E)))
+        if (ch_sync(&t->s, NM("cuda sigmoid_bwd N=%lld E=%lld", (long long)N, (long long)E)))
             rc_cmp(t, name, dx, TOL);
-        rc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -219,7 +165,7 @@ static void rc_selection(rc_env *t)
                 moek_topk_biased_fwd(C, sc.h, bh, idx.h, gates.h, N, E, k, renorm, scale);
                 t->g.topk_biased_fwd(G, sc.d, bd, idx.d, gates.d, N, E, k, renorm, scale);
             }
-            if (rc_sync(t, NM("cuda %s_fwd N=%lld E=%lld k=%lld renorm=%d bias=%d", what,
+            if (ch_sync(&t->s, NM("cuda %s_fwd N=%lld E=%lld k=%lld renorm=%d bias=%d", what,
                               (long long)N, (long long)E, (long long)k, renorm, bh != NULL))) {
                 rc_icmp(t, NM("cuda %s_fwd idx N=%lld E=%lld k=%lld renorm=%d bias=%d", what,
                               (long long)N, (long long)E, (long long)k, renorm, bh != NULL), idx);
@@ -231,7 +177,7 @@ static void rc_selection(rc_env *t)
             rc_iup(t, idx);
             moek_topk_biased_bwd(C, dg.h, sc.h, idx.h, ds.h, N, E, k, renorm, scale);
             t->g.topk_biased_bwd(G, dg.d, sc.d, idx.d, ds.d, N, E, k, renorm, scale);
-            if (rc_sync(t, NM("cuda topk_biased_bwd (%s) N=%lld E=%lld k=%lld renorm=%d", what,
+            if (ch_sync(&t->s, NM("cuda topk_biased_bwd (%s) N=%lld E=%lld k=%lld renorm=%d", what,
                               (long long)N, (long long)E, (long long)k, renorm)))
                 rc_cmp(t, name, ds, TOL);
         }
@@ -241,7 +187,7 @@ static void rc_selection(rc_env *t)
         rc_f gates = rc_out(t, N * k), dl = rc_out(t, N * E);
         moek_topk_softmax_fwd(C, lg.h, idx.h, gates.h, N, E, k);
         t->g.topk_softmax_fwd(G, lg.d, idx.d, gates.d, N, E, k);
-        if (rc_sync(t, NM("cuda topk_softmax_fwd N=%lld E=%lld k=%lld", (long long)N, (long long)E,
+        if (ch_sync(&t->s, NM("cuda topk_softmax_fwd N=%lld E=%lld k=%lld", (long long)N, (long long)E,
                           (long long)k))) {
             rc_icmp(t, NM("cuda topk_softmax_fwd idx N=%lld E=%lld k=%lld", (long long)N,
                           (long long)E, (long long)k), idx);
@@ -249,13 +195,13 @@ static void rc_selection(rc_env *t)
                          (long long)E, (long long)k), gates, TOL);
         }
         rc_iup(t, idx);
-        rc_copy(t, gates.d, gates.h, N * k * 4, MOEK_COPY_H2D);
+        ch_copy(&t->s, gates.d, gates.h, N * k * 4, MOEK_COPY_H2D);
         moek_topk_softmax_bwd(C, dg.h, gates.h, idx.h, dl.h, N, E, k);
         t->g.topk_softmax_bwd(G, dg.d, gates.d, idx.d, dl.d, N, E, k);
-        if (rc_sync(t, NM("cuda topk_softmax_bwd N=%lld E=%lld k=%lld", (long long)N, (long long)E,
+        if (ch_sync(&t->s, NM("cuda topk_softmax_bwd N=%lld E=%lld k=%lld", (long long)N, (long long)E,
                           (long long)k)))
             rc_cmp(t, name, dl, TOL);
-        rc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -267,17 +213,17 @@ static void rc_jitter(rc_env *t)
         int64_t n = sizes[s];
         rc_f hyper = rc_in(t, MOEK_HYPER_COUNT, 0, 1, 0);
         hyper.h[MOEK_HYPER_STEP] = 1234;
-        rc_copy(t, hyper.d, hyper.h, MOEK_HYPER_COUNT * 4, MOEK_COPY_H2D);
+        ch_copy(&t->s, hyper.d, hyper.h, MOEK_HYPER_COUNT * 4, MOEK_COPY_H2D);
         rc_f x = rc_in(t, n, -3, 3, 0), y = rc_out(t, n), dx = rc_out(t, n);
         moek_jitter_fwd(C, x.h, y.h, n, 0.05f, hyper.h, 77);
         t->g.jitter_fwd(G, x.d, y.d, n, 0.05f, hyper.d, 77);
-        if (rc_sync(t, NM("cuda jitter_fwd n=%lld (bit-exact)", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda jitter_fwd n=%lld (bit-exact)", (long long)n)))
             rc_cmp(t, name, y, 0.0);
         moek_jitter_bwd(C, x.h, dx.h, n, 0.3f, hyper.h, -5);
         t->g.jitter_bwd(G, x.d, dx.d, n, 0.3f, hyper.d, -5);
-        if (rc_sync(t, NM("cuda jitter_bwd n=%lld (bit-exact)", (long long)n)))
+        if (ch_sync(&t->s, NM("cuda jitter_bwd n=%lld (bit-exact)", (long long)n)))
             rc_cmp(t, name, dx, 0.0);
-        rc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -299,25 +245,25 @@ static void rc_losses_and_stats(rc_env *t)
         rc_iup(t, sr);
         moek_seq_balance_loss_fwd(C, p.h, idx.h, loss.h, B, T, E, k);
         t->g.seq_balance_loss_fwd(G, p.d, idx.d, loss.d, B, T, E, k);
-        if (rc_sync(t, NM("cuda seq_balance_loss_fwd B=%lld T=%lld E=%lld k=%lld", (long long)B,
+        if (ch_sync(&t->s, NM("cuda seq_balance_loss_fwd B=%lld T=%lld E=%lld k=%lld", (long long)B,
                           (long long)T, (long long)E, (long long)k)))
             rc_cmp(t, name, loss, TOL);
         moek_seq_balance_loss_bwd(C, dloss.h, p.h, idx.h, dp.h, B, T, E, k);
         t->g.seq_balance_loss_bwd(G, dloss.d, p.d, idx.d, dp.d, B, T, E, k);
-        if (rc_sync(t, NM("cuda seq_balance_loss_bwd B=%lld T=%lld E=%lld k=%lld", (long long)B,
+        if (ch_sync(&t->s, NM("cuda seq_balance_loss_bwd B=%lld T=%lld E=%lld k=%lld", (long long)B,
                           (long long)T, (long long)E, (long long)k)))
             rc_cmp(t, name, dp, TOL);
         moek_expert_load(C, idx.h, sr.h, load.h, N, E, k);
         t->g.expert_load(G, idx.d, sr.d, load.d, N, E, k);
-        if (rc_sync(t, NM("cuda expert_load N=%lld E=%lld k=%lld (exact)", (long long)N,
+        if (ch_sync(&t->s, NM("cuda expert_load N=%lld E=%lld k=%lld (exact)", (long long)N,
                           (long long)E, (long long)k)))
             rc_cmp(t, name, load, 0.0);
-        rc_copy(t, load.d, load.h, (E + 1) * 4, MOEK_COPY_H2D);
+        ch_copy(&t->s, load.d, load.h, (E + 1) * 4, MOEK_COPY_H2D);
         moek_router_bias_update(C, bias.h, load.h, E, 0.001f);
         t->g.router_bias_update(G, bias.d, load.d, E, 0.001f);
-        if (rc_sync(t, NM("cuda router_bias_update E=%lld (exact)", (long long)E)))
+        if (ch_sync(&t->s, NM("cuda router_bias_update E=%lld (exact)", (long long)E)))
             rc_cmp(t, name, bias, 0.0);
-        rc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -337,7 +283,7 @@ static void rc_dispatch(rc_env *t)
         rc_iup(t, idx);
         moek_dispatch_by_score_fwd(C, x.h, idx.h, gt.h, xs.h, sr.h, er.h, N, D, E, k, Cap);
         t->g.dispatch_by_score_fwd(G, x.d, idx.d, gt.d, xs.d, sr.d, er.d, N, D, E, k, Cap);
-        if (rc_sync(t, NM("cuda dispatch_by_score_fwd N=%lld D=%lld E=%lld k=%lld C=%lld",
+        if (ch_sync(&t->s, NM("cuda dispatch_by_score_fwd N=%lld D=%lld E=%lld k=%lld C=%lld",
                           (long long)N, (long long)D, (long long)E, (long long)k, (long long)Cap))) {
             rc_icmp(t, NM("cuda dispatch_by_score_fwd slot_row N=%lld E=%lld k=%lld C=%lld",
                           (long long)N, (long long)E, (long long)k, (long long)Cap), sr);
@@ -346,7 +292,7 @@ static void rc_dispatch(rc_env *t)
             rc_cmp(t, NM("cuda dispatch_by_score_fwd xs N=%lld E=%lld k=%lld C=%lld (exact)",
                          (long long)N, (long long)E, (long long)k, (long long)Cap), xs, 0.0);
         }
-        rc_reset(t);
+        ch_end_case(&t->s);
     }
 }
 
@@ -356,21 +302,21 @@ static void rc_errors(rc_env *t)
     rc_f sc = rc_in(t, 8, 0, 1, 0), gates = rc_out(t, 8), dl = rc_out(t, 8);
     rc_i idx = rc_iout(t, 8);
     t->g.topk_biased_fwd(G, sc.d, NULL, idx.d, gates.d, 1, 4, 5, 0, 1.0f);
-    CHECK("cuda topk_biased_fwd k > E -> MOEK_E_SHAPE", t->gstatus == MOEK_E_SHAPE, "status %d",
-          t->gstatus);
-    t->gstatus = 0;
+    CHECK("cuda topk_biased_fwd k > E -> MOEK_E_SHAPE", t->s.gstatus == MOEK_E_SHAPE, "status %d",
+          t->s.gstatus);
+    t->s.gstatus = 0;
     t->g.topk_grouped_fwd(G, sc.d, NULL, idx.d, gates.d, 1, 8, 2, 3, 1, 0, 1.0f);
-    CHECK("cuda topk_grouped_fwd groups not dividing E -> MOEK_E_SHAPE", t->gstatus == MOEK_E_SHAPE,
-          "status %d", t->gstatus);
-    t->gstatus = 0;
+    CHECK("cuda topk_grouped_fwd groups not dividing E -> MOEK_E_SHAPE", t->s.gstatus == MOEK_E_SHAPE,
+          "status %d", t->s.gstatus);
+    t->s.gstatus = 0;
     for (int i = 0; i < 8; i++)
         idx.h[i] = i == 1 ? 7 : 0;
     rc_iup(t, idx);
     t->g.topk_softmax_bwd(G, gates.d, gates.d, idx.d, dl.d, 1, 4, 2);
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
-    CHECK("cuda topk_softmax_bwd bad index -> MOEK_E_INDEX at sync", t->gstatus == MOEK_E_INDEX,
-          "status %d rc %d", t->gstatus, rc);
-    rc_reset(t);
+    int rc = t->g.device_sync(&t->s.gctx, t->s.err, sizeof t->s.err);
+    CHECK("cuda topk_softmax_bwd bad index -> MOEK_E_INDEX at sync", t->s.gstatus == MOEK_E_INDEX,
+          "status %d rc %d", t->s.gstatus, rc);
+    ch_end_case(&t->s);
 }
 
 int main(void)
@@ -384,16 +330,11 @@ int main(void)
 #define RC_SYM(n) CH_ENTRY(t->g, n)
     ch_sym syms[] = {RC_KERNELS(RC_SYM)};
 #undef RC_SYM
-    int go = ch_start(lib, "cuda_routing_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
-    if (go < 0)
-        return 1;
-    if (go == 0) {
+    int go = ch_start(lib, "cuda_routing_kernels", syms, CH_NSYMS(syms), &t->s);
+    if (go <= 0) {
         free(t);
-        dlclose(lib);
-        return 0;
+        return go < 0;
     }
-    t->gctx.status = &t->gstatus;
-    t->cctx.status = &t->cstatus;
     t->rng = 0x3243f6a8885a308dull;
     rc_sigmoid(t);
     rc_selection(t);
@@ -401,7 +342,7 @@ int main(void)
     rc_losses_and_stats(t);
     rc_dispatch(t);
     rc_errors(t);
-    t->g.device_fini(&t->gctx);
+    t->g.device_fini(&t->s.gctx);
     printf("# worst relative error: %.3g (%s)\n", t->worst, t->worst_name);
     free(t);
     CHECK_DONE();

@@ -54,18 +54,13 @@ typedef struct {
     double worst;
 } s2_half;
 
-#define S2_MAXBUF 64
 #define TOL32 1e-5
 #define TOL16 1e-2
 
 typedef struct {
     s2_lib g;
-    moek_ctx gctx, cctx;
-    int gstatus, cstatus;
+    ch_side s;          /* contexts, statuses, this case's buffers */
     uint64_t rng;
-    void *dev[S2_MAXBUF], *host[S2_MAXBUF];
-    int ndev, nhost;
-    char err[256];
     double worst32;
     s2_half halves[CH_NHALF];
     s2_half *half;      /* the half type of the running cases (es 2), NULL in fp32 */
@@ -73,44 +68,6 @@ typedef struct {
 
 /* a tensor on both sides: fp32 (es 4, ty NULL) or half (es 2, of type ty) */
 typedef struct { void *h, *d; int64_t n; int es; const ch_half *ty; } s2_t;
-
-static void s2_die(const char *what, const char *why)
-{
-    fprintf(stderr, "test_kernels_cuda_stdlib2: %s: %s\n", what, why);
-    exit(2);
-}
-
-static void *s2_h(s2_env *t, int64_t bytes)
-{
-    void *p = calloc(1, (size_t)(bytes > 0 ? bytes : 1));
-    if (!p || t->nhost >= S2_MAXBUF)
-        s2_die("host buffers", "exhausted");
-    return t->host[t->nhost++] = p;
-}
-
-static void *s2_d(s2_env *t, int64_t bytes)
-{
-    void *p = t->g.device_alloc(&t->gctx, bytes > 0 ? bytes : 4, t->err, sizeof t->err);
-    if (!p || t->ndev >= S2_MAXBUF)
-        s2_die("device allocation", t->err);
-    return t->dev[t->ndev++] = p;
-}
-
-static void s2_copy(s2_env *t, void *dst, const void *src, int64_t bytes, int kind)
-{
-    if (bytes > 0 && t->g.device_copy(&t->gctx, dst, src, bytes, kind, t->err, sizeof t->err))
-        s2_die("copy", t->err);
-}
-
-static void s2_reset(s2_env *t)
-{
-    for (int i = 0; i < t->ndev; i++)
-        t->g.device_free(&t->gctx, t->dev[i]);
-    for (int i = 0; i < t->nhost; i++)
-        free(t->host[i]);
-    t->ndev = t->nhost = 0;
-    t->gstatus = t->cstatus = 0;
-}
 
 static float s2_get(s2_t b, const void *p, int64_t i)
 {
@@ -120,7 +77,7 @@ static float s2_get(s2_t b, const void *p, int64_t i)
 /* random input in [lo, hi) (es 2: rounded to t->half's type) */
 static s2_t s2_in(s2_env *t, int es, int64_t n, float lo, float hi)
 {
-    s2_t b = {s2_h(t, n * es), s2_d(t, n * es), n, es, es == 4 ? NULL : t->half->ty};
+    s2_t b = {ch_host(&t->s, n * es), ch_dev(&t->s, n * es), n, es, es == 4 ? NULL : t->half->ty};
     for (int64_t i = 0; i < n; i++) {
         float v = ch_unif(&t->rng, lo, hi);
         if (es == 4)
@@ -128,40 +85,29 @@ static s2_t s2_in(s2_env *t, int es, int64_t n, float lo, float hi)
         else
             ((uint16_t *)b.h)[i] = b.ty->round(v);
     }
-    s2_copy(t, b.d, b.h, n * es, MOEK_COPY_H2D);
+    ch_copy(&t->s, b.d, b.h, n * es, MOEK_COPY_H2D);
     return b;
 }
 
 /* an output poisoned with NaN on both sides, so an unwritten value shows */
 static s2_t s2_out(s2_env *t, int es, int64_t n)
 {
-    s2_t b = {s2_h(t, n * es), s2_d(t, n * es), n, es, es == 4 ? NULL : t->half->ty};
+    s2_t b = {ch_host(&t->s, n * es), ch_dev(&t->s, n * es), n, es, es == 4 ? NULL : t->half->ty};
     for (int64_t i = 0; i < n; i++) {
         if (es == 4)
             ((float *)b.h)[i] = NAN;
         else
             ((uint16_t *)b.h)[i] = b.ty->nan;
     }
-    s2_copy(t, b.d, b.h, n * es, MOEK_COPY_H2D);
+    ch_copy(&t->s, b.d, b.h, n * es, MOEK_COPY_H2D);
     return b;
-}
-
-static int s2_sync(s2_env *t, const char *name)
-{
-    int rc = t->g.device_sync(&t->gctx, t->err, sizeof t->err);
-    if (rc || t->gstatus || t->cstatus) {
-        CHECK(name, 0, "sync rc %d (%s), gpu status %d, cpu status %d", rc, rc ? t->err : "",
-              t->gstatus, t->cstatus);
-        return 0;
-    }
-    return 1;
 }
 
 /* tol 0: bit-exact */
 static void s2_cmp(s2_env *t, const char *name, s2_t b, double tol)
 {
-    void *g = s2_h(t, b.n * b.es);
-    s2_copy(t, g, b.d, b.n * b.es, MOEK_COPY_D2H);
+    void *g = ch_host(&t->s, b.n * b.es);
+    ch_copy(&t->s, g, b.d, b.n * b.es, MOEK_COPY_D2H);
     double num = 0.0, den = 0.0;
     int64_t bad = -1;
     for (int64_t i = 0; i < b.n; i++) {
@@ -184,8 +130,8 @@ static void s2_cmp(s2_env *t, const char *name, s2_t b, double tol)
 }
 
 #define NM(...) (snprintf(name, sizeof name, __VA_ARGS__), name)
-#define G (&t->gctx)
-#define C (&t->cctx)
+#define G (&t->s.gctx)
+#define C (&t->s.cctx)
 
 /* each case of a family runs in one type: fp32 (hk NULL) or the half type hk */
 static void s2_layernorm(s2_env *t, s2_half *hk)
@@ -209,7 +155,7 @@ static void s2_layernorm(s2_env *t, s2_half *hk)
             hk->c.layernorm_fwd(C, x.h, w.h, b.h, y.h, mean.h, rstd.h, N, D, 1e-5f);
             hk->g.layernorm_fwd(G, x.d, w.d, b.d, y.d, mean.d, rstd.d, N, D, 1e-5f);
         }
-        if (s2_sync(t, NM("cuda layernorm_fwd %s N=%lld D=%lld", ty, (long long)N, (long long)D))) {
+        if (ch_sync(&t->s, NM("cuda layernorm_fwd %s N=%lld D=%lld", ty, (long long)N, (long long)D))) {
             s2_cmp(t, NM("cuda layernorm_fwd %s y N=%lld D=%lld", ty, (long long)N, (long long)D), y, tol);
             s2_cmp(t, NM("cuda layernorm_fwd %s mean N=%lld D=%lld", ty, (long long)N, (long long)D), mean,
                    TOL32);
@@ -217,8 +163,8 @@ static void s2_layernorm(s2_env *t, s2_half *hk)
                    TOL32);
         }
         /* both backwards read the CPU's statistics */
-        s2_copy(t, mean.d, mean.h, N * 4, MOEK_COPY_H2D);
-        s2_copy(t, rstd.d, rstd.h, N * 4, MOEK_COPY_H2D);
+        ch_copy(&t->s, mean.d, mean.h, N * 4, MOEK_COPY_H2D);
+        ch_copy(&t->s, rstd.d, rstd.h, N * 4, MOEK_COPY_H2D);
         if (es == 4) {
             moek_layernorm_bwd(C, dy.h, x.h, w.h, mean.h, rstd.h, dx.h, dw.h, db.h, N, D);
             t->g.layernorm_bwd(G, dy.d, x.d, w.d, mean.d, rstd.d, dx.d, dw.d, db.d, N, D);
@@ -226,12 +172,12 @@ static void s2_layernorm(s2_env *t, s2_half *hk)
             hk->c.layernorm_bwd(C, dy.h, x.h, w.h, mean.h, rstd.h, dx.h, dw.h, db.h, N, D);
             hk->g.layernorm_bwd(G, dy.d, x.d, w.d, mean.d, rstd.d, dx.d, dw.d, db.d, N, D);
         }
-        if (s2_sync(t, NM("cuda layernorm_bwd %s N=%lld D=%lld", ty, (long long)N, (long long)D))) {
+        if (ch_sync(&t->s, NM("cuda layernorm_bwd %s N=%lld D=%lld", ty, (long long)N, (long long)D))) {
             s2_cmp(t, NM("cuda layernorm_bwd %s dx N=%lld D=%lld", ty, (long long)N, (long long)D), dx, tol);
             s2_cmp(t, NM("cuda layernorm_bwd %s dw N=%lld D=%lld", ty, (long long)N, (long long)D), dw, tol);
             s2_cmp(t, NM("cuda layernorm_bwd %s db N=%lld D=%lld", ty, (long long)N, (long long)D), db, tol);
         }
-        s2_reset(t);
+        ch_end_case(&t->s);
     }
     t->half = NULL;
 }
@@ -268,14 +214,14 @@ static void s2_elementwise(s2_env *t, s2_half *hk)
             hk->c.bias_add_bwd(C, dy.h, dx2.h, db.h, N, D);
             hk->g.bias_add_bwd(G, dy.d, dx2.d, db.d, N, D);
         }
-        if (s2_sync(t, NM("cuda silu/bias_add %s N=%lld D=%lld", ty, (long long)N, (long long)D))) {
+        if (ch_sync(&t->s, NM("cuda silu/bias_add %s N=%lld D=%lld", ty, (long long)N, (long long)D))) {
             s2_cmp(t, NM("cuda silu_fwd %s n=%lld", ty, (long long)n), y, tol);
             s2_cmp(t, NM("cuda silu_bwd %s n=%lld", ty, (long long)n), dx, tol);
             s2_cmp(t, NM("cuda bias_add_fwd %s N=%lld D=%lld", ty, (long long)N, (long long)D), y2, tol);
             s2_cmp(t, NM("cuda bias_add_bwd %s dx N=%lld D=%lld", ty, (long long)N, (long long)D), dx2, 0);
             s2_cmp(t, NM("cuda bias_add_bwd %s db N=%lld D=%lld", ty, (long long)N, (long long)D), db, tol);
         }
-        s2_reset(t);
+        ch_end_case(&t->s);
     }
     t->half = NULL;
 }
@@ -302,7 +248,7 @@ static void s2_repeat_kv(s2_env *t, s2_half *hk)
             hk->c.repeat_kv_bwd(C, dy.h, dx.h, N, Hkv, H, Dh);
             hk->g.repeat_kv_bwd(G, dy.d, dx.d, N, Hkv, H, Dh);
         }
-        if (s2_sync(t, NM("cuda repeat_kv %s N=%lld Hkv=%lld H=%lld", ty, (long long)N, (long long)Hkv,
+        if (ch_sync(&t->s, NM("cuda repeat_kv %s N=%lld Hkv=%lld H=%lld", ty, (long long)N, (long long)Hkv,
                           (long long)H))) {
             s2_cmp(t, NM("cuda repeat_kv_fwd %s N=%lld Hkv=%lld H=%lld (bit-exact)", ty, (long long)N,
                          (long long)Hkv, (long long)H), y, 0);
@@ -310,7 +256,7 @@ static void s2_repeat_kv(s2_env *t, s2_half *hk)
             s2_cmp(t, NM("cuda repeat_kv_bwd %s N=%lld Hkv=%lld H=%lld (bit-exact)", ty, (long long)N,
                          (long long)Hkv, (long long)H), dx, 0);
         }
-        s2_reset(t);
+        ch_end_case(&t->s);
     }
     t->half = NULL;
 }
@@ -319,7 +265,7 @@ static void s2_repeat_kv(s2_env *t, s2_half *hk)
 static void s2_bad_split(s2_env *t)
 {
     int st = 0;
-    moek_ctx g = t->gctx;
+    moek_ctx g = t->s.gctx;
     g.status = &st;
     t->g.repeat_kv_fwd(&g, NULL, NULL, 4, 3, 8, 16);
     CHECK("cuda repeat_kv_fwd: H % Hkv != 0 is MOEK_E_SHAPE", st == MOEK_E_SHAPE, "status %d", st);
@@ -340,20 +286,15 @@ int main(void)
 #undef S2_SYM
 #undef S2_SYM_BF16
 #undef S2_SYM_F16
-    int go = ch_start(lib, "cuda_stdlib2_kernels", syms, CH_NSYMS(syms), &t->gctx, t->err, sizeof t->err);
-    if (go < 0)
-        return 1;
-    if (go == 0) {
+    int go = ch_start(lib, "cuda_stdlib2_kernels", syms, CH_NSYMS(syms), &t->s);
+    if (go <= 0) {
         free(t);
-        dlclose(lib);
-        return 0;
+        return go < 0;
     }
     /* the CPU half variants widen into a workspace (the bf16 macro serves fp16) */
     int64_t wsb = MOEK_BF16_WORKSPACE_BYTES(4 * 300 * 1000);
-    t->cctx.workspace = malloc((size_t)wsb);
-    t->cctx.workspace_bytes = wsb;
-    t->gctx.status = &t->gstatus;
-    t->cctx.status = &t->cstatus;
+    t->s.cctx.workspace = malloc((size_t)wsb);
+    t->s.cctx.workspace_bytes = wsb;
     t->rng = 0x9b05688c2b3e6c1full;
     s2_half *bf = &t->halves[CH_BF16], *hf = &t->halves[CH_F16];
 #define S2_CPU_BF16(n) bf->c.n = moek_##n##_bf16;
@@ -376,9 +317,9 @@ int main(void)
     s2_layernorm(t, hf);
     s2_elementwise(t, hf);
     s2_repeat_kv(t, hf);
-    t->g.device_fini(&t->gctx);
+    t->g.device_fini(&t->s.gctx);
     printf("# worst relative error: fp32 %.3g, bf16 %.3g, f16 %.3g\n", t->worst32, bf->worst, hf->worst);
-    free(t->cctx.workspace);
+    free(t->s.cctx.workspace);
     free(t);
     CHECK_DONE();
 }
