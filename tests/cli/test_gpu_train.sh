@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU side of ./run.
-# Part 1 (any machine): a stand-in "cuda" library (libmoek_cpu.so underneath,
-# with failing graph capture / device sync) shows the two error paths: a
+# Part 1 (any machine): a stand-in "cuda" library (tests/standin/moek_cuda.c:
+# libmoek_cpu.so's kernels, graph capture refused, a device sync that fails
+# on request) shows the two error paths: a
 # capture failure falls back to eager with one line, and a data error
 # reported by moek_device_sync names the step and the op; every kind of
 # example (bf16, fp16, DeepSeek, Mixtral, switch, fused GELU) trains on the
@@ -31,39 +32,15 @@ losses() { sed -E 's/^\{"step":([0-9]+),"loss":([^,]+),.*/\1 \2/' "$1"; }
 
 # ---- part 1: error paths through a stand-in device library ----------------
 mkdir -p fake
-cat > fake/fake.c <<'EOF'
-/* libmoek_cuda.so stand-in: every kernel and service from libmoek_cpu.so
- * (found through DT_NEEDED by dlsym), except these. */
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-typedef struct { void *a, *b, *c; int64_t d; int *status; int e; } ctx_t;
-int moek_device_count(void) { return 1; }
-int moek_graph_begin(const ctx_t *c, char *err, int64_t n)
-{ (void)c; snprintf(err, (size_t)n, "fake: capture refused"); return -1; }
-int moek_graph_end(const ctx_t *c, void **g, char *err, int64_t n)
-{ (void)c; *g = NULL; snprintf(err, (size_t)n, "fake: no capture"); return -1; }
-int moek_graph_launch(const ctx_t *c, void *g, char *err, int64_t n)
-{ (void)c; (void)g; snprintf(err, (size_t)n, "fake: no graph"); return -1; }
-void moek_graph_free(void *g) { (void)g; }
-int moek_device_sync(const ctx_t *c, char *err, int64_t n)
-{
-    static int calls;   /* test code: fail from the FAKE_SYNC_FAIL_AT-th call on */
-    const char *at = getenv("FAKE_SYNC_FAIL_AT");
-    if (!at || ++calls < atoi(at)) return 0;
-    if (*c->status == 0) *c->status = 1;
-    snprintf(err, (size_t)n, "fake: a kernel found bad data");
-    return -1;
-}
-EOF
-if ! cc -shared -fPIC -o fake/libmoek_cuda.so fake/fake.c -L"$B" -Wl,--no-as-needed -lmoek_cpu -Wl,-rpath,"$B" 2> fake/cc.log; then
+if ! "${CC:-cc}" -std=c11 -D_GNU_SOURCE -shared -fPIC -o fake/libmoek_cuda.so "$ROOT/tests/standin/moek_cuda.c" \
+        -L"$B" -Wl,--no-as-needed -lmoek_cpu -Wl,-rpath,"$B" -ldl 2> fake/cc.log; then
     skip gpu.fake "cannot build the stand-in library: $(head -2 fake/cc.log)"
 else
     common=(tiny_dense.bin --data data.txt --steps 4)
     MOEC_KERNELS=$B "$RUN" "${common[@]}" --device cpu --metrics cpu4.jsonl --checkpoint c.st -q > /dev/null 2>&1
     out=$(MOEC_KERNELS=$TMP/fake "$RUN" "${common[@]}" --device cuda --metrics fake4.jsonl --checkpoint f.st 2>&1); rc=$?
     n=$(grep -c 'graph capture' <<<"$out")
-    if [ $rc -eq 0 ] && [ "$n" -eq 1 ] && grep -q '^run: CUDA graph capture of the forward\.\.backward phases failed (fake: capture refused); running every phase eagerly from now on$' <<<"$out"; then
+    if [ $rc -eq 0 ] && [ "$n" -eq 1 ] && grep -q '^run: CUDA graph capture of the forward\.\.backward phases failed (stand-in: capture refused); running every phase eagerly from now on$' <<<"$out"; then
         pass gpu.capture_fallback_line; else fail gpu.capture_fallback_line "exit $rc, $n lines: $out"; fi
     if [ -s cpu4.jsonl ] && [ "$(losses cpu4.jsonl)" = "$(losses fake4.jsonl)" ] && cmp -s c.st f.st; then
         pass gpu.capture_fallback_exact; else fail gpu.capture_fallback_exact "$(losses cpu4.jsonl) vs $(losses fake4.jsonl)"; fi
@@ -96,8 +73,8 @@ else
     done
     # sync fails at the 3rd call (step 3), and again in the eager re-run: op 0
     expect_fail gpu.sync_error_names_step_and_op \
-        '^run: step 3: fake: a kernel found bad data, first raised by op [0-9]+ \([^,]+, .*\.moe:[0-9]+:[0-9]+\); check the data and the model$' \
-        env MOEC_KERNELS="$TMP/fake" FAKE_SYNC_FAIL_AT=3 "$RUN" "${common[@]}" --device cuda --metrics "" --checkpoint s.st -q
+        '^run: step 3: stand-in: a kernel found bad data, first raised by op [0-9]+ \([^,]+, .*\.moe:[0-9]+:[0-9]+\); check the data and the model$' \
+        env MOEC_KERNELS="$TMP/fake" STANDIN_SYNC_FAIL_AT=3 "$RUN" "${common[@]}" --device cuda --metrics "" --checkpoint s.st -q
 fi
 
 # ---- part 2: the real GPU ---------------------------------------------------

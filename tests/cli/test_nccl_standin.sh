@@ -50,7 +50,7 @@ if "${CC:-cc}" "${CCF[@]}" -o "$SD/$CUDART" -Wl,-soname,"$CUDART" -Wl,--version-
         "$SRC/cudart.c" -lpthread 2> cc.log &&
    "${CC:-cc}" "${CCF[@]}" -o "$SD/$NCCLSO" -Wl,-soname,"$NCCLSO" "$SRC/nccl.c" \
         -L"$SD" -l:"$CUDART" -Wl,-rpath,"$SD" -lpthread 2>> cc.log &&
-   "${CC:-cc}" "${CCF[@]}" -o "$SD/libmoek_cuda.so" "$SRC/moek_cuda.c" -L"$SD" -Wl,--no-as-needed \
+   "${CC:-cc}" "${CCF[@]}" -DSTANDIN_CUDART -o "$SD/libmoek_cuda.so" "$SRC/moek_cuda.c" -L"$SD" -Wl,--no-as-needed \
         -l:"$CUDART" -L"$LIBDIR" -lmoek_cpu -Wl,-rpath,"$SD:$LIBDIR" -ldl 2>> cc.log; then
     pass nccl_standin.build
 else
