@@ -5,6 +5,8 @@ ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 MOEC=${MOEC:-$ROOT/moec}
 RUN=${RUN:-$ROOT/run}
 SHARED_DATA=${SHARED_DATA:-$ROOT/../shared/data}
+# the default corpus of the build under test (make test: build, test-asan: build-asan)
+DEFAULT_DATA=$ROOT/${MOEC_BUILD:-build}/data/default.txt
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 

@@ -15,7 +15,7 @@ cd "$ROOT" || exit 1
 M() { "$MOEC" --stdlib stdlib "$@"; }
 TOL=${FP16_TOL:-3e-3}
 DATA=""
-for d in "$ROOT/build/data/default.txt" "$(dirname "$RUN")/data/default.txt" "$(dirname "$RUN")/build/data/default.txt"; do
+for d in "$DEFAULT_DATA" "$(dirname "$RUN")/data/default.txt" "$(dirname "$RUN")/build/data/default.txt"; do
     [ -f "$d" ] && { DATA=$d; break; }
 done
 

@@ -117,7 +117,7 @@ if [ "$(grep -c 'moek_add_rmsnorm_fwd(' "$TMP/only.ir")" = 3 ] && ! grep -q '^  
 
 # 5 training steps with the CPU kernels: -O0 and -O2 give the same losses
 # and the same weights and Adam moments, bit for bit (docs/passes.md says why)
-DATA=$ROOT/build/data/default.txt
+DATA=$DEFAULT_DATA
 [ -f "$ROOT/${MOEC_BUILD:-build}/data/default.txt" ] && DATA=$ROOT/${MOEC_BUILD:-build}/data/default.txt
 if [ -x "$RUN" ] && [ -f "$DATA" ]; then
     cp "$TMP/gelu_bf16.moe" "$TMP/tiny_gelu_bf16.moe"

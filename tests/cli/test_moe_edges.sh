@@ -39,7 +39,7 @@ EOF
 }
 
 DATA=$SHARED_DATA/tinyshakespeare.txt
-[ -f "$DATA" ] || DATA=$ROOT/build/data/default.txt
+[ -f "$DATA" ] || DATA=$DEFAULT_DATA
 if [ ! -f "$DATA" ]; then
     skip moe_edges "no data: neither ../shared/data/tinyshakespeare.txt nor build/data/default.txt (run make)"
     exit 0

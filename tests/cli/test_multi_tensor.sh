@@ -46,7 +46,7 @@ fi
 
 # 5 steps on the CPU kernels: -O1 and -O2 give the same losses and the same
 # checkpoint (weights, moments, masters) byte for byte
-DATA=$ROOT/build/data/default.txt
+DATA=$DEFAULT_DATA
 [ -f "$ROOT/${MOEC_BUILD:-build}/data/default.txt" ] && DATA=$ROOT/${MOEC_BUILD:-build}/data/default.txt
 if [ ! -x "$RUN" ] || [ ! -f "$DATA" ]; then
     skip multi_tensor_same_training "no $RUN or no $DATA"

@@ -5,7 +5,7 @@
 source "$(dirname "$0")/../lib.sh"
 cd "$TMP" || exit 1
 DATA=$SHARED_DATA/tinyshakespeare.txt
-[ -f "$DATA" ] || DATA=$ROOT/build/data/default.txt
+[ -f "$DATA" ] || DATA=$DEFAULT_DATA
 sed 's/steps = 300/steps = 20/; s/eval_every = 100/eval_every = 10/; s/log_every = 10/log_every = 1/' \
     "$ROOT/examples/tiny_moe.moe" > m.moe
 if ! "$MOEC" -I "$ROOT/examples" m.moe -o plan.bin >log 2>&1; then fail resume.compile "$(tail -3 log)"; exit 0; fi

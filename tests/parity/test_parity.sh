@@ -14,7 +14,7 @@ STEPS=10
 TOLS=(--loss-tol 1e-6 --grad-tol 1e-4 --curve-tol 1e-5)
 
 DATA=$SHARED_DATA/tinyshakespeare.txt
-[ -f "$DATA" ] || DATA=$ROOT/build/data/default.txt
+[ -f "$DATA" ] || DATA=$DEFAULT_DATA
 if [ ! -f "$DATA" ]; then
     skip parity "no data: neither ../shared/data/tinyshakespeare.txt nor build/data/default.txt (run make)"
     exit 0
