@@ -167,7 +167,7 @@ run_moec() {    # model
         -v active="$(awk '/active per token/ {print $4; exit}' "$ex")" \
         -v fpt="$(awk '/^  total +[0-9]+ +\(forward/ {print $2; exit}' "$ex")" \
         -v emib="$(awk '/^  total +[0-9]+ +[0-9.]+ MiB/ {print $3; exit}' "$ex")" \
-        -v wmib="$(awk '/^  workspace +[0-9]+/ {print $3; exit}' "$ex")" \
+        -v wmib="$(awk -v d="on $DEVICE" '/^  workspace +[0-9]+/ && index($0, d) {print $3; exit}' "$ex")" \
         -v pools="$(sed -nE 's/^run: allocated .* total ([0-9]+) bytes.*/\1/p' "$W/$m.run.log")" '
         NR == 1 {l0 = $2}
         {ll = $2}

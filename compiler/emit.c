@@ -418,6 +418,7 @@ int pass_emit(const ir_graph *g, const char *path, moec_error *err)
     tr.param_count = counts.params;
     tr.active_param_count = counts.active_params;
     tr.workspace_bytes = explain_workspace_bytes(g);
+    tr.gpu_workspace_bytes = explain_gpu_workspace_bytes(g);
     tr.par_ranks = g->par_ranks;
     tr.par_expert = g->par_expert;
     tr.par_zero = g->par_zero;

@@ -96,6 +96,13 @@ void explain_count(const ir_graph *g, explain_counts *c)
     c->flops_per_token = 6 * c->active_params + 6 * c->attn_ct;
 }
 
+/* a weight of a fused op: a parameter matrix, or its ZeRO-3 gathered copy */
+static bool ex_is_weight(const ir_graph *g, int v)
+{
+    return v >= 0 && (g->values[v].storage == PLAN_ST_PARAM || zero3_is_gathered(g, v)) &&
+           g->values[v].ndim >= 2;
+}
+
 uint64_t explain_workspace_bytes(const ir_graph *g)
 {
     int64_t most = 0;
@@ -108,11 +115,8 @@ uint64_t explain_workspace_bytes(const ir_graph *g)
          * (swiglu_proj's backward: dgate, dup, one projection's dx), never
          * more than its arguments; the other fused ops need none */
         bool fused = false;
-        for (int i = 0; n->def && n->def->fuse && i < n->def->ninputs; i++) {
-            int v = n->inputs[i];
-            fused |= v >= 0 && (g->values[v].storage == PLAN_ST_PARAM || zero3_is_gathered(g, v)) &&
-                     g->values[v].ndim >= 2;   /* ZeRO-3: the gathered copy is the weight */
-        }
+        for (int i = 0; n->def && n->def->fuse && i < n->def->ninputs; i++)
+            fused |= ex_is_weight(g, n->inputs[i]);
         for (int a = 0; a < count; a++) {
             int v = iop_ref_value(n, &t[a]);
             if (v >= 0 && v < g->nvalues && (g->values[v].dtype == PLAN_BF16 || g->values[v].dtype == PLAN_F16 ||
@@ -121,6 +125,27 @@ uint64_t explain_workspace_bytes(const ir_graph *g)
         }
         if (elems > 0 && MOEK_BF16_WORKSPACE_BYTES(elems) > most)
             most = MOEK_BF16_WORKSPACE_BYTES(elems);
+    }
+    return (uint64_t)most;
+}
+
+uint64_t explain_gpu_workspace_bytes(const ir_graph *g)
+{
+    int64_t most = 0;
+    for (int ni = 0; ni < g->nnodes; ni++) {
+        const ir_node *n = &g->nodes[ni];
+        if (!n->def || !n->def->fuse)
+            continue;
+        int count;
+        const ir_ref *t = iop_template(n, &count);
+        int64_t bytes = (int64_t)3 * 256;   /* each scratch piece starts 256-aligned */
+        for (int a = 0; a < count; a++) {
+            int v = iop_ref_value(n, &t[a]);
+            if (v >= 0 && v < g->nvalues && !ex_is_weight(g, v))
+                bytes += ir_value_numel(&g->values[v]) * (int64_t)plan_dtype_size(g->values[v].dtype);
+        }
+        if (bytes > most)
+            most = bytes;
     }
     return (uint64_t)most;
 }
@@ -232,11 +257,14 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
             fprintf(out, "  %-9s %14" PRId64 "  %10.2f MiB\n", ir_storage_name(s),
                     g->pool_bytes[s], ex_mib((double)g->pool_bytes[s]));
         fprintf(out, "  %-9s %14" PRId64 "  %10.2f MiB\n", "total", total, ex_mib((double)total));
-        if (bf16) {
-            uint64_t ws = explain_workspace_bytes(g);
-            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  (CPU %s kernels widen into it; "
-                    "not in the total)\n", ws, ex_mib((double)ws), half);
-        }
+        uint64_t ws = explain_workspace_bytes(g), gws = explain_gpu_workspace_bytes(g);
+        if (ws > 0)
+            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  on cpu (%s%sfused ops' scratch; not "
+                    "in the total)\n", ws, ex_mib((double)ws), bf16 ? half : "",
+                    bf16 ? " kernels widen into it, and " : "");
+        if (gws > 0)
+            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  on cuda (fused ops' scratch; "
+                    "not in the total)\n", gws, ex_mib((double)gws));
         if (g->par_ranks > 1) {
             double cb = ex_comm_buffer_bytes(g);
             fprintf(out, "  comm      %14.0f  %10.2f MiB  (host buffers of the collectives: staging and "

@@ -19,10 +19,19 @@ typedef struct explain_counts {
 
 void explain_count(const ir_graph *g, explain_counts *c);
 
-/* Kernel workspace the plan needs (plan_train.workspace_bytes): the CPU bf16
- * kernels widen their bf16 tensors into ctx->workspace, so the op with the
- * most bf16 elements decides (MOEK_BF16_WORKSPACE_BYTES); 0 without bf16. */
+/* Kernel workspace the plan needs on the CPU (plan_train.workspace_bytes):
+ * the CPU half-precision kernels widen their tensors into ctx->workspace,
+ * and fused ops over weight matrices keep fp32 scratch there, so the op
+ * with the most such elements decides (MOEK_BF16_WORKSPACE_BYTES); 0 for
+ * an fp32 plan without fused weight ops. */
 uint64_t explain_workspace_bytes(const ir_graph *g);
+
+/* ... and on a GPU (plan_train.gpu_workspace_bytes): the CUDA kernels
+ * compute in the tensors' own precision, so only the fused ops' scratch
+ * counts (kernels/moek.h: swiglu_proj_bwd 2NM + NK, matmul_bias_gelu_bwd NM,
+ * softmax_topk_bwd NE fp32 elements), bounded by the bytes of the op's
+ * activation tensors (every argument that is not a weight) plus alignment. */
+uint64_t explain_gpu_workspace_bytes(const ir_graph *g);
 
 /* A forward attention node: its kernel symbol contains "attention" (the
  * test the 6LCT term and the recompute policy both use). */

@@ -310,6 +310,12 @@ void moek_sgd_bf16(const moek_ctx *ctx, moek_bf16 *p, float *master, const float
  * with a message in err (errlen bytes). */
 enum moek_copy_kind { MOEK_COPY_H2D = 0, MOEK_COPY_D2H = 1, MOEK_COPY_D2D = 2 };
 int moek_device_count(void);   /* usable devices (the CPU library: 1); never fails */
+/* How the library runs half-precision kernels, which decides the workspace
+ * the runtime gives it (runtime/plan.h plan_train): 0, it widens half tensors
+ * to fp32 in ctx->workspace (the CPU library: workspace_bytes); 1, it
+ * computes in their own precision and keeps only fused ops' scratch there
+ * (the CUDA library: gpu_workspace_bytes). */
+int moek_device_half_native(void);
 int moek_device_init(moek_ctx *ctx, int64_t device_index, int64_t workspace_bytes,
                      char *err, int64_t errlen);   /* fills stream, blas, workspace */
 void moek_device_fini(moek_ctx *ctx);

@@ -125,7 +125,9 @@ static int load_device(exec_state *ex, const exec_opts *o, char *err, size_t err
         snprintf(ex->device, sizeof ex->device, "cpu");
     }
     struct { const char *name; void **slot; } svc[] = {
-        {"moek_device_count", (void **)&ex->dev.count}, {"moek_device_init", (void **)&ex->dev.init},
+        {"moek_device_count", (void **)&ex->dev.count},
+        {"moek_device_half_native", (void **)&ex->dev.half_native},
+        {"moek_device_init", (void **)&ex->dev.init},
         {"moek_device_fini", (void **)&ex->dev.fini}, {"moek_device_alloc", (void **)&ex->dev.alloc},
         {"moek_device_free", (void **)&ex->dev.free}, {"moek_device_copy", (void **)&ex->dev.copy},
         {"moek_device_sync", (void **)&ex->dev.sync}};
@@ -239,16 +241,16 @@ int exec_open(exec_state *ex, const plan_file *pf, const exec_opts *o, char *err
             goto fail;
     }
     char e[512];
-    /* the plan's need or the user's, the larger.  The plan's figure covers
-     * the CPU half-precision widening and the fused kernels' scratch; it is
-     * allocated on a GPU too (the fused CUDA kernels use their share), which
-     * over-reserves there for bf16 plans: see docs/gpu.md */
+    /* the plan's need for this library or the user's, the larger: the CPU
+     * library widens half tensors into it, the CUDA one only keeps the
+     * fused ops' scratch there (moek_device_half_native, docs/gpu.md) */
+    uint64_t need = ex->dev.half_native() ? pf->train->gpu_workspace_bytes
+                                          : pf->train->workspace_bytes;
     int64_t ws = o->workspace_bytes;
-    if (ws < 0)   /* not given: the CPU needs exactly the plan's figure; on a GPU
-                   * keep room for cuBLASLt and attention scratch it does not count */
+    if (ws < 0)   /* not given: on a GPU keep room for scratch the plan does not count */
         ws = strcmp(ex->device, "cuda") == 0 ? (int64_t)64 << 20 : 0;
-    if ((uint64_t)ws < pf->train->workspace_bytes)
-        ws = (int64_t)pf->train->workspace_bytes;
+    if ((uint64_t)ws < need)
+        ws = (int64_t)need;
     if (ex->dev.init(&ex->ctx, 0, ws, e, sizeof e) != 0) {
         fail(err, errlen, "device %s failed to start: %s; check the device or use --device cpu",
              ex->device, e);

@@ -24,6 +24,7 @@ typedef struct exec_opts {
 /* The device services every kernel library exports (kernels/moek.h). */
 typedef struct exec_dev {
     int (*count)(void);
+    int (*half_native)(void);   /* which of the plan's workspace figures it needs */
     int (*init)(moek_ctx *, int64_t, int64_t, char *, int64_t);
     void (*fini)(moek_ctx *);
     void *(*alloc)(const moek_ctx *, int64_t, char *, int64_t);

@@ -51,10 +51,11 @@ void inspect_plan(const plan_file *pf, FILE *out)
     fprintf(out, "  params %llu (active %llu), %llu FLOPs per token\n",
             (unsigned long long)t->param_count, (unsigned long long)t->active_param_count,
             (unsigned long long)t->flops_per_token);
-    fprintf(out, "  precision %s, kernel workspace %llu bytes\n",
+    fprintf(out, "  precision %s, kernel workspace %llu bytes on cpu, %llu on cuda\n",
             t->precision == PLAN_BF16   ? "bf16 (fp32 master weights, grads and optimizer state)"
             : t->precision == PLAN_F16 ? "fp16 (fp32 master weights, grads and optimizer state)"
-                                        : "fp32", (unsigned long long)t->workspace_bytes);
+                                        : "fp32", (unsigned long long)t->workspace_bytes,
+            (unsigned long long)t->gpu_workspace_bytes);
     if (t->precision == PLAN_F16) {
         if (t->loss_scale_window > 0)
             fprintf(out, "  loss scale dynamic: initial %g, doubled after %u good steps, halved "

@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #define PLAN_MAGIC "MOECPLAN"   /* 8 bytes, no NUL stored */
-#define PLAN_FORMAT_VERSION 1u
+#define PLAN_FORMAT_VERSION 2u   /* 2: plan_train.gpu_workspace_bytes */
 #define PLAN_MAX_DIMS 6
 #define PLAN_MAX_KERNEL_ARGS 24
 #define PLAN_ALIGN 64           /* every tensor offset in a pool is a multiple */
@@ -162,13 +162,17 @@ typedef struct plan_train {
     uint32_t precision;               /* enum plan_dtype of activations: PLAN_F32, PLAN_BF16 or
                                          PLAN_F16 */
     uint32_t pad0;
-    uint64_t workspace_bytes;         /* kernel workspace the plan needs (CPU bf16 widening) */
+    uint64_t workspace_bytes;         /* kernel workspace the CPU library needs (half-precision
+                                         widening, fused ops' fp32 scratch) */
     int64_t par_ranks;                /* parallel { ranks }: the world size the plan was made for */
     int64_t par_expert;               /* parallel { expert }: expert-parallel group size */
     int64_t par_zero;                 /* parallel { zero }: ZeRO stage 0-3 */
     float loss_scale;                 /* precision = fp16: the initial loss scale S (> 0);
                                          0 for f32 and bf16 (no loss scaling) */
     uint32_t loss_scale_window;       /* fp16: good steps before S doubles; 0 = a static S */
+    uint32_t pad1;
+    uint64_t gpu_workspace_bytes;     /* what the CUDA library needs of it: only the fused ops'
+                                         scratch, in the tensors' own precision */
 } plan_train;
 
 /* The file: plan_header, plan_train, then the sections. */

@@ -118,6 +118,9 @@ static int check_header(const uint8_t *b, uint64_t n, char *err, size_t errlen)
     if (version < 1)
         return fail(err, errlen, "unknown plan format version %u; recompile with this version",
                     version);
+    if (version < PLAN_FORMAT_VERSION)
+        return fail(err, errlen, "compiled by an older moec (plan format %u, this run reads %u); "
+                    "recompile with this version", version, PLAN_FORMAT_VERSION);
     if (n < sizeof(plan_header))
         return fail(err, errlen, "truncated: %llu bytes, the header needs %zu; " RECOMPILE,
                     (unsigned long long)n, sizeof(plan_header));
@@ -224,9 +227,10 @@ static int check_train(const plan_file *pf, char *err, size_t errlen)
                                  : (t->loss_scale != 0.0f || t->loss_scale_window != 0))
         return fail(err, errlen, "corrupt: train.loss_scale %g does not fit precision %u; "
                     RECOMPILE, (double)t->loss_scale, t->precision);
-    if (t->workspace_bytes > (1ull << 40))
-        return fail(err, errlen, "corrupt: train.workspace_bytes %llu implausibly large; " RECOMPILE,
-                    (unsigned long long)t->workspace_bytes);
+    if (t->workspace_bytes > (1ull << 40) || t->gpu_workspace_bytes > (1ull << 40))
+        return fail(err, errlen, "corrupt: train.workspace_bytes %llu / gpu_workspace_bytes %llu "
+                    "implausibly large; " RECOMPILE, (unsigned long long)t->workspace_bytes,
+                    (unsigned long long)t->gpu_workspace_bytes);
     if (check_str(pf, t->data_path, "train.data_path", 0, err, errlen))
         return -1;
     return 0;

@@ -20,6 +20,8 @@ static void *kcpu_zalloc(int64_t bytes)
 
 int moek_device_count(void) { return 1; }
 
+int moek_device_half_native(void) { return 0; }   /* the _bf16/_f16 kernels widen into the workspace */
+
 int moek_device_init(moek_ctx *ctx, int64_t device_index, int64_t workspace_bytes, char *err,
                      int64_t errlen)
 {

@@ -35,6 +35,8 @@ static int kc_count(void)
 
 extern "C" int moek_device_count(void) { return kc_count(); }
 
+extern "C" int moek_device_half_native(void) { return 1; }
+
 static void kc_release(moek_ctx *ctx)
 {
     kcuda_handles *h = kc_handles(ctx);

@@ -103,7 +103,7 @@ static void test_roundtrip(const char *dir)
     }
     const plan_header *h = f.h;
     CHECK("emit: magic and version", memcmp(h->magic, "MOECPLAN", 8) == 0 &&
-          h->format_version == 1 && h->header_bytes == sizeof(plan_header), "%u %u",
+          h->format_version == PLAN_FORMAT_VERSION && h->header_bytes == sizeof(plan_header), "%u %u",
           h->format_version, h->header_bytes);
     CHECK("emit: file size", h->file_bytes == f.n && f.n % 8 == 0, "%" PRIu64 " vs %zu",
           h->file_bytes, f.n);

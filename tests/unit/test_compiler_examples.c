@@ -10,6 +10,8 @@
 #include "diag.h"
 #include "../../compiler/elaborate.h"
 #include "../../compiler/explain.h"
+#include "../../compiler/fuse.h"
+#include "../../compiler/internal_ops.h"
 #include "../../compiler/memplan.h"
 #include "../../compiler/passes.h"
 #include "../../runtime/plan_load.h"
@@ -85,6 +87,71 @@ static void one(const char *root, const char *model, const char *tmpdir)
     diag_free(d);
 }
 
+/* The GPU workspace figure (explain_gpu_workspace_bytes) against what the
+ * CUDA fused kernels check for (kernels/cuda/fused.cu): swiglu_proj_bwd
+ * 2 x round256(NM) + NK, matmul_bias_gelu_bwd NM elements of the storage
+ * type, softmax_topk_bwd NE floats; and, for a half plan, far below the CPU
+ * figure (which widens every half tensor). */
+static int64_t ex_round256(int64_t b) { return (b + 255) / 256 * 256; }
+
+static void gpu_workspace(const char *root, const char *rel, int half)
+{
+    char path[1024], stdlib_dir[1024], name[200];
+    snprintf(path, sizeof path, "%s/%s", root, rel);
+    snprintf(stdlib_dir, sizeof stdlib_dir, "%s/stdlib", root);
+    diag_ctx *d = diag_new(stderr, 20);
+    elab_options opt;
+    memset(&opt, 0, sizeof opt);
+    opt.stdlib_dir = stdlib_dir;
+    ir_graph *g = elaborate(path, &opt, d);
+    moec_error err;
+    memset(&err, 0, sizeof err);
+    int rc = !g || pass_fuse(g, &err) || pass_autodiff(g, &err) || pass_optimizer(g, &err) ||
+             pass_memplan(g, &err);
+    snprintf(name, sizeof name, "workspace: %s compiles with fusion", rel);
+    CHECK(name, rc == 0, "%s", g ? err.msg : "elaboration failed");
+    if (rc) {
+        ir_graph_free(g);
+        diag_free(d);
+        return;
+    }
+    int64_t need = 0;
+    int nfused = 0;
+    for (int i = 0; i < g->nnodes; i++) {
+        const char *sym = iop_symbol(&g->nodes[i]);
+        int count;
+        const ir_ref *t = iop_template(&g->nodes[i], &count);
+        int a0 = count > 0 ? iop_ref_value(&g->nodes[i], &t[0]) : -1;
+        int a1 = count > 1 ? iop_ref_value(&g->nodes[i], &t[1]) : -1;
+        if (!sym || a0 < 0 || a1 < 0)
+            continue;
+        int64_t n0 = ir_value_numel(&g->values[a0]), n1 = ir_value_numel(&g->values[a1]);
+        int64_t es = (int64_t)plan_dtype_size(g->values[a0].dtype), b;
+        if (strncmp(sym, "moek_swiglu_proj_bwd", 20) == 0)
+            b = 2 * ex_round256(n0 * es) + n1 * es;
+        else if (strncmp(sym, "moek_matmul_bias_gelu_bwd", 25) == 0)
+            b = n0 * es;
+        else if (strncmp(sym, "moek_softmax_topk_bwd", 21) == 0)
+            b = n0 * 4;
+        else
+            continue;
+        nfused++;
+        need = b > need ? b : need;
+    }
+    uint64_t gws = explain_gpu_workspace_bytes(g), cws = explain_workspace_bytes(g);
+    snprintf(name, sizeof name, "workspace: %s on cuda covers its %d fused backward ops", rel, nfused);
+    CHECK(name, nfused > 0 && gws >= (uint64_t)need, "gpu figure %" PRIu64 ", the largest needs %" PRId64,
+          gws, need);
+    printf("# %s: workspace cpu %" PRIu64 ", cuda %" PRIu64 " (largest fused need %" PRId64 ")\n", rel,
+           cws, gws, need);
+    if (half) {
+        snprintf(name, sizeof name, "workspace: %s on cuda is under a quarter of the cpu figure", rel);
+        CHECK(name, gws * 4 < cws, "cuda %" PRIu64 " cpu %" PRIu64, gws, cws);
+    }
+    ir_graph_free(g);
+    diag_free(d);
+}
+
 int main(void)
 {
     const char *root = getenv("ROOT") ? getenv("ROOT") : ".";
@@ -96,5 +163,10 @@ int main(void)
     one(root, "tiny_dense", tmp);
     one(root, "tiny_moe", tmp);
     rmdir(tmp);
+    gpu_workspace(root, "examples/tiny_gelu.moe", 0);      /* matmul_bias_gelu */
+    gpu_workspace(root, "examples/tiny_moe_bf16.moe", 1);  /* softmax_topk, bf16 */
+    gpu_workspace(root, "examples/deepseek_like.moe", 0);
+    gpu_workspace(root, "bench/models/gpt2_124m.moe", 1);  /* GPT-2 small, bf16 */
+    gpu_workspace(root, "bench/models/moe_gpt2s.moe", 1);
     CHECK_DONE();
 }

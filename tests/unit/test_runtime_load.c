@@ -64,13 +64,14 @@ static void mut_img(int k, unsigned char *img, uint64_t *n)
 {
     switch (k) {
     case 1: img[0] = 'X'; break;
-    case 2: HDR->format_version = 2; break;
+    case 2: HDR->format_version = 3; break;
     case 3: HDR->format_version = 0; break;
     case 4: *n = 20; break;
     case 5: HDR->header_bytes = 100; break;
     case 6: HDR->file_bytes += 8; break;
     case 7: HDR->file_bytes -= 8; break;
     case 8: img[*n - 1] ^= 1; break;
+    case 9: HDR->format_version = 1; break;
     case 50: SEC(PLAN_SEC_TENSORS).offset += 4; break;
     case 51: SEC(PLAN_SEC_TENSORS).count = 1000; break;
     case 52: SEC(PLAN_SEC_OPS).offset = 8; break;
@@ -90,7 +91,8 @@ static void mut_img(int k, unsigned char *img, uint64_t *n)
 
 static const struct { int k; int reseal; const char *want; } cases[] = {
     {1, 0, "^not a moec plan \\(no MOECPLAN magic\\); give run a plan.bin"},
-    {2, 0, "compiled by a newer moec \\(plan format 2, this run reads 1\\); recompile with this version"},
+    {2, 0, "compiled by a newer moec \\(plan format 3, this run reads 2\\); recompile with this version"},
+    {9, 0, "compiled by an older moec \\(plan format 1, this run reads 2\\); recompile with this version"},
     {3, 0, "unknown plan format version 0"},
     {4, 0, "truncated: 20 bytes, the header needs"},
     {5, 0, "corrupt: header size 100"},
@@ -266,7 +268,7 @@ int main(void)
     FILE *mem = open_memstream(&text, &tn);
     inspect_plan(&pf, mem);
     fclose(mem);
-    CHECK("inspect.header", strstr(text, "plan: model testmodel, format 1, moec test") != NULL,
+    CHECK("inspect.header", strstr(text, "plan: model testmodel, format 2, moec test") != NULL,
           "%s", text);
     CHECK("inspect.train", strstr(text, "train: batch 2, seq 8, grad_accum 1, steps 10, seed 42")
           != NULL, "%s", text);

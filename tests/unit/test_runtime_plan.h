@@ -217,6 +217,7 @@ static const char test_kernel_src[] =
     "typedef struct moek_ctx { void *stream, *blas, *workspace; int64_t workspace_bytes;"
     " int *status; int num_threads; } moek_ctx;\n"
     "int moek_device_count(void) { return 1; }\n"
+    "int moek_device_half_native(void) { return 0; }\n"
     "int moek_device_init(moek_ctx *c, int64_t d, int64_t w, char *e, int64_t n)"
     " { (void)d; (void)e; (void)n; c->workspace = 0; c->workspace_bytes = w; return 0; }\n"
     "void moek_device_fini(moek_ctx *c) { (void)c; }\n"
