@@ -35,7 +35,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 I7=${I7_BUILD:-$ROOT/build-i7}
 STEPS=20 WARMUP=3 BATCH=8 MODELS="moe_gpt2s gpt2_124m moe_fine" DATA="" BUDGET=540
 COMPILE=1 TINY=0 DEVICE=cuda OUTDIR=""
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then   # the first python3 that has torch (pyenv shims may shadow Debian's)
+    for p in python3 /usr/bin/python3; do
+        if "$p" -c "import torch" 2> /dev/null; then PY=$p; break; fi
+    done
+    PY=${PY:-python3}
+fi
 while [ $# -gt 0 ]; do
     case $1 in
         --steps) STEPS=$2; shift ;;
