@@ -16,11 +16,21 @@
 #include "../../compiler/passes.h"
 #include "../../runtime/plan_load.h"
 
+/* Elaborates path with the tree's stdlib; NULL (errors on stderr) on failure. */
+static ir_graph *ex_elaborate(const char *root, const char *path, diag_ctx *d)
+{
+    char stdlib_dir[1024];
+    snprintf(stdlib_dir, sizeof stdlib_dir, "%s/stdlib", root);
+    elab_options opt;
+    memset(&opt, 0, sizeof opt);
+    opt.stdlib_dir = stdlib_dir;
+    return elaborate(path, &opt, d);
+}
+
 static void one(const char *root, const char *model, const char *tmpdir)
 {
-    char path[1024], stdlib_dir[1024], out[1024], name[160];
+    char path[1024], out[1024], name[160];
     snprintf(path, sizeof path, "%s/examples/%s.moe", root, model);
-    snprintf(stdlib_dir, sizeof stdlib_dir, "%s/stdlib", root);
     snprintf(out, sizeof out, "%s/%s.bin", tmpdir, model);
     if (access(path, R_OK) != 0) {
         snprintf(name, sizeof name, "examples: %s", model);
@@ -28,10 +38,7 @@ static void one(const char *root, const char *model, const char *tmpdir)
         return;
     }
     diag_ctx *d = diag_new(stderr, 20);
-    elab_options opt;
-    memset(&opt, 0, sizeof opt);
-    opt.stdlib_dir = stdlib_dir;
-    ir_graph *g = elaborate(path, &opt, d);
+    ir_graph *g = ex_elaborate(root, path, d);
     snprintf(name, sizeof name, "examples: %s elaborates", model);
     CHECK(name, g != NULL, "elaboration failed (errors above)");
     if (!g) {
@@ -96,14 +103,10 @@ static int64_t ex_round256(int64_t b) { return (b + 255) / 256 * 256; }
 
 static void gpu_workspace(const char *root, const char *rel, int half)
 {
-    char path[1024], stdlib_dir[1024], name[200];
+    char path[1024], name[200];
     snprintf(path, sizeof path, "%s/%s", root, rel);
-    snprintf(stdlib_dir, sizeof stdlib_dir, "%s/stdlib", root);
     diag_ctx *d = diag_new(stderr, 20);
-    elab_options opt;
-    memset(&opt, 0, sizeof opt);
-    opt.stdlib_dir = stdlib_dir;
-    ir_graph *g = elaborate(path, &opt, d);
+    ir_graph *g = ex_elaborate(root, path, d);
     moec_error err;
     memset(&err, 0, sizeof err);
     int rc = !g || pass_fuse(g, &err) || pass_autodiff(g, &err) || pass_optimizer(g, &err) ||
