@@ -1,6 +1,7 @@
 /* test_compiler_examples.c - the example models through the whole compiler
  * (parser, elaborator, autodiff, optimizer, memory plan, emit) and back
- * through the runtime's own plan validator. */
+ * through the runtime's own plan validator; and the GPU workspace figure
+ * of fused plans against what the CUDA fused kernels need. */
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
