@@ -75,7 +75,7 @@ tok = statistics.median(s["tok_per_s"] for s in steps)
 def mib(b): return "%.2f MiB" % (b / 2**20)
 m = re.search(r"^\s+\d \*\s+\d+\s+\d+\s+\d+\s+(\d+)", ex, re.M)   # the stage row marked *
 a = re.search(r"^\s+act\s+(\d+)", ex, re.M)
-w = re.search(r"^\s+workspace\s+(\d+)", ex, re.M)
+w = re.search(r"^\s+workspace\s+(\d+).* on cpu ", ex, re.M)   # run allocates the CPU figure
 cm = re.search(r"^\s+comm\s+(\d+)", ex, re.M)
 state = pools.get("param", 0) + pools.get("grad", 0) + pools.get("optstate", 0)
 pred = total + (int(w.group(1)) if w else 0) + (int(cm.group(1)) if cm else 0)
