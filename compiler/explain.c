@@ -134,7 +134,7 @@ uint64_t explain_gpu_workspace_bytes(const ir_graph *g)
     int64_t most = 0;
     for (int ni = 0; ni < g->nnodes; ni++) {
         const ir_node *n = &g->nodes[ni];
-        if (!n->def || !n->def->fuse)
+        if (!n->def || !n->def->fuse || !n->is_backward)   /* forward ones keep no scratch */
             continue;
         int count;
         const ir_ref *t = iop_template(n, &count);

@@ -29,8 +29,9 @@ uint64_t explain_workspace_bytes(const ir_graph *g);
 /* ... and on a GPU (plan_train.gpu_workspace_bytes): the CUDA kernels
  * compute in the tensors' own precision, so only the fused ops' scratch
  * counts (kernels/moek.h: swiglu_proj_bwd 2NM + NK, matmul_bias_gelu_bwd NM,
- * softmax_topk_bwd NE fp32 elements), bounded by the bytes of the op's
- * activation tensors (every argument that is not a weight) plus alignment. */
+ * softmax_topk_bwd NE fp32 elements; no forward kernel keeps any),
+ * bounded by the bytes of each fused backward op's activation tensors
+ * (every argument that is not a weight) plus alignment. */
 uint64_t explain_gpu_workspace_bytes(const ir_graph *g);
 
 /* A forward attention node: its kernel symbol contains "attention" (the
