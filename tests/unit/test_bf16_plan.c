@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "half_plan_common.h"
 #include "diag.h"
 #include "../../compiler/elaborate.h"
 #include "../../compiler/explain.h"
@@ -18,48 +19,6 @@
 #include "../../runtime/plan_load.h"
 
 static char root[1024], stdlib_dir[1100], tmpdir[64];
-
-/* Elaborates path (or text), runs every pass; NULL on failure.  Diagnostics
- * go to diag_out (NULL: stderr). */
-static ir_graph *compile(const char *path, const char *text, FILE *diag_out)
-{
-    diag_ctx *d = diag_new(diag_out ? diag_out : stderr, 20);
-    elab_options opt;
-    memset(&opt, 0, sizeof opt);
-    opt.stdlib_dir = stdlib_dir;
-    if (text) {
-        opt.text = text;
-        opt.text_len = strlen(text);
-    }
-    ir_graph *g = elaborate(path, &opt, d);
-    diag_free(d);
-    if (!g)
-        return NULL;
-    moec_error err;
-    memset(&err, 0, sizeof err);
-    if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_memplan(g, &err)) {
-        fprintf(stderr, "pass failed: %s\n", err.msg);
-        ir_graph_free(g);
-        return NULL;
-    }
-    return g;
-}
-
-static int count_sym(const ir_graph *g, const char *sym)
-{
-    int n = 0;
-    for (int i = 0; i < g->nnodes; i++) {
-        const char *s = iop_symbol(&g->nodes[i]);
-        n += s && strcmp(s, sym) == 0;
-    }
-    return n;
-}
-
-static int ends_with(const char *s, const char *suffix)
-{
-    size_t a = strlen(s), b = strlen(suffix);
-    return a >= b && strcmp(s + a - b, suffix) == 0;
-}
 
 static void graph_checks(const ir_graph *bf, const ir_graph *fp)
 {
@@ -74,7 +33,7 @@ static void graph_checks(const ir_graph *bf, const ir_graph *fp)
             trained++;
             const ir_value *m = pp->master >= 0 ? &bf->values[pp->master] : NULL;
             bad_master += !m || m->dtype != PLAN_F32 || m->storage != PLAN_ST_OPTSTATE ||
-                          ir_value_numel(m) != ir_value_numel(v) || !ends_with(m->name, ".master");
+                          ir_value_numel(m) != ir_value_numel(v) || !hp_ends_with(m->name, ".master");
         }
     }
     CHECK("bf16: params are bf16, grads fp32", trained > 10 && bad_dtype == 0, "%d of %d wrong",
@@ -87,21 +46,21 @@ static void graph_checks(const ir_graph *bf, const ir_graph *fp)
     CHECK("bf16: fp32 plan has no masters", fpmaster == 0, "%d masters", fpmaster);
 
     CHECK("bf16: matmuls call the bf16 kernels",
-          count_sym(bf, "moek_matmul_fwd") == 0 && count_sym(bf, "moek_matmul_fwd_bf16") ==
-          count_sym(fp, "moek_matmul_fwd") && count_sym(bf, "moek_matmul_bwd_bf16") > 0,
-          "fp32 %d bf16 %d", count_sym(bf, "moek_matmul_fwd"), count_sym(bf, "moek_matmul_fwd_bf16"));
+          hp_count_sym(bf, "moek_matmul_fwd") == 0 && hp_count_sym(bf, "moek_matmul_fwd_bf16") ==
+          hp_count_sym(fp, "moek_matmul_fwd") && hp_count_sym(bf, "moek_matmul_bwd_bf16") > 0,
+          "fp32 %d bf16 %d", hp_count_sym(bf, "moek_matmul_fwd"), hp_count_sym(bf, "moek_matmul_fwd_bf16"));
     CHECK("bf16: routing stays fp32 (topk, balance loss), softmax reads bf16 logits",
-          count_sym(bf, "moek_topk_fwd") == 2 && count_sym(bf, "moek_balance_loss_fwd") == 2 &&
-          count_sym(bf, "moek_softmax_fwd_bf16") == 2 && count_sym(bf, "moek_softmax_fwd") == 0,
-          "topk %d softmax_bf16 %d", count_sym(bf, "moek_topk_fwd"), count_sym(bf, "moek_softmax_fwd_bf16"));
+          hp_count_sym(bf, "moek_topk_fwd") == 2 && hp_count_sym(bf, "moek_balance_loss_fwd") == 2 &&
+          hp_count_sym(bf, "moek_softmax_fwd_bf16") == 2 && hp_count_sym(bf, "moek_softmax_fwd") == 0,
+          "topk %d softmax_bf16 %d", hp_count_sym(bf, "moek_topk_fwd"), hp_count_sym(bf, "moek_softmax_fwd_bf16"));
     CHECK("bf16: one accumulate_bf16 and one adamw_bf16 per trained param",
-          count_sym(bf, "moek_accumulate_bf16") == trained && count_sym(bf, "moek_adamw_bf16") == trained &&
-          count_sym(bf, "moek_adamw") == 0 && count_sym(bf, "moek_accumulate") == 0,
-          "accumulate_bf16 %d adamw_bf16 %d trained %d", count_sym(bf, "moek_accumulate_bf16"),
-          count_sym(bf, "moek_adamw_bf16"), trained);
+          hp_count_sym(bf, "moek_accumulate_bf16") == trained && hp_count_sym(bf, "moek_adamw_bf16") == trained &&
+          hp_count_sym(bf, "moek_adamw") == 0 && hp_count_sym(bf, "moek_accumulate") == 0,
+          "accumulate_bf16 %d adamw_bf16 %d trained %d", hp_count_sym(bf, "moek_accumulate_bf16"),
+          hp_count_sym(bf, "moek_adamw_bf16"), trained);
     CHECK("bf16: gradient sums of bf16 values use add_bf16",
-          count_sym(bf, "moek_add_fwd_bf16") > count_sym(bf, "moek_add_fwd"), "add_bf16 %d add %d",
-          count_sym(bf, "moek_add_fwd_bf16"), count_sym(bf, "moek_add_fwd"));
+          hp_count_sym(bf, "moek_add_fwd_bf16") > hp_count_sym(bf, "moek_add_fwd"), "add_bf16 %d add %d",
+          hp_count_sym(bf, "moek_add_fwd_bf16"), hp_count_sym(bf, "moek_add_fwd"));
     int64_t pb = bf->pool_bytes[PLAN_ST_PARAM], pf = fp->pool_bytes[PLAN_ST_PARAM];
     CHECK("bf16: param pool is half the fp32 one (2 bytes/param, 64-byte aligned)",
           pb * 2 >= pf && pb * 2 <= pf + 2 * 64 * bf->nparams, "bf16 %" PRId64 " fp32 %" PRId64, pb, pf);
@@ -230,7 +189,7 @@ static void elab_error(const char *name, const char *text, const char *want)
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
-    ir_graph *g = compile("bf16_test.moe", text, f);
+    ir_graph *g = hp_compile(stdlib_dir, "bf16_test.moe", text, f);
     fclose(f);
     CHECK(name, !g && buf && strstr(buf, want), "compiled %d, diagnostics: %s", g != NULL, buf ? buf : "");
     if (g)
@@ -310,7 +269,7 @@ int main(void)
     char pbf[1200], pfp[1200];
     snprintf(pbf, sizeof pbf, "%s/examples/tiny_moe_bf16.moe", root);
     snprintf(pfp, sizeof pfp, "%s/examples/tiny_moe.moe", root);
-    ir_graph *bf = compile(pbf, NULL, NULL), *fp = compile(pfp, NULL, NULL);
+    ir_graph *bf = hp_compile(stdlib_dir, pbf, NULL, NULL), *fp = hp_compile(stdlib_dir, pfp, NULL, NULL);
     CHECK("bf16: tiny_moe compiles in bf16 and fp32", bf && fp, "see the errors above (ROOT=%s)", root);
     if (bf && fp) {
         graph_checks(bf, fp);

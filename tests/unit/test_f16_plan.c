@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "half_plan_common.h"
 #include "diag.h"
 #include "../../compiler/elaborate.h"
 #include "../../compiler/internal_ops.h"
@@ -16,52 +17,6 @@
 #include "../../runtime/plan_load.h"
 
 static char root[1024], stdlib_dir[1100], tmpdir[64];
-
-static ir_graph *compile(const char *path, const char *text)
-{
-    diag_ctx *d = diag_new(stderr, 20);
-    elab_options opt;
-    memset(&opt, 0, sizeof opt);
-    opt.stdlib_dir = stdlib_dir;
-    if (text) {
-        opt.text = text;
-        opt.text_len = strlen(text);
-    }
-    ir_graph *g = elaborate(path, &opt, d);
-    diag_free(d);
-    if (!g)
-        return NULL;
-    moec_error err;
-    memset(&err, 0, sizeof err);
-    if (pass_autodiff(g, &err) || pass_optimizer(g, &err) || pass_memplan(g, &err)) {
-        fprintf(stderr, "pass failed: %s\n", err.msg);
-        ir_graph_free(g);
-        return NULL;
-    }
-    return g;
-}
-
-/* nodes whose kernel ends with suffix */
-static int count_suffix(const ir_graph *g, const char *suffix)
-{
-    int n = 0;
-    for (int i = 0; i < g->nnodes; i++) {
-        const char *s = iop_symbol(&g->nodes[i]);
-        size_t a = s ? strlen(s) : 0, b = strlen(suffix);
-        n += s && a >= b && strcmp(s + a - b, suffix) == 0;
-    }
-    return n;
-}
-
-static int count_sym(const ir_graph *g, const char *sym)
-{
-    int n = 0;
-    for (int i = 0; i < g->nnodes; i++) {
-        const char *s = iop_symbol(&g->nodes[i]);
-        n += s && strcmp(s, sym) == 0;
-    }
-    return n;
-}
 
 static const char *model =
     "import \"nn\"\nconfig { vocab = 256 d = 32 seq = 16 }\n"
@@ -72,7 +27,7 @@ static ir_graph *compile_train(const char *train)
 {
     char text[2048];
     snprintf(text, sizeof text, "%strain { batch = 2 %s }\n", model, train);
-    return compile("f16_test.moe", text);
+    return hp_compile(stdlib_dir, "f16_test.moe", text, NULL);
 }
 
 static void test_helpers(void)
@@ -93,7 +48,7 @@ static void test_graph(void)
 {
     char path[1200];
     snprintf(path, sizeof path, "%s/examples/tiny_dense.moe", root);
-    ir_graph *fp = compile(path, NULL);
+    ir_graph *fp = hp_compile(stdlib_dir, path, NULL, NULL);
     ir_graph *h = compile_train("precision = fp16");
     ir_graph *b = compile_train("precision = bf16");
     CHECK("f16 plan: compiles", fp && h && b, "see the errors above (ROOT=%s)", root);
@@ -114,11 +69,11 @@ static void test_graph(void)
     CHECK("f16 plan: params f16, grads and masters fp32", trained >= 3 && bad == 0, "%d wrong of %d", bad,
           trained);
     CHECK("f16 plan: only _f16 kernels for float tensors, none _bf16",
-          count_suffix(h, "_bf16") == 0 && count_sym(h, "moek_matmul_fwd_f16") == 1 &&
-              count_sym(h, "moek_adamw_f16") == trained && count_sym(h, "moek_accumulate_f16") == trained &&
-              count_sym(h, "moek_matmul_fwd") == 0 && count_sym(h, "moek_adamw") == 0,
-          "bf16 %d matmul_f16 %d adamw_f16 %d", count_suffix(h, "_bf16"), count_sym(h, "moek_matmul_fwd_f16"),
-          count_sym(h, "moek_adamw_f16"));
+          hp_count_suffix(h, "_bf16") == 0 && hp_count_sym(h, "moek_matmul_fwd_f16") == 1 &&
+              hp_count_sym(h, "moek_adamw_f16") == trained && hp_count_sym(h, "moek_accumulate_f16") == trained &&
+              hp_count_sym(h, "moek_matmul_fwd") == 0 && hp_count_sym(h, "moek_adamw") == 0,
+          "bf16 %d matmul_f16 %d adamw_f16 %d", hp_count_suffix(h, "_bf16"), hp_count_sym(h, "moek_matmul_fwd_f16"),
+          hp_count_sym(h, "moek_adamw_f16"));
     CHECK("f16 plan: the same pools as the bf16 plan",
           memcmp(h->pool_bytes, b->pool_bytes, sizeof h->pool_bytes) == 0, "differ");
     CHECK("f16 plan: default dynamic loss scale 65536, window 1000; fp32/bf16: none",
