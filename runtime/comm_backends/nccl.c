@@ -578,10 +578,19 @@ out:
     return rc;
 }
 
-/* 0 when the group has one rank (the caller then copies locally) */
-static int nc_multi(const nc_impl *m, int group)
+/* A collective over a group of one rank is a local copy of bytes from src
+ * to dst (none for 0 bytes): done here, 1.  0: the group has several ranks
+ * and the caller runs the collective.  -1: an unknown group or a failed copy. */
+static int nc_local(nc_impl *m, int group, void *dst, const void *src, size_t bytes,
+                    const char *what, char *err, size_t errlen)
 {
-    return group >= 0 && group < COMM_NGROUPS && m->gsize[group] > 1;
+    if (group < 0 || group >= COMM_NGROUPS)
+        return nc_fail(err, errlen, "rank %d: collective names unknown group %d", m->rank, group);
+    if (m->gsize[group] > 1)
+        return 0;
+    if (bytes)
+        NC_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), what);
+    return 1;
 }
 
 /* ---- all-reduce ---------------------------------------------------------- */
@@ -606,10 +615,9 @@ static int nc_allreduce_f32(void *impl, float *const *bufs, const int64_t *ns, i
                             int group, const char *what, char *err, size_t errlen)
 {
     nc_impl *m = impl;
-    if (!nc_multi(m, group))
-        return group >= 0 && group < COMM_NGROUPS ? 0
-               : nc_fail(err, errlen, "rank %d: collective names unknown group %d", m->rank,
-                         group);
+    int one = nc_local(m, group, NULL, NULL, 0, what, err, errlen);
+    if (one)
+        return one < 0 ? -1 : 0;
     int host = 0;
     size_t total = 0;
     for (int i = 0; i < count; i++) {
@@ -642,10 +650,9 @@ static int nc_allreduce_host(void *impl, double *buf, int64_t n, int group, cons
                              char *err, size_t errlen)
 {
     nc_impl *m = impl;
-    if (!nc_multi(m, group))
-        return group >= 0 && group < COMM_NGROUPS ? 0
-               : nc_fail(err, errlen, "rank %d: collective names unknown group %d", m->rank,
-                         group);
+    int one = nc_local(m, group, NULL, NULL, 0, what, err, errlen);
+    if (one)
+        return one < 0 ? -1 : 0;
     nc_ar a = {NULL, NULL, 0, (size_t)n, ncclDouble};
     size_t b = (size_t)n * sizeof(double);
     return nc_collective(m, group, what, buf, b, buf, b, nc_post_allreduce, &a, err, errlen);
@@ -721,13 +728,9 @@ static int nc_alltoall(void *impl, const void *send, void *recv, int64_t bytes_p
                        int group, const char *what, char *err, size_t errlen)
 {
     nc_impl *m = impl;
-    if (!nc_multi(m, group)) {
-        if (group < 0 || group >= COMM_NGROUPS)
-            return nc_fail(err, errlen, "rank %d: collective names unknown group %d", m->rank,
-                           group);
-        NC_CUDA(cudaMemcpy(recv, send, (size_t)bytes_per_peer, cudaMemcpyDefault), what);
-        return 0;
-    }
+    int one = nc_local(m, group, recv, send, (size_t)bytes_per_peer, what, err, errlen);
+    if (one)
+        return one < 0 ? -1 : 0;
     nc_a2a a = {NULL, NULL, bytes_per_peer, m->gsize[group]};
     size_t b = (size_t)(bytes_per_peer * a.P);
     return nc_collective(m, group, what, send, b, recv, b, nc_post_alltoall, &a, err, errlen);
@@ -738,14 +741,9 @@ static int nc_alltoallv(void *impl, const void *send, const int64_t *send_bytes,
                         size_t errlen)
 {
     nc_impl *m = impl;
-    if (!nc_multi(m, group)) {
-        if (group < 0 || group >= COMM_NGROUPS)
-            return nc_fail(err, errlen, "rank %d: collective names unknown group %d", m->rank,
-                           group);
-        if (send_bytes[0] > 0)
-            NC_CUDA(cudaMemcpy(recv, send, (size_t)send_bytes[0], cudaMemcpyDefault), what);
-        return 0;
-    }
+    int one = nc_local(m, group, recv, send, send_bytes[0] > 0 ? (size_t)send_bytes[0] : 0, what, err, errlen);
+    if (one)
+        return one < 0 ? -1 : 0;
     nc_a2a a = {send_bytes, recv_bytes, 0, m->gsize[group]};
     int64_t sb = 0, rb = 0;
     for (int k = 0; k < a.P; k++) {
@@ -785,13 +783,9 @@ static int nc_allgather(void *impl, const void *slice, void *full, int64_t bytes
                         const char *what, char *err, size_t errlen)
 {
     nc_impl *m = impl;
-    if (!nc_multi(m, group)) {
-        if (group < 0 || group >= COMM_NGROUPS)
-            return nc_fail(err, errlen, "rank %d: collective names unknown group %d", m->rank,
-                           group);
-        NC_CUDA(cudaMemcpy(full, slice, (size_t)bytes, cudaMemcpyDefault), what);
-        return 0;
-    }
+    int one = nc_local(m, group, full, slice, (size_t)bytes, what, err, errlen);
+    if (one)
+        return one < 0 ? -1 : 0;
     nc_zs a = {(size_t)bytes};
     return nc_collective(m, group, what, slice, (size_t)bytes, full,
                          (size_t)bytes * (size_t)m->gsize[group], nc_post_allgather, &a, err,
@@ -802,13 +796,9 @@ static int nc_reduce_scatter(void *impl, const float *full, float *slice, int64_
                              const char *what, char *err, size_t errlen)
 {
     nc_impl *m = impl;
-    if (!nc_multi(m, group)) {
-        if (group < 0 || group >= COMM_NGROUPS)
-            return nc_fail(err, errlen, "rank %d: collective names unknown group %d", m->rank,
-                           group);
-        NC_CUDA(cudaMemcpy(slice, full, (size_t)s * sizeof(float), cudaMemcpyDefault), what);
-        return 0;
-    }
+    int one = nc_local(m, group, slice, full, (size_t)s * sizeof(float), what, err, errlen);
+    if (one)
+        return one < 0 ? -1 : 0;
     nc_zs a = {(size_t)s};
     return nc_collective(m, group, what, full, (size_t)s * sizeof(float) * (size_t)m->gsize[group],
                          slice, (size_t)s * sizeof(float), nc_post_reduce_scatter, &a, err,
