@@ -82,34 +82,14 @@ static const ir_opdef *exchange_def(ir_graph *g, int dir)
     const ir_opdef *d = ir_def_find(g, name);
     if (d)
         return d;
-    ir_opdef def;
-    memset(&def, 0, sizeof def);
-    def.name = name;
-    def.lib = COMM_LIB;
-    def.ninputs = 4;
-    def.input_names[0] = "x";
-    def.input_names[1] = "expert_rows";
-    def.input_names[2] = "counts";
-    def.input_names[3] = "local_rows";
-    def.input_diff[0] = true;
-    def.noutputs = 1;
-    def.output_names[0] = "y";
-    def.output_diff[0] = true;
-    def.ndims = 4;
-    def.dim_names[0] = "R";
-    def.dim_names[1] = "Rr";
-    def.dim_names[2] = "D";
-    def.dim_names[3] = "E";
-    def.nattrs = 3;
-    def.attr_names[0] = "group";
-    def.attr_names[1] = "P";
-    def.attr_names[2] = "esize";
-    def.attr_kinds[0] = def.attr_kinds[1] = def.attr_kinds[2] = PLAN_ARG_I64;
-    def.fwd_symbol = "moec_comm_ep_exchange";
-    def.bwd_kind = IR_BWD_KERNEL;
-    def.bwd_symbol = "moec_comm_ep_exchange";
+    static const char *const ins[] = {"x", "expert_rows", "counts", "local_rows", NULL},
+                             *const outs[] = {"y", NULL}, *const dims[] = {"R", "Rr", "D", "E", NULL},
+                             *const attrs[] = {"group", "P", "esize", NULL};
+    /* forward: (group, dir, x, y, ...); backward: (group, 1 - dir, dy, dx, ...) */
+    ir_ref t[2][PLAN_MAX_KERNEL_ARGS];
+    int nt = 0;
     for (int b = 0; b < 2; b++) {
-        ir_ref *r = b ? def.bwd : def.fwd;
+        ir_ref *r = t[b];
         int a = 0;
         r[a++] = (ir_ref){IR_REF_ATTR, 0, 0, 0};
         r[a++] = (ir_ref){IR_REF_INT, 0, b ? 1 - dir : dir, 0};
@@ -121,11 +101,16 @@ static const ir_opdef *exchange_def(ir_graph *g, int dir)
             r[a++] = (ir_ref){IR_REF_DIM, i, 0, 0};
         r[a++] = (ir_ref){IR_REF_ATTR, 1, 0, 0};
         r[a++] = (ir_ref){IR_REF_ATTR, 2, 0, 0};
-        if (b)
-            def.nbwd = a;
-        else
-            def.nfwd = a;
+        nt = a;
     }
+    ir_opdef def;
+    pu_comm_def_fill(&def, name, "moec_comm_ep_exchange", ins, outs, dims, attrs, t[0], nt);
+    def.input_diff[0] = true;
+    def.output_diff[0] = true;
+    def.bwd_kind = IR_BWD_KERNEL;
+    def.bwd_symbol = "moec_comm_ep_exchange";
+    def.nbwd = nt;
+    memcpy(def.bwd, t[1], sizeof t[1][0] * (size_t)nt);
     return ir_def_add(g, &def);
 }
 

@@ -112,6 +112,30 @@ uint64_t pu_peak_bytes(const ir_graph *g)
     return (uint64_t)(peak + pinned);
 }
 
+void pu_comm_def_fill(ir_opdef *def, const char *name, const char *sym,
+                      const char *const *ins, const char *const *outs,
+                      const char *const *dims, const char *const *attrs,
+                      const ir_ref *tmpl, int nt)
+{
+    memset(def, 0, sizeof *def);
+    def->name = name;
+    def->lib = COMM_LIB;
+    for (; ins[def->ninputs]; def->ninputs++)
+        def->input_names[def->ninputs] = ins[def->ninputs];
+    for (; outs && outs[def->noutputs]; def->noutputs++)
+        def->output_names[def->noutputs] = outs[def->noutputs];
+    for (; dims[def->ndims]; def->ndims++)
+        def->dim_names[def->ndims] = dims[def->ndims];
+    for (; attrs[def->nattrs]; def->nattrs++) {
+        def->attr_names[def->nattrs] = attrs[def->nattrs];
+        def->attr_kinds[def->nattrs] = PLAN_ARG_I64;
+    }
+    def->bwd_kind = IR_BWD_NONE;
+    def->fwd_symbol = sym;
+    def->nfwd = nt;
+    memcpy(def->fwd, tmpl, sizeof *tmpl * (size_t)nt);
+}
+
 const ir_opdef *pu_comm_def(ir_graph *g, const char *name, const char *sym,
                             const char *const *ins, const char *const *outs,
                             const char *const *dims, const char *const *attrs,
@@ -121,22 +145,6 @@ const ir_opdef *pu_comm_def(ir_graph *g, const char *name, const char *sym,
     if (d)
         return d;
     ir_opdef def;
-    memset(&def, 0, sizeof def);
-    def.name = name;
-    def.lib = COMM_LIB;
-    for (; ins[def.ninputs]; def.ninputs++)
-        def.input_names[def.ninputs] = ins[def.ninputs];
-    for (; outs && outs[def.noutputs]; def.noutputs++)
-        def.output_names[def.noutputs] = outs[def.noutputs];
-    for (; dims[def.ndims]; def.ndims++)
-        def.dim_names[def.ndims] = dims[def.ndims];
-    for (; attrs[def.nattrs]; def.nattrs++) {
-        def.attr_names[def.nattrs] = attrs[def.nattrs];
-        def.attr_kinds[def.nattrs] = PLAN_ARG_I64;
-    }
-    def.bwd_kind = IR_BWD_NONE;
-    def.fwd_symbol = sym;
-    def.nfwd = nt;
-    memcpy(def.fwd, tmpl, sizeof *tmpl * (size_t)nt);
+    pu_comm_def_fill(&def, name, sym, ins, outs, dims, attrs, tmpl, nt);
     return ir_def_add(g, &def);
 }

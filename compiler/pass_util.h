@@ -45,5 +45,11 @@ const ir_opdef *pu_comm_def(ir_graph *g, const char *name, const char *sym,
                             const char *const *ins, const char *const *outs,
                             const char *const *dims, const char *const *attrs,
                             const ir_ref *tmpl, int nt);
+/* ... and the same def filled into *def, not registered: for an @comm op
+ * that goes on to declare a backward (the expert exchange). */
+void pu_comm_def_fill(ir_opdef *def, const char *name, const char *sym,
+                      const char *const *ins, const char *const *outs,
+                      const char *const *dims, const char *const *attrs,
+                      const ir_ref *tmpl, int nt);
 
 #endif
