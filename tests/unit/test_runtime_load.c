@@ -55,6 +55,7 @@ static void mut_pb(int k, pb *b)
     case 45: b->params[0].grad = -5; b->params[0].state0 = -1; b->params[0].state1 = -1; break;
     case 46: b->train.data_format = 3; break;
     case 47: b->tensors[8].shape[1] = 255; b->tensors[8].bytes = 16 * 255 * 4; break;
+    case 48: b->train.gpu_workspace_bytes = 1ull << 41; break;
     default: break;
     }
 }
@@ -136,6 +137,7 @@ static const struct { int k; int reseal; const char *want; } cases[] = {
     {44, 1, "bad init_std"},
     {45, 1, "negative index other than -1"},
     {46, 1, "unknown data format 3"},
+    {48, 1, "corrupt: train.workspace_bytes [0-9]+ / gpu_workspace_bytes 2199023255552 implausibly large"},
     {47, 1, "role logits must be f32 with batch\\*seq rows of vocab = 256"},
     {50, 1, "section tensors at offset .* is not 8-byte aligned"},
     {51, 1, "section tensors \\(1000 records of 80 bytes"},
