@@ -112,6 +112,38 @@ endif
 endif
 cuda:
 
+# --- the CUDA kernels run on the CPU, for the tests (tests/standin/cuemu.h):
+# every kernels/cuda/*.cu, rewritten by cuemu.sed, compiled by the host C++
+# compiler against stand-ins for the CUDA runtime and cuBLAS into
+# $(BUILD)/cuemu/libmoek_cuda.so.  Needs the CUDA headers (not nvcc, not a
+# GPU) and x86-64; tests/cli/test_cuda_emulated.sh runs it.
+CXX ?= g++
+CUDA_RUNTIME_H := $(wildcard $(CUDA_HOME)/include/cuda_runtime.h)
+EMU := $(BUILD)/cuemu
+ifneq ($(CUDA_RUNTIME_H),)
+ifeq ($(shell uname -m),x86_64)
+all: $(EMU)/libmoek_cuda.so
+EMU_OBJ := $(KCUDA_SRC:kernels/cuda/%.cu=$(EMU)/%.o) $(EMU)/standin_cuemu.o \
+           $(EMU)/standin_cudart.o $(EMU)/standin_cublas.o
+EMU_HDR := kernels/moek.h $(wildcard kernels/cuda/*.cuh) tests/standin/cuemu.h \
+           tests/standin/cuemu_rt.h tests/standin/include/mma.h
+.PRECIOUS: $(EMU)/%.cpp
+$(EMU)/%.cpp: kernels/cuda/%.cu tests/standin/cuemu.sed
+	@mkdir -p $(dir $@)
+	sed -f tests/standin/cuemu.sed $< > $@
+# -Wno-unknown-pragmas: nvcc's `#pragma unroll`
+$(EMU)/%.o: $(EMU)/%.cpp $(EMU_HDR)
+	$(CXX) -std=c++17 $(OPT) -g -fPIC -Wall -Wextra -Werror -Wno-unknown-pragmas $(SAN) \
+	    -include tests/standin/cuemu.h -Itests/standin/include -Itests/standin -Ikernels/cuda \
+	    -I$(CUDA_HOME)/include -c $< -o $@
+$(EMU)/standin_%.o: tests/standin/%.c tests/standin/standin.h tests/standin/cuemu_rt.h kernels/moek.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -I$(CUDA_HOME)/include -Itests/standin -c $< -o $@
+$(EMU)/libmoek_cuda.so: $(EMU_OBJ)
+	$(CXX) $(LDFLAGS) -shared -Wl,-z,defs -o $@ $^ -lpthread
+endif
+endif
+
 # --- tests: every tests/unit/x.c is a program printing PASS/FAIL/SKIP lines
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libmoec_front.a $(BUILD)/libmoec_runtime.a $(BUILD)/libmoek_cpu.a $(wildcard tests/unit/*.h) kernels/moek.h runtime/plan.h
 	@mkdir -p $(dir $@)
@@ -126,7 +158,7 @@ test-asan:
 	$(MAKE) BUILD=build-asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" \
 	    MOEC_BIN=build-asan/moec RUN_BIN=build-asan/run build-asan/moec build-asan/run \
 	    build-asan/libmoek_cpu.so build-asan/data/default.txt $(TEST_SRC:tests/unit/%.c=build-asan/tests/%) \
-	    $(COMM_LIBS:$(BUILD)/%=build-asan/%)
+	    $(COMM_LIBS:$(BUILD)/%=build-asan/%) $(if $(EMU_OBJ),build-asan/cuemu/libmoek_cuda.so)
 	MOEC_BUILD=build-asan MOEC=$(CURDIR)/build-asan/moec RUN=$(CURDIR)/build-asan/run \
 	    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=fast_unwind_on_malloc=0 \
 	    LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 bash tests/run.sh build-asan

@@ -284,12 +284,6 @@ template <int D> struct fa_lay {
                             o = p + (size_t)FA_BQ * FA_PLD * 2, bytes = o + (size_t)FA_BQ * old * 4;
 };
 
-__device__ inline void fa_cp16(void *dst, const void *src, int n)
-{
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
-}
-
 /* rows [t0, t0+64) of one head into a [64][D+8] tile; rows >= T are zeros */
 template <int D>
 __device__ inline void fa_load(kc_bf16 *dst, const kc_bf16 *src, const at_dims &a, int64_t b,
@@ -299,10 +293,10 @@ __device__ inline void fa_load(kc_bf16 *dst, const kc_bf16 *src, const at_dims &
     for (int c = threadIdx.x; c < 64 * CH; c += 128) {
         int r = c / CH, d = (c % CH) * 8;
         bool ok = t0 + r < a.T;
-        fa_cp16(dst + r * fa_lay<D>::ld + d, ok ? src + at_off(a, b, t0 + r, h) + d : src,
+        kc_cp16(dst + r * fa_lay<D>::ld + d, ok ? src + at_off(a, b, t0 + r, h) + d : src,
                 ok ? 16 : 0);
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    kc_cp_commit();
 }
 
 template <int D>
@@ -337,7 +331,7 @@ __global__ void __launch_bounds__(128) k_fa_fwd(const kc_bf16 *q, const kc_bf16 
         __syncthreads();   /* every warp is done with the previous K, V */
         fa_load<D>(ks, k, a, b, h, j0);
         fa_load<D>(vs, v, a, b, h, j0);
-        asm volatile("cp.async.wait_group 0;\n" ::);
+        kc_cp_wait<0>();
         __syncthreads();
         /* S = Q K^T for this warp's 16 rows */
 #pragma unroll

@@ -195,6 +195,29 @@ __device__ inline float kc_block_max(float v, float *shm)
     return kc_warp_max(t);
 }
 
+/* 16-byte asynchronous copy from global to shared memory (sm_80+): n bytes
+ * read, the rest of the 16 zero-filled, so n = 0 writes zeros and reads
+ * nothing; kc_cp_commit closes a group of copies; kc_cp_wait<N> waits
+ * until at most N groups are still in flight.  The emulator (tests/
+ * standin/cuemu.h) queues the copies and performs them at the wait, which
+ * is as late as the hardware may. */
+#ifdef MOEK_CUDA_EMULATED
+__device__ inline void kc_cp16(void *dst, const void *src, int n) { cuemu_cp_async(dst, src, n); }
+__device__ inline void kc_cp_commit() { cuemu_cp_commit(); }
+template <int N> __device__ inline void kc_cp_wait() { cuemu_cp_wait(N); }
+#else
+__device__ inline void kc_cp16(void *dst, const void *src, int n)
+{
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+}
+__device__ inline void kc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ inline void kc_cp_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
+
 #define KC_GRID_STRIDE(i, n)                                                        \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);       \
          i += (int64_t)gridDim.x * blockDim.x)

@@ -293,15 +293,6 @@ static constexpr size_t tc_smem_bytes(bool acol, bool bcol)
             (bcol ? TC_BN * (TC_BK + TC_PAD) : TC_BK * (TC_BN + TC_PAD)));
 }
 
-/* 16-byte asynchronous copy; n = 0 writes zeros and reads nothing */
-__device__ inline void tc_cp16(void *dst, const void *src, int n)
-{
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
-}
-__device__ inline void tc_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ inline void tc_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 /* element (r, c) of A at A[r*lda + c] (row) or A[c*lda + r] (col); same for B
  * with (depth, col).  rows/cols/depth bound the product. */
 template <bool ACOL, bool BCOL>
@@ -324,23 +315,23 @@ __device__ void tc_tile(const kc_bf16 *A, int64_t lda, const kc_bf16 *B, int64_t
             if (!ACOL) {
                 int i = c >> 2, kk = (c & 3) * 8;
                 bool ok = i0 + i < rows && k0 + kk < depth;
-                tc_cp16(as + i * (TC_BK + TC_PAD) + kk, ok ? A + (i0 + i) * lda + k0 + kk : A,
+                kc_cp16(as + i * (TC_BK + TC_PAD) + kk, ok ? A + (i0 + i) * lda + k0 + kk : A,
                         ok ? 16 : 0);
             } else {
                 int kk = c >> 4, i = (c & 15) * 8;
                 bool ok = i0 + i < rows && k0 + kk < depth;
-                tc_cp16(as + kk * (TC_BM + TC_PAD) + i, ok ? A + (k0 + kk) * lda + i0 + i : A,
+                kc_cp16(as + kk * (TC_BM + TC_PAD) + i, ok ? A + (k0 + kk) * lda + i0 + i : A,
                         ok ? 16 : 0);
             }
             if (!BCOL) {
                 int kk = c >> 4, j = (c & 15) * 8;
                 bool ok = j0 + j < cols && k0 + kk < depth;
-                tc_cp16(bs + kk * (TC_BN + TC_PAD) + j, ok ? B + (k0 + kk) * ldb + j0 + j : B,
+                kc_cp16(bs + kk * (TC_BN + TC_PAD) + j, ok ? B + (k0 + kk) * ldb + j0 + j : B,
                         ok ? 16 : 0);
             } else {
                 int j = c >> 2, kk = (c & 3) * 8;
                 bool ok = j0 + j < cols && k0 + kk < depth;
-                tc_cp16(bs + j * (TC_BK + TC_PAD) + kk, ok ? B + (j0 + j) * ldb + k0 + kk : B,
+                kc_cp16(bs + j * (TC_BK + TC_PAD) + kk, ok ? B + (j0 + j) * ldb + k0 + kk : B,
                         ok ? 16 : 0);
             }
         }
@@ -360,14 +351,14 @@ __device__ void tc_tile(const kc_bf16 *A, int64_t lda, const kc_bf16 *B, int64_t
     for (int s = 0; s < TC_STAGES - 1; s++) {
         if (s < nk)
             load(s, s * TC_BK);
-        tc_commit();
+        kc_cp_commit();
     }
     for (int64_t kt = 0; kt < nk; kt++) {
-        tc_wait<TC_STAGES - 2>();
+        kc_cp_wait<TC_STAGES - 2>();
         __syncthreads();   /* tile kt landed; every warp is done with tile kt-1 */
         if (kt + TC_STAGES - 1 < nk)
             load((int)((kt + TC_STAGES - 1) % TC_STAGES), (kt + TC_STAGES - 1) * TC_BK);
-        tc_commit();
+        kc_cp_commit();
         const kc_bf16 *as = sa + (kt % TC_STAGES) * AE, *bs = sb + (kt % TC_STAGES) * BE;
 #pragma unroll
         for (int kk = 0; kk < TC_BK; kk += 16) {
@@ -396,7 +387,7 @@ __device__ void tc_tile(const kc_bf16 *A, int64_t lda, const kc_bf16 *B, int64_t
                     wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
         }
     }
-    tc_wait<0>();
+    kc_cp_wait<0>();
     __syncthreads();   /* the ring is free: reuse it as per-warp 16x16 fp32 staging */
     float *st = reinterpret_cast<float *>(tc_shm) + warp * 256;
     int r = lane >> 1, c8 = (lane & 1) * 8;
@@ -409,11 +400,13 @@ __device__ void tc_tile(const kc_bf16 *A, int64_t lda, const kc_bf16 *B, int64_t
             int64_t gi = i0 + wm * 64 + a * 16 + r, gj = j0 + wn * 32 + b * 16 + c8;
             if (gi < rows && gj < cols) {   /* cols % 8 == 0: the 8 columns are all in */
                 const float *sv = st + r * 16 + c8;
-                __nv_bfloat162 h[4];
+                uint4 u;   /* 8 bf16 as one 16-byte store; memcpy, not a pun (registers on the GPU) */
 #pragma unroll
-                for (int q = 0; q < 4; q++)
-                    h[q] = __floats2bfloat162_rn(sv[2 * q], sv[2 * q + 1]);
-                *reinterpret_cast<uint4 *>(C + gi * ldc + gj) = *reinterpret_cast<uint4 *>(h);
+                for (int q = 0; q < 4; q++) {
+                    __nv_bfloat162 h = __floats2bfloat162_rn(sv[2 * q], sv[2 * q + 1]);
+                    memcpy(reinterpret_cast<char *>(&u) + 4 * q, &h, 4);
+                }
+                *reinterpret_cast<uint4 *>(C + gi * ldc + gj) = u;
             }
             __syncwarp();
         }

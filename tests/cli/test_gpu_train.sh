@@ -13,6 +13,11 @@
 # + 10 steps on cuda equal 20 straight; bf16 (dense and MoE) and fp16 (MoE)
 # within 1e-2 relative of the CPU at each of 20 steps; checkpoints trained
 # on either device sample the same greedy text on both.
+# With GPU_TRAIN_KERNELS=DIR (a folder with libmoek_cuda.so and
+# libmoek_cpu.so), only part 2 runs, on that library, its checks named
+# $GPU_TRAIN_LABEL.gpu.* and over GPU_TRAIN_STEPS steps (default 20):
+# tests/cli/test_cuda_emulated.sh runs it on the CUDA kernels emulated on
+# the CPU.
 source "$(dirname "$0")/../lib.sh"
 B=""
 for b in ${MOEC_BUILD:-} build build-gpurt; do
@@ -32,7 +37,9 @@ losses() { sed -E 's/^\{"step":([0-9]+),"loss":([^,]+),.*/\1 \2/' "$1"; }
 
 # ---- part 1: error paths through a stand-in device library ----------------
 mkdir -p fake
-if ! "${CC:-cc}" -std=c11 -D_GNU_SOURCE -shared -fPIC -o fake/libmoek_cuda.so "$ROOT/tests/standin/moek_cuda.c" \
+if [ -n "${GPU_TRAIN_KERNELS:-}" ]; then
+    :   # part 2 only
+elif ! "${CC:-cc}" -std=c11 -D_GNU_SOURCE -shared -fPIC -o fake/libmoek_cuda.so "$ROOT/tests/standin/moek_cuda.c" \
         -L"$B" -Wl,--no-as-needed -lmoek_cpu -Wl,-rpath,"$B" -ldl 2> fake/cc.log; then
     skip gpu.fake "cannot build the stand-in library: $(head -2 fake/cc.log)"
 else
@@ -77,34 +84,39 @@ else
         env MOEC_KERNELS="$TMP/fake" STANDIN_SYNC_FAIL_AT=3 "$RUN" "${common[@]}" --device cuda --metrics "" --checkpoint s.st -q
 fi
 
-# ---- part 2: the real GPU ---------------------------------------------------
-probe=$(MOEC_KERNELS=$B "$RUN" tiny_dense.bin --data data.txt --device cuda --steps 0 --metrics "" --checkpoint probe.st -q 2>&1)
+# ---- part 2: the real GPU (or the library GPU_TRAIN_KERNELS names) ---------
+K=${GPU_TRAIN_KERNELS:-$B}
+G=${GPU_TRAIN_LABEL:+$GPU_TRAIN_LABEL.}gpu
+S=${GPU_TRAIN_STEPS:-20}
+H=$((S / 2))
+probe=$(MOEC_KERNELS=$K "$RUN" tiny_dense.bin --data data.txt --device cuda --steps 0 --metrics "" --checkpoint probe.st -q 2>&1)
 if [ $? -ne 0 ]; then
     why=$(sed -nE 's/.*cannot use device cuda: ([^;]*);.*/\1/p' <<<"$probe")
+    if [ -n "${GPU_TRAIN_KERNELS:-}" ]; then fail $G.train "cannot use $K: ${why:-$probe}"; exit 0; fi
     skip gpu.train "no GPU: ${why:-$probe}"; exit 0
 fi
-export MOEC_KERNELS=$B
+export MOEC_KERNELS=$K
 for m in tiny_dense tiny_moe; do
     r() { "$RUN" "$m.bin" --data data.txt -q "$@" > /dev/null 2>> "$m.err" || { echo "exit $? from: run $m.bin $*" >> "$m.err"; return 1; }; }
-    r --device cpu --steps 20 --metrics "$m.cpu.jsonl" --checkpoint "$m.cpu.st" &&
-    r --device cuda --steps 20 --metrics "$m.graph.jsonl" --checkpoint "$m.graph.st" &&
-    r --device cuda --steps 20 --no-graph --metrics "$m.eager.jsonl" --checkpoint "$m.eager.st" &&
-    r --device cuda --steps 10 --metrics "$m.res.jsonl" --checkpoint "$m.res.st" &&
-    r --device cuda --steps 20 --resume "$m.res.st" --metrics "$m.res.jsonl" --checkpoint "$m.res.st"
-    if [ $? -ne 0 ]; then fail "gpu.$m" "a run failed: $(tail -3 "$m.err")"; continue; fi
+    r --device cpu --steps $S --metrics "$m.cpu.jsonl" --checkpoint "$m.cpu.st" &&
+    r --device cuda --steps $S --metrics "$m.graph.jsonl" --checkpoint "$m.graph.st" &&
+    r --device cuda --steps $S --no-graph --metrics "$m.eager.jsonl" --checkpoint "$m.eager.st" &&
+    r --device cuda --steps $H --metrics "$m.res.jsonl" --checkpoint "$m.res.st" &&
+    r --device cuda --steps $S --resume "$m.res.st" --metrics "$m.res.jsonl" --checkpoint "$m.res.st"
+    if [ $? -ne 0 ]; then fail "$G.$m" "a run failed: $(tail -3 "$m.err")"; continue; fi
     worst=$(paste <(losses "$m.cpu.jsonl") <(losses "$m.graph.jsonl") |
             awk '{d=$2-$4; if(d<0)d=-d; r=d/($2<0?-$2:$2); if(r>w)w=r; n++} END{printf "%d %.3g", n, w}')
     read -r n w <<<"$worst"
-    echo "info: $m loss cpu/cuda at steps 1, 10, 20: $(paste <(losses "$m.cpu.jsonl") <(losses "$m.graph.jsonl") | sed -n '1p;10p;20p' | awk '{printf "%s %s/%s; ", $1, $2, $4}')"
-    if [ "$n" -eq 20 ] && awk -v w="$w" 'BEGIN{exit !(w <= 1e-4)}'; then
-        pass "gpu.${m}_cuda_vs_cpu (20 steps, max rel loss diff $w)"
-    else fail "gpu.${m}_cuda_vs_cpu" "$n steps, max rel loss diff $w > 1e-4"; fi
+    echo "info: $m loss cpu/cuda at steps 1, $H, $S: $(paste <(losses "$m.cpu.jsonl") <(losses "$m.graph.jsonl") | sed -n "1p;${H}p;${S}p" | awk '{printf "%s %s/%s; ", $1, $2, $4}')"
+    if [ "$n" -eq "$S" ] && awk -v w="$w" 'BEGIN{exit !(w <= 1e-4)}'; then
+        pass "$G.${m}_cuda_vs_cpu ($S steps, max rel loss diff $w)"
+    else fail "$G.${m}_cuda_vs_cpu" "$n steps, max rel loss diff $w > 1e-4"; fi
     if [ "$(losses "$m.graph.jsonl")" = "$(losses "$m.eager.jsonl")" ] && cmp -s "$m.graph.st" "$m.eager.st"; then
-        pass "gpu.${m}_graph_equals_eager"
-    else fail "gpu.${m}_graph_equals_eager" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.eager.jsonl") | head -4)"; fi
+        pass "$G.${m}_graph_equals_eager"
+    else fail "$G.${m}_graph_equals_eager" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.eager.jsonl") | head -4)"; fi
     if [ "$(losses "$m.graph.jsonl")" = "$(losses "$m.res.jsonl")" ] && cmp -s "$m.graph.st" "$m.res.st"; then
-        pass "gpu.${m}_resume_exact"
-    else fail "gpu.${m}_resume_exact" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.res.jsonl") | head -4)"; fi
+        pass "$G.${m}_resume_exact"
+    else fail "$G.${m}_resume_exact" "$(diff <(losses "$m.graph.jsonl") <(losses "$m.res.jsonl") | head -4)"; fi
 done
 # mixed precision: the same plan on cuda and cpu (both bf16 or fp16 storage
 # with fp32 accumulation; only summation order differs) within 1e-2
@@ -114,17 +126,17 @@ sed 's/precision = bf16/precision = fp16/' "$ROOT/examples/tiny_moe_bf16.moe" > 
 cp "$ROOT/examples/tiny_moe_bf16.moe" tm_bf16.moe
 for m in td_bf16 tm_bf16 tm_fp16; do
     "$MOEC" --stdlib "${MOEC_STDLIB:-$ROOT/stdlib}" "$m.moe" -o "$m.bin" > "$m.moec.log" 2>&1 ||
-        { fail "gpu.${m}_cuda_vs_cpu" "$(tail -3 "$m.moec.log")"; continue; }
+        { fail "$G.${m}_cuda_vs_cpu" "$(tail -3 "$m.moec.log")"; continue; }
     for d in cpu cuda; do
-        "$RUN" "$m.bin" --data data.txt -q --device $d --steps 20 --metrics "$m.$d.jsonl" --checkpoint "" \
+        "$RUN" "$m.bin" --data data.txt -q --device $d --steps $S --metrics "$m.$d.jsonl" --checkpoint "" \
             > /dev/null 2>> "$m.err" || echo "exit $? on $d" >> "$m.err"
     done
     worst=$(paste <(losses "$m.cpu.jsonl") <(losses "$m.cuda.jsonl") |
             awk '{d=$2-$4; if(d<0)d=-d; r=d/($2<0?-$2:$2); if(r>w)w=r; n++} END{printf "%d %.3g", n, w}')
     read -r n w <<<"$worst"
-    if [ "$n" -eq 20 ] && awk -v w="$w" 'BEGIN{exit !(w <= 1e-2)}'; then
-        pass "gpu.${m}_cuda_vs_cpu (20 steps, max rel loss diff $w)"
-    else fail "gpu.${m}_cuda_vs_cpu" "$n steps, max rel loss diff $w > 1e-2: $(tail -3 "$m.err")"; fi
+    if [ "$n" -eq "$S" ] && awk -v w="$w" 'BEGIN{exit !(w <= 1e-2)}'; then
+        pass "$G.${m}_cuda_vs_cpu ($S steps, max rel loss diff $w)"
+    else fail "$G.${m}_cuda_vs_cpu" "$n steps, max rel loss diff $w > 1e-2: $(tail -3 "$m.err")"; fi
 done
 # a checkpoint trained on one device samples on the other: greedy text of
 # the fp32 model equal (logits differ by float rounding only)
@@ -133,10 +145,10 @@ greedy() { "$RUN" tiny_moe.bin --device "$1" --sample --checkpoint "$2" --prompt
 for from in cpu graph; do
     a=$(greedy cpu "tiny_moe.$from.st"); ra=$?; b=$(greedy cuda "tiny_moe.$from.st"); rb=$?
     if [ $ra -eq 0 ] && [ $rb -eq 0 ] && [ "$(tail -1 <<<"$a" | wc -c)" -ge 32 ] && [ "$a" = "$b" ]; then
-        pass "gpu.sample_from_${from}_checkpoint"
-    else fail "gpu.sample_from_${from}_checkpoint" "cpu (exit $ra): $a | cuda (exit $rb): $b | $(tail -3 greedy.err)"; fi
+        pass "$G.sample_from_${from}_checkpoint"
+    else fail "$G.sample_from_${from}_checkpoint" "cpu (exit $ra): $a | cuda (exit $rb): $b | $(tail -3 greedy.err)"; fi
 done
 out=$("$RUN" tiny_moe.bin --data data.txt --device cuda --steps 3 --metrics "" --checkpoint cap.st 2>&1)
 if grep -q '^run: captured the forward\.\.backward phases as a CUDA graph ([0-9]* ops); replaying it$' <<<"$out" &&
    grep -q '^run: captured the optimizer phase as a CUDA graph' <<<"$out"; then
-    pass gpu.graph_captured; else fail gpu.graph_captured "$out"; fi
+    pass $G.graph_captured; else fail $G.graph_captured "$out"; fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# clang-tidy's bugprone checks (.clang-tidy) over lang/, compiler/, runtime/
-# and kernels/cpu/: one PASS/FAIL line per directory, listing every warning
+# clang-tidy's bugprone checks (.clang-tidy) over lang/, compiler/, runtime/,
+# kernels/cpu/ and tests/standin/: one PASS/FAIL line per directory, listing every warning
 # whose file lies in that directory (a header's warning counts once, for the
 # header's own directory).  SKIP when clang-tidy is missing.
 source "$(dirname "$0")/../lib.sh"
@@ -19,10 +19,15 @@ if ! make -s BUILD="$GEN" "$GEN/lang/parser.h" "$GEN/lang/lexer.h" >"$TMP/gen.lo
 fi
 
 DIRS="lang compiler runtime kernels/cpu"
+# the stand-ins the tests run the CUDA paths on (tests/standin) need the
+# CUDA headers, which every build machine of ours has
+CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
+[ -f "$CUDA_INC/cuda_runtime.h" ] && DIRS="$DIRS tests/standin"
 flags_for() {
     case $1 in
     lang/* | compiler/*) echo "-Ilang -I$GEN/lang" ;;
     kernels/cpu/*) echo "-fopenmp $(pkg-config --cflags openblas 2>/dev/null)" ;;
+    tests/standin/*) echo "-I$CUDA_INC -Itests/standin" ;;
     *) echo "" ;;
     esac
 }

@@ -1,7 +1,9 @@
 /* cudart.c - a host-memory stand-in for the CUDA runtime, enough of it for
- * runtime/comm_backends/nccl.c and tests/standin/moek_cuda.c, so that the
- * NCCL backend's own logic (streams, events, staging, the watchdog) runs on
- * a machine without a GPU (tests/cli/test_nccl_standin.sh).
+ * runtime/comm_backends/nccl.c, tests/standin/moek_cuda.c and the CUDA
+ * kernels run by the emulator (cuemu.h), so that the NCCL backend's own
+ * logic (streams, events, staging, the watchdog) and the kernel library
+ * run on a machine without a GPU (tests/cli/test_nccl_standin.sh,
+ * tests/cli/test_cuda_emulated.sh).
  *
  * What it keeps of CUDA's semantics, because the backend relies on them:
  * - a created stream is a worker thread running its queue in order, so a
@@ -13,7 +15,13 @@
  *   blocks the calling thread until the event completes;
  * - cudaMalloc memory is known to cudaPointerGetAttributes (device), any
  *   other address is unregistered host memory, as on CUDA 11 and later;
- * - the last error is per thread and cleared by cudaGetLastError.
+ * - the last error is per thread and cleared by cudaGetLastError; a fault
+ *   in queued work (standin_device_fault) is sticky and process-wide;
+ * - stream capture (one stream, relaxed): work queued on a capturing
+ *   stream is recorded, not run, and a launched graph runs it again in
+ *   order on the launch stream.  An event recorded or waited on inside a
+ *   capture (which would pull a second stream into the graph) is refused
+ *   with cudaErrorStreamCaptureUnsupported, so is a capture of the host.
  * Memory from cudaMalloc is zeroed (the kernel library's alloc promises it).
  * Like the real runtime it has process-wide state (streams, allocations).
  *
@@ -34,8 +42,27 @@ struct CUstream_st {
     pthread_cond_t cv;
     standin_task *head, *tail;
     int busy, stop;
+    int capturing;              /* 1 capturing, -1 capture invalidated */
+    standin_task *cap_head, *cap_tail;
     struct CUstream_st *next;   /* the registry of created streams */
 };
+
+/* A captured graph; an instantiated one shares its task list. */
+struct CUgraph_st {
+    pthread_mutex_t mu;
+    int refs;
+    standin_task *head;
+};
+
+struct CUgraphExec_st {
+    struct CUgraph_st *g;
+};
+
+typedef struct func_attr {
+    const void *fn;
+    size_t max_shared;
+    struct func_attr *next;
+} func_attr;
 
 struct CUevent_st {
     pthread_mutex_t mu;
@@ -51,13 +78,47 @@ typedef struct alloc_range {
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct CUstream_st *streams;
 static alloc_range *allocs;
+static func_attr *func_attrs;
 static __thread cudaError_t last_error = cudaSuccess;
+static cudaError_t sticky = cudaSuccess;   /* under reg_mu */
 
 static cudaError_t ret(cudaError_t e)
 {
     if (e != cudaSuccess)
         last_error = e;
     return e;
+}
+
+cudaError_t standin_set_error(cudaError_t e)
+{
+    return ret(e);
+}
+
+void standin_device_fault(cudaError_t e)
+{
+    pthread_mutex_lock(&reg_mu);
+    if (sticky == cudaSuccess)
+        sticky = e;
+    pthread_mutex_unlock(&reg_mu);
+}
+
+static cudaError_t sticky_error(void)
+{
+    pthread_mutex_lock(&reg_mu);
+    cudaError_t e = sticky;
+    pthread_mutex_unlock(&reg_mu);
+    return e;
+}
+
+size_t standin_func_shared_limit(const void *fn)
+{
+    pthread_mutex_lock(&reg_mu);
+    const func_attr *a = func_attrs;
+    while (a && a->fn != fn)
+        a = a->next;
+    size_t n = a ? a->max_shared : 0;
+    pthread_mutex_unlock(&reg_mu);
+    return n;
 }
 
 static int is_worker(cudaStream_t s)
@@ -112,6 +173,22 @@ int standin_enqueue(cudaStream_t s, void (*run)(void *), void *arg, void (*drop)
     t->arg = arg;
     t->drop = drop;
     pthread_mutex_lock(&s->mu);
+    if (s->capturing) {   /* recorded for the graph, or dropped if the capture failed */
+        if (s->capturing < 0) {
+            pthread_mutex_unlock(&s->mu);
+            if (drop)
+                drop(arg);
+            free(t);
+            return 0;
+        }
+        if (s->cap_tail)
+            s->cap_tail->next = t;
+        else
+            s->cap_head = t;
+        s->cap_tail = t;
+        pthread_mutex_unlock(&s->mu);
+        return 0;
+    }
     if (s->tail)
         s->tail->next = t;
     else
@@ -145,19 +222,24 @@ cudaError_t cudaGetDevice(int *device)
 
 cudaError_t cudaDeviceSynchronize(void)
 {
-    return cudaSuccess;
+    pthread_mutex_lock(&reg_mu);
+    struct CUstream_st *w = streams;
+    pthread_mutex_unlock(&reg_mu);
+    for (; w; w = w->next)
+        cudaStreamSynchronize(w);
+    return ret(sticky_error());
 }
 
 cudaError_t cudaGetLastError(void)
 {
     cudaError_t e = last_error;
     last_error = cudaSuccess;
-    return e;
+    return e != cudaSuccess ? e : sticky_error();
 }
 
 cudaError_t cudaPeekAtLastError(void)
 {
-    return last_error;
+    return last_error != cudaSuccess ? last_error : sticky_error();
 }
 
 const char *cudaGetErrorString(cudaError_t e)
@@ -169,6 +251,11 @@ const char *cudaGetErrorString(cudaError_t e)
     case cudaErrorInvalidDevice: return "invalid device ordinal (stand-in)";
     case cudaErrorMemoryAllocation: return "out of memory (stand-in)";
     case cudaErrorInvalidValue: return "invalid argument (stand-in)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument (stand-in)";
+    case cudaErrorLaunchFailure: return "unspecified launch failure (stand-in)";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch (stand-in)";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing (stand-in)";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture (stand-in)";
     default: return "error (stand-in)";
     }
 }
@@ -234,9 +321,15 @@ cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes *a, const void
     return cudaSuccess;
 }
 
+/* Synchronous calls wait for the created streams, as the legacy default
+ * stream does for blocking streams; the kernel library's streams are
+ * non-blocking, but its callers synchronise first anyway. */
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind)
 {
     (void)kind;
+    cudaError_t e = sticky_error();
+    if (e != cudaSuccess)
+        return ret(e);
     memmove(dst, src, bytes);
     return cudaSuccess;
 }
@@ -270,6 +363,27 @@ cudaError_t cudaMemset(void *p, int v, size_t bytes)
     return cudaSuccess;
 }
 
+typedef struct set_job {
+    void *p;
+    int v;
+    size_t n;
+} set_job;
+
+static void run_set(void *arg)
+{
+    set_job *j = arg;
+    memset(j->p, j->v, j->n);
+}
+
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s)
+{
+    set_job *j = malloc(sizeof *j);
+    if (!j)
+        return ret(cudaErrorMemoryAllocation);
+    *j = (set_job){p, v, bytes};
+    return standin_enqueue(s, run_set, j, free) ? ret(cudaErrorMemoryAllocation) : cudaSuccess;
+}
+
 /* ---- streams ------------------------------------------------------------ */
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *out, unsigned int flags)
 {
@@ -299,12 +413,17 @@ cudaError_t cudaStreamCreate(cudaStream_t *out)
 cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
     if (!is_worker(s))
-        return cudaSuccess;
+        return ret(sticky_error());
     pthread_mutex_lock(&s->mu);
+    if (s->capturing) {   /* not permitted while capturing; the capture is lost */
+        s->capturing = -1;
+        pthread_mutex_unlock(&s->mu);
+        return ret(cudaErrorStreamCaptureUnsupported);
+    }
     while (s->head || s->busy)
         pthread_cond_wait(&s->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
-    return cudaSuccess;
+    return ret(sticky_error());
 }
 
 /* Like CUDA, returns at once; the worker finishes the queue, then ends. */
@@ -330,11 +449,171 @@ cudaError_t cudaStreamDestroy(cudaStream_t s)
     return cudaSuccess;
 }
 
+/* ---- capture and graphs ------------------------------------------------------ */
+static int capturing(cudaStream_t s)
+{
+    if (!is_worker(s))
+        return 0;
+    pthread_mutex_lock(&s->mu);
+    int c = s->capturing;
+    pthread_mutex_unlock(&s->mu);
+    return c;
+}
+
 cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus *status)
 {
-    (void)s;
-    *status = cudaStreamCaptureStatusNone;   /* the stand-in kernel library never captures */
+    int c = capturing(s);
+    *status = c > 0 ? cudaStreamCaptureStatusActive
+              : c < 0 ? cudaStreamCaptureStatusInvalidated
+                      : cudaStreamCaptureStatusNone;
     return cudaSuccess;
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, enum cudaStreamCaptureMode mode)
+{
+    (void)mode;
+    if (!is_worker(s))
+        return ret(cudaErrorStreamCaptureUnsupported);
+    pthread_mutex_lock(&s->mu);
+    int busy = s->capturing != 0;
+    if (!busy)
+        s->capturing = 1;
+    pthread_mutex_unlock(&s->mu);
+    return busy ? ret(cudaErrorIllegalState) : cudaSuccess;
+}
+
+static void free_tasks(standin_task *t)
+{
+    while (t) {
+        standin_task *next = t->next;
+        if (t->drop)
+            t->drop(t->arg);
+        free(t);
+        t = next;
+    }
+}
+
+static void graph_unref(struct CUgraph_st *g)
+{
+    pthread_mutex_lock(&g->mu);
+    int last = --g->refs == 0;
+    pthread_mutex_unlock(&g->mu);
+    if (!last)
+        return;
+    free_tasks(g->head);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph)
+{
+    *graph = NULL;
+    if (!is_worker(s))
+        return ret(cudaErrorIllegalState);
+    pthread_mutex_lock(&s->mu);
+    int c = s->capturing;
+    standin_task *head = s->cap_head;
+    s->capturing = 0;
+    s->cap_head = s->cap_tail = NULL;
+    pthread_mutex_unlock(&s->mu);
+    if (c <= 0) {
+        free_tasks(head);
+        return ret(c < 0 ? cudaErrorStreamCaptureInvalidated : cudaErrorIllegalState);
+    }
+    struct CUgraph_st *g = calloc(1, sizeof *g);
+    if (!g) {
+        free_tasks(head);
+        return ret(cudaErrorMemoryAllocation);
+    }
+    pthread_mutex_init(&g->mu, NULL);
+    g->refs = 1;
+    g->head = head;
+    *graph = g;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t g)
+{
+    if (!g)
+        return ret(cudaErrorInvalidValue);
+    graph_unref(g);
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *out, cudaGraph_t g, unsigned long long flags)
+{
+    (void)flags;
+    *out = NULL;
+    if (!g)
+        return ret(cudaErrorInvalidValue);
+    struct CUgraphExec_st *x = calloc(1, sizeof *x);
+    if (!x)
+        return ret(cudaErrorMemoryAllocation);
+    pthread_mutex_lock(&g->mu);
+    g->refs++;
+    pthread_mutex_unlock(&g->mu);
+    x->g = g;
+    *out = x;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t x)
+{
+    if (!x)
+        return ret(cudaErrorInvalidValue);
+    graph_unref(x->g);
+    free(x);
+    return cudaSuccess;
+}
+
+static void run_graph(void *arg)
+{
+    for (const standin_task *t = ((struct CUgraph_st *)arg)->head; t; t = t->next)
+        t->run(t->arg);
+}
+
+static void drop_graph(void *arg)
+{
+    graph_unref(arg);
+}
+
+/* The launch holds the graph, so the exec may be destroyed while it runs. */
+cudaError_t cudaGraphLaunch(cudaGraphExec_t x, cudaStream_t s)
+{
+    if (!x)
+        return ret(cudaErrorInvalidValue);
+    if (capturing(s))
+        return ret(cudaErrorStreamCaptureUnsupported);
+    pthread_mutex_lock(&x->g->mu);
+    x->g->refs++;
+    pthread_mutex_unlock(&x->g->mu);
+    if (standin_enqueue(s, run_graph, x->g, drop_graph)) {
+        graph_unref(x->g);
+        return ret(cudaErrorMemoryAllocation);
+    }
+    return cudaSuccess;
+}
+
+/* ---- kernel attributes ------------------------------------------------------ */
+cudaError_t cudaFuncSetAttribute(const void *fn, enum cudaFuncAttribute attr, int value)
+{
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize)
+        return cudaSuccess;
+    if (!fn || value < 0 || value > 227 * 1024)
+        return ret(cudaErrorInvalidValue);
+    pthread_mutex_lock(&reg_mu);
+    func_attr *a = func_attrs;
+    while (a && a->fn != fn)
+        a = a->next;
+    if (!a && (a = calloc(1, sizeof *a)) != NULL) {
+        a->fn = fn;
+        a->next = func_attrs;
+        func_attrs = a;
+    }
+    if (a)
+        a->max_shared = (size_t)value;
+    pthread_mutex_unlock(&reg_mu);
+    return a ? cudaSuccess : ret(cudaErrorMemoryAllocation);
 }
 
 /* ---- events --------------------------------------------------------------- */
@@ -391,6 +670,8 @@ static void run_wait(void *arg)
 
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 {
+    if (capturing(s))
+        return ret(cudaErrorStreamCaptureUnsupported);
     event_mark *k = malloc(sizeof *k);
     if (!k)
         return ret(cudaErrorMemoryAllocation);
@@ -406,6 +687,8 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int flags)
 {
     (void)flags;
+    if (capturing(s))
+        return ret(cudaErrorStreamCaptureUnsupported);
     event_mark *k = malloc(sizeof *k);
     if (!k)
         return ret(cudaErrorMemoryAllocation);

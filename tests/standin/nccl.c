@@ -143,7 +143,7 @@ static ncclResult_t barrier(struct ncclComm *c)
             sched_yield();
             continue;
         }
-        struct timespec ts = {0, 50 * 1000};
+        struct timespec ts = {0, 50000L};
         nanosleep(&ts, NULL);
         if (now_s() - t0 > c->hang_s)
             return fail(c, ncclRemoteError, "rank %d: no peer arrived for %g s (STANDIN_NCCL_HANG_S)",
@@ -248,7 +248,7 @@ static ncclResult_t run_p2p(struct ncclComm *c, const op *ops, int n)
         if (tab[2 * ops[i].peer + 1])
             return fail(c, ncclInvalidUsage, "rank %d: two sends to rank %d in one group (the "
                         "stand-in takes one)", c->rank, ops[i].peer);
-        tab[2 * ops[i].peer] = (int64_t)at;
+        tab[2 * (int64_t)ops[i].peer] = (int64_t)at;
         tab[2 * ops[i].peer + 1] = (int64_t)b;
         memcpy(slot(c, c->rank) + at, ops[i].in, b);
         at += b;
@@ -263,7 +263,7 @@ static ncclResult_t run_p2p(struct ncclComm *c, const op *ops, int n)
         if ((size_t)theirs[2 * c->rank + 1] != b)
             return fail(c, ncclInvalidUsage, "rank %d expects %zu bytes from rank %d, which sends "
                         "%lld", c->rank, b, ops[i].peer, (long long)theirs[2 * c->rank + 1]);
-        memcpy(ops[i].out, slot(c, ops[i].peer) + theirs[2 * c->rank], b);
+        memcpy(ops[i].out, slot(c, ops[i].peer) + theirs[2 * (int64_t)c->rank], b);
     }
     return barrier(c);
 }
@@ -435,7 +435,7 @@ static ncclResult_t open_comm(ncclComm_t *out, int n, const char *path, int rank
     atomic_fetch_add(&c->h->joined, 1);
     double t0 = now_s();
     while (atomic_load(&c->h->joined) < n) {
-        struct timespec ts = {0, 200 * 1000};
+        struct timespec ts = {0, 200000L};
         nanosleep(&ts, NULL);
         if (now_s() - t0 > c->hang_s) {
             munmap(c->h, HDR_BYTES);

@@ -937,7 +937,10 @@ static void tc_h_norm_rope(tc_env *t)
 static void tc_h_attention(tc_env *t)
 {
     tc_half *hk = t->half;
-    static const int64_t shapes[][4] = {{1, 1, 1, 4}, {2, 37, 3, 16}, {1, 130, 2, 33}, {1, 64, 4, 64}};
+    /* the last two take the tensor-core forward over several 64-query
+     * tiles, so K and V tiles are reloaded while other warps may lag */
+    static const int64_t shapes[][4] = {{1, 1, 1, 4},    {2, 37, 3, 16},  {1, 130, 2, 33},
+                                        {1, 64, 4, 64},  {1, 200, 2, 64}, {2, 150, 1, 32}};
     char name[160];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int64_t B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], Dh = shapes[s][3];
@@ -1083,6 +1086,10 @@ static void tc_h_moe(tc_env *t)
     tc_h_moe_case(t, 1, 7, 3, 2, 1, 5, 0);
     tc_h_moe_case(t, 300, 64, 16, 4, 0, 96, 0);   /* blocks over several tiles */
     tc_h_moe_case(t, 300, 64, 16, 4, 70, 96, 0);
+    /* tensor-core paths: one K step, so the epilogue's staging reuses the
+     * ring slot just read; and seven, so the 3-stage ring wraps twice */
+    tc_h_moe_case(t, 40, 32, 4, 1, 0, 40, 0);
+    tc_h_moe_case(t, 64, 224, 4, 2, 0, 48, 0);
 }
 
 static void tc_h_optim(tc_env *t)
