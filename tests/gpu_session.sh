@@ -75,6 +75,9 @@ one() {   # NAME CMD...: its PASS/FAIL/SKIP lines counted, the log kept
     passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 }
 for t in "$G"/tests/test_kernels_cuda*; do one "$(basename "$t")" "$t"; done
+# the linear + bias (+ GELU) ops again without cuBLASLt's epilogues: the
+# path taken where cuBLASLt has no algorithm
+one test_kernels_cuda_fused_mlp.no_cublaslt env MOEK_CUDA_NO_LT=1 "$G/tests/test_kernels_cuda_fused_mlp"
 one test_gpu_train bash tests/cli/test_gpu_train.sh
 one test_nccl bash tests/cli/test_nccl.sh
 grep -h '^PASS gpu\.\|^info:' "$OUT/test_gpu_train.log" | sed 's/^/    /'

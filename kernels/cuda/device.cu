@@ -3,6 +3,7 @@
  * graphs.  These are the only functions here that allocate. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kcuda.cuh"
 
@@ -43,6 +44,8 @@ static void kc_release(moek_ctx *ctx)
     if (h) {
         if (h->blas)
             cublasDestroy(h->blas);
+        if (h->lt)
+            cublasLtDestroy(h->lt);
         cudaFree(h->blas_ws);
         cudaFree(h->dev_status);
         cudaFree(h->scratch);
@@ -147,6 +150,18 @@ extern "C" int moek_device_init(moek_ctx *ctx, int64_t device_index, int64_t wor
         kc_blas_msg(err, errlen, bwhat, bs);
         kc_release(ctx);
         return -1;
+    }
+    /* cuBLASLt, for GEMMs with fused epilogues; MOEK_CUDA_NO_LT=1 keeps
+     * them as separate kernels (the tests run both ways) */
+    const char *no_lt = getenv("MOEK_CUDA_NO_LT");
+    if (!(no_lt && *no_lt && strcmp(no_lt, "0"))) {
+        bs = cublasLtCreate(&h->lt);
+        if (bs != CUBLAS_STATUS_SUCCESS) {
+            h->lt = nullptr;
+            kc_blas_msg(err, errlen, "cublasLtCreate", bs);
+            kc_release(ctx);
+            return -1;
+        }
     }
     return 0;
 }

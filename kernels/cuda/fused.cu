@@ -4,6 +4,8 @@
  * and b once and writes s and y in one kernel (unfused: add writes s, the
  * norm reads it back twice); its backward adds the residual gradient ds in
  * the same pass that writes the norm's dx. */
+#include <string.h>
+
 #include "kcuda.cuh"
 
 /* v stored in T and read back: where the unfused ops round */
@@ -253,6 +255,15 @@ template <typename T> __global__ void k_gelu_bgrad(const T *dy, const T *pre, T 
     }
 }
 
+/* dpre = stored(dy gelu'(pre)), every element in parallel (the bias
+ * gradient is then summed by cuBLASLt, in the weight-gradient GEMM) */
+template <typename T> __global__ void k_gelu_dpre(const T *dy, const T *pre, T *dpre, int64_t n)
+{
+    KC_GRID_STRIDE(i, n) {
+        kc_st(dpre + i, kfu_rt<T>(kc_ld(dy + i) * kfu_gelu_grad(kc_ld(pre + i))));
+    }
+}
+
 template <typename T>
 static bool kfu_bias_gelu_fwd(const moek_ctx *ctx, T *pre, const T *b, T *y, int64_t N, int64_t M)
 {
@@ -271,11 +282,202 @@ static bool kfu_gelu_bgrad(const moek_ctx *ctx, const T *dy, const T *pre, T *dp
     return kc_launched(ctx);
 }
 
+/* ---- the same ops as one cuBLASLt GEMM with its epilogue ------------------
+ * Row-major y[N][M] = x[N][K] W^T is, column-major, y (M x N, ld M) =
+ * op_T(W: K x M, ld K) . x (K x N, ld K): D has M rows, and the bias (M) is
+ * cuBLASLt's per-row bias.  Forward: BIAS (D = y), or GELU_AUX_BIAS (D = y,
+ * aux = pre with leading dimension M, which cuBLASLt wants divisible by 8).
+ * Weight gradient: dw (K x M, ld K) = x (K x N, ld K) . op_T(dpre: M x N,
+ * ld M), and BGRADB sums B = dpre over k = N into db (M = D's columns).
+ * GELU is the tanh form, as here.  An epilogue rounds once where the
+ * unfused ops round twice (bf16/fp16: GEMM output, then + bias), which
+ * the tests' half tolerance covers; fp32 differs by summation order only.
+ * When cuBLASLt has no algorithm for a case (or MOEK_CUDA_NO_LT is set),
+ * the separate kernels above run instead. */
+enum kfu_lt_kind { KFU_LT_BIAS, KFU_LT_GELU_AUX_BIAS, KFU_LT_BGRADB };
+
+struct kfu_lt_gemm {
+    kfu_lt_kind kind;
+    cudaDataType_t type;
+    cublasOperation_t ta, tb;
+    int64_t m, n, k, lda, ldb, ldd;
+    const void *a, *b;
+    void *d;
+    void *vec;   /* the bias (forward) or the bias gradient (BGRADB) */
+    void *aux;   /* GELU_AUX_BIAS: the GELU input */
+};
+
+/* the largest power of two (up to 256) dividing the address: cuBLASLt's
+ * algorithms each need some alignment, and the heuristic is told ours */
+static uint32_t kfu_align(const void *p)
+{
+    uintptr_t u = (uintptr_t)p | 256u;
+    return (uint32_t)(u & (~u + 1));
+}
+
+static uint32_t kfu_epilogue(kfu_lt_kind kind)
+{
+    switch (kind) {
+    case KFU_LT_BIAS: return CUBLASLT_EPILOGUE_BIAS;
+    case KFU_LT_GELU_AUX_BIAS: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    default: return CUBLASLT_EPILOGUE_BGRADB;
+    }
+}
+
+/* the descriptors of one GEMM, freed with it */
+struct kfu_lt_desc {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    ~kfu_lt_desc()
+    {
+        if (d)
+            cublasLtMatrixLayoutDestroy(d);
+        if (b)
+            cublasLtMatrixLayoutDestroy(b);
+        if (a)
+            cublasLtMatrixLayoutDestroy(a);
+        if (op)
+            cublasLtMatmulDescDestroy(op);
+    }
+    cublasStatus_t make(const kfu_lt_gemm &g)
+    {
+        uint32_t epi = kfu_epilogue(g.kind);
+        int32_t ta = g.ta, tb = g.tb;
+        cublasStatus_t s = cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.vec, sizeof g.vec);
+        if (s == CUBLAS_STATUS_SUCCESS && g.kind == KFU_LT_GELU_AUX_BIAS) {
+            int64_t ld = g.m;
+            s = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux,
+                                               sizeof g.aux);
+            if (s == CUBLAS_STATUS_SUCCESS)
+                s = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld, sizeof ld);
+        }
+        /* stored shapes: op(A) is m x k, op(B) is k x n */
+        bool at = g.ta != CUBLAS_OP_N, bt = g.tb != CUBLAS_OP_N;
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatrixLayoutCreate(&a, g.type, (uint64_t)(at ? g.k : g.m), (uint64_t)(at ? g.m : g.k),
+                                           g.lda);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatrixLayoutCreate(&b, g.type, (uint64_t)(bt ? g.n : g.k), (uint64_t)(bt ? g.k : g.n),
+                                           g.ldb);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatrixLayoutCreate(&d, g.type, (uint64_t)g.m, (uint64_t)g.n, g.ldd);
+        return s;
+    }
+};
+
+/* The cached choice for g (the heuristic is asked once per shape, type,
+ * epilogue and alignment); NULL when a call failed (recorded). */
+static const kcuda_lt_plan *kfu_lt_plan(const moek_ctx *ctx, const kfu_lt_gemm &g, const kfu_lt_desc &dsc)
+{
+    kcuda_handles *h = kc_handles(ctx);
+    uint32_t al[3] = {kfu_align(g.a), kfu_align(g.b), kfu_align(g.d)};
+    uint64_t key[4] = {(uint64_t)g.kind | (uint64_t)g.type << 4 | (uint64_t)g.ta << 12 | (uint64_t)g.tb << 14 |
+                           (uint64_t)__builtin_ctz(al[0]) << 16 | (uint64_t)__builtin_ctz(al[1]) << 20 |
+                           (uint64_t)__builtin_ctz(al[2]) << 24 | (uint64_t)__builtin_ctz(kfu_align(g.vec)) << 28 |
+                           (uint64_t)__builtin_ctz(kfu_align(g.aux)) << 32 | (uint64_t)1 << 63,
+                       (uint64_t)g.m | (uint64_t)g.n << 32, (uint64_t)g.k | (uint64_t)g.lda << 32,
+                       (uint64_t)g.ldb | (uint64_t)g.ldd << 32};
+    for (int i = 0; i < KCUDA_LT_PLANS; i++)
+        if (!memcmp(h->lt_plans[i].key, key, sizeof key))
+            return &h->lt_plans[i];
+    kcuda_lt_plan *p = &h->lt_plans[h->lt_next];
+    h->lt_next = (h->lt_next + 1) % KCUDA_LT_PLANS;
+    memset(p, 0, sizeof *p);
+    cublasLtMatmulPreference_t pref = nullptr;
+    cublasStatus_t s = cublasLtMatmulPreferenceCreate(&pref);
+    uint64_t ws = h->blas_ws_bytes;
+    static const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    for (int i = 0; i < 4 && s == CUBLAS_STATUS_SUCCESS; i++) {
+        uint32_t v = al[i < 2 ? i : 2];   /* C is D */
+        s = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &v, sizeof v);
+    }
+    cublasLtMatmulHeuristicResult_t r;
+    memset(&r, 0, sizeof r);
+    int found = 0;
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulAlgoGetHeuristic(h->lt, dsc.op, dsc.a, dsc.b, dsc.d, dsc.d, pref, 1, &r, &found);
+    if (pref)
+        cublasLtMatmulPreferenceDestroy(pref);
+    /* NOT_SUPPORTED (no algorithm for this case) is an answer too */
+    if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED) {
+        kc_fail(ctx, MOEK_E_DEVICE);
+        return nullptr;
+    }
+    memcpy(p->key, key, sizeof key);
+    p->usable = s == CUBLAS_STATUS_SUCCESS && found > 0 && r.state == CUBLAS_STATUS_SUCCESS &&
+                r.workspaceSize <= h->blas_ws_bytes;
+    if (p->usable)
+        p->algo = r.algo;
+    return p;
+}
+
+/* 1 ran (or, dry, would run), 0 not available here (run the separate
+ * kernels), -1 failed (recorded in *ctx->status) */
+static int kfu_lt_run(const moek_ctx *ctx, const kfu_lt_gemm &g, bool dry)
+{
+    kcuda_handles *h = kc_handles(ctx);
+    if (!h || !h->lt || g.m <= 0 || g.n <= 0 || g.k <= 0)
+        return 0;
+    if (g.kind == KFU_LT_GELU_AUX_BIAS && g.m % 8 != 0)
+        return 0;
+    kfu_lt_desc dsc;
+    if (dsc.make(g) != CUBLAS_STATUS_SUCCESS) {
+        kc_fail(ctx, MOEK_E_DEVICE);
+        return -1;
+    }
+    const kcuda_lt_plan *p = kfu_lt_plan(ctx, g, dsc);
+    if (!p)
+        return -1;
+    if (!p->usable)
+        return 0;
+    if (dry)
+        return 1;
+    const float one = 1.0f, zero = 0.0f;
+    return kc_blas_ok(ctx, cublasLtMatmul(h->lt, dsc.op, &one, g.a, dsc.a, g.b, dsc.b, &zero, g.d, dsc.d, g.d,
+                                          dsc.d, &p->algo, h->blas_ws, h->blas_ws_bytes, kc_stream(ctx)))
+               ? 1
+               : -1;
+}
+
+/* y (and pre) = x W^T + b (then GELU), one GEMM */
+template <typename T>
+static int kfu_lt_fwd(const moek_ctx *ctx, const T *x, const T *w, const T *b, T *pre, T *y, int64_t N,
+                      int64_t K, int64_t M, bool gelu)
+{
+    kfu_lt_gemm g = {gelu ? KFU_LT_GELU_AUX_BIAS : KFU_LT_BIAS, kc_blas_type<T>::value, CUBLAS_OP_T, CUBLAS_OP_N,
+                     M, N, K, K, K, M, w, x, y, (void *)b, pre};
+    return kfu_lt_run(ctx, g, false);
+}
+
+/* dw = dp^T x and db = the column sums of dp, one GEMM */
+template <typename T>
+static int kfu_lt_dw_db(const moek_ctx *ctx, const T *dp, const T *x, T *dw, T *db, int64_t N, int64_t K,
+                        int64_t M, bool dry)
+{
+    kfu_lt_gemm g = {KFU_LT_BGRADB, kc_blas_type<T>::value, CUBLAS_OP_N, CUBLAS_OP_T, K, M, N, K, M, K, x, dp,
+                     dw, db, nullptr};
+    return kfu_lt_run(ctx, g, dry);
+}
+
 #define KFU_MBG(SFX, T, KT, CV)                                                                                 \
     extern "C" void moek_matmul_bias_gelu_fwd##SFX(const moek_ctx *ctx, const T *x, const T *w, const T *b,    \
                                                    T *pre, T *y, int64_t N, int64_t K, int64_t M)              \
     {                                                                                                           \
         if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
+            return;                                                                                             \
+        if (kfu_lt_fwd<KT>(ctx, CV(x), CV(w), CV(b), CV(pre), CV(y), N, K, M, true) != 0)                       \
             return;                                                                                             \
         moek_matmul_fwd##SFX(ctx, x, w, pre, N, K, M);                                                          \
         kfu_bias_gelu_fwd<KT>(ctx, CV(pre), CV(b), CV(y), N, M);                                                \
@@ -290,6 +492,16 @@ static bool kfu_gelu_bgrad(const moek_ctx *ctx, const T *dy, const T *pre, T *dp
         if (!kc_shape(ctx, ctx->workspace && (size_t)ctx->workspace_bytes >= nm))                               \
             return;                                                                                             \
         T *dp = (T *)ctx->workspace;                                                                            \
+        int lt = dw && db ? kfu_lt_dw_db<KT>(ctx, CV(dp), CV(x), CV(dw), CV(db), N, K, M, true) : 0;            \
+        if (lt < 0)                                                                                             \
+            return;                                                                                             \
+        if (lt) { /* dpre in parallel; dw and db in one GEMM; then dx */                                        \
+            k_gelu_dpre<KT><<<kc_blocks(N * M), KCUDA_THREADS, 0, kc_stream(ctx)>>>(CV(dy), CV(pre), CV(dp),    \
+                                                                                     N * M);                    \
+            if (kc_launched(ctx) && kfu_lt_dw_db<KT>(ctx, CV(dp), CV(x), CV(dw), CV(db), N, K, M, false) > 0)  \
+                moek_matmul_bwd##SFX(ctx, dp, x, w, dx, (T *)NULL, N, K, M);                                    \
+            return;                                                                                             \
+        }                                                                                                       \
         if (kfu_gelu_bgrad<KT>(ctx, CV(dy), CV(pre), CV(dp), CV(db), N, M))                                     \
             moek_matmul_bwd##SFX(ctx, dp, x, w, dx, dw, N, K, M);                                               \
     }                                                                                                           \
@@ -297,6 +509,8 @@ static bool kfu_gelu_bgrad(const moek_ctx *ctx, const T *dy, const T *pre, T *dp
                                               int64_t N, int64_t K, int64_t M)                                  \
     {                                                                                                           \
         if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
+            return;                                                                                             \
+        if (kfu_lt_fwd<KT>(ctx, CV(x), CV(w), CV(b), (KT *)NULL, CV(y), N, K, M, false) != 0)                   \
             return;                                                                                             \
         moek_matmul_fwd##SFX(ctx, x, w, y, N, K, M);                                                            \
         kfu_bias_gelu_fwd<KT>(ctx, CV(y), CV(b), (KT *)NULL, N, M);                                             \
@@ -306,6 +520,13 @@ static bool kfu_gelu_bgrad(const moek_ctx *ctx, const T *dy, const T *pre, T *dp
     {                                                                                                           \
         if (!kc_shape(ctx, N >= 0 && K >= 0 && M >= 0))                                                         \
             return;                                                                                             \
+        int lt = dw && db ? kfu_lt_dw_db<KT>(ctx, CV(dy), CV(x), CV(dw), CV(db), N, K, M, false) : 0;           \
+        if (lt < 0)                                                                                             \
+            return;                                                                                             \
+        if (lt) {                                                                                               \
+            moek_matmul_bwd##SFX(ctx, dy, x, w, dx, (T *)NULL, N, K, M);                                        \
+            return;                                                                                             \
+        }                                                                                                       \
         if (kfu_gelu_bgrad<KT>(ctx, CV(dy), (const KT *)NULL, (KT *)NULL, CV(db), N, M))                        \
             moek_matmul_bwd##SFX(ctx, dy, x, w, dx, dw, N, K, M);                                               \
     }

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,10 +20,23 @@ extern "C" {
 #include "../moek.h"
 }
 
+/* A cuBLASLt algorithm chosen for one GEMM shape and epilogue (fused.cu),
+ * so the heuristic runs once per shape, not at every call. */
+struct kcuda_lt_plan {
+    uint64_t key[4];        /* shape, types, epilogue, alignments; all 0 = empty */
+    int usable;             /* 0: cuBLASLt offered nothing, use the unfused path */
+    cublasLtMatmulAlgo_t algo;
+};
+
+#define KCUDA_LT_PLANS 32
+
 /* What moek_device_init hangs on ctx->blas: the cuBLAS handle plus the few
  * device buffers the library keeps for itself. */
 struct kcuda_handles {
     cublasHandle_t blas;
+    cublasLtHandle_t lt;    /* NULL: fused epilogues run as separate kernels */
+    kcuda_lt_plan lt_plans[KCUDA_LT_PLANS];
+    int lt_next;            /* the plan slot to replace next */
     void *blas_ws;          /* cuBLAS workspace: fixed so graph capture never allocates */
     size_t blas_ws_bytes;
     int *dev_status;        /* first data error found on the device (0 = none) */
@@ -98,6 +112,21 @@ static inline unsigned kc_blocks(int64_t n, int threads = KCUDA_THREADS)
         b = 65536;
     return (unsigned)(b < 1 ? 1 : b);
 }
+
+/* The cuBLAS type of a storage type.  fp32 storage with fp32 compute;
+ * CUBLAS_COMPUTE_32F with the default math mode never rounds inputs to
+ * TF32.  bf16 (fp16) storage: bf16 (fp16) A, B and C with the same fp32
+ * compute type, which runs on the tensor cores and rounds C once. */
+template <typename T> struct kc_blas_type;
+template <> struct kc_blas_type<float> {
+    static constexpr cudaDataType_t value = CUDA_R_32F;
+};
+template <> struct kc_blas_type<__nv_bfloat16> {
+    static constexpr cudaDataType_t value = CUDA_R_16BF;
+};
+template <> struct kc_blas_type<__half> {
+    static constexpr cudaDataType_t value = CUDA_R_16F;
+};
 
 /* ---- device side -------------------------------------------------------- */
 __device__ inline void kc_dev_fail(int *st, int code)

@@ -12,21 +12,6 @@
 
 #include "kcuda.cuh"
 
-/* fp32 storage with fp32 compute; CUBLAS_COMPUTE_32F with the default math
- * mode never rounds inputs to TF32.  bf16 storage: bf16 A, B and C with the
- * same fp32 compute type, which runs on the tensor cores and rounds C once. */
-template <typename T> struct kc_blas_type;
-template <> struct kc_blas_type<float> {
-    static constexpr cudaDataType_t value = CUDA_R_32F;
-};
-template <> struct kc_blas_type<kc_bf16> {
-    static constexpr cudaDataType_t value = CUDA_R_16BF;
-};
-/* fp16 storage: CUDA_R_16F with the same fp32 compute type (CUBLAS_COMPUTE_32F) */
-template <> struct kc_blas_type<kc_f16> {
-    static constexpr cudaDataType_t value = CUDA_R_16F;
-};
-
 /* column-major C[m,n] = op(A) . op(B) */
 template <typename T>
 static bool kc_gemm(const moek_ctx *ctx, cublasOperation_t ta, cublasOperation_t tb, int64_t m,

@@ -53,6 +53,14 @@ for prog in test_kernels_cuda test_kernels_cuda_fused test_kernels_cuda_fused_ml
     done
 done
 
+# the linear + bias (+ GELU) ops with cuBLASLt's epilogues off: the
+# separate kernels that run where cuBLASLt offers no algorithm
+out=$(MOEK_CUDA_NO_LT=1 MOEC_BUILD=$EMU timeout 900 "$ROOT/$B/tests/test_kernels_cuda_fused_mlp" 2>&1); rc=$?
+p=$(grep -c '^PASS ' <<<"$out"); f=$(grep -c '^FAIL ' <<<"$out")
+if [ $rc -eq 0 ] && [ $f -eq 0 ] && [ "$p" -eq 12 ]; then
+    pass "emu.test_kernels_cuda_fused_mlp.no_cublaslt ($p checks)"
+else fail "emu.test_kernels_cuda_fused_mlp.no_cublaslt" "$p passed, $f failed, exit $rc: $(grep -m3 '^FAIL' <<<"$out")"; fi
+
 # ---- 2. whole models on the emulated device -----------------------------------
 mkdir -p "$TMP/k"
 ln -sf "$ROOT/$B/libmoek_cpu.so" "$TMP/k/libmoek_cpu.so"

@@ -11,7 +11,8 @@
 # plan, data and seed): every step's loss within 1e-4 relative; CUDA graph
 # replay vs --no-graph bit for bit (losses and final checkpoint); 10 + resume
 # + 10 steps on cuda equal 20 straight; bf16 (dense and MoE) and fp16 (MoE)
-# within 1e-2 relative of the CPU at each of 20 steps; checkpoints trained
+# within 1e-2 relative of the CPU at each of 20 steps (and a bf16 GELU MLP
+# model, which takes the cuBLASLt epilogue GEMMs); checkpoints trained
 # on either device sample the same greedy text on both.
 # With GPU_TRAIN_KERNELS=DIR (a folder with libmoek_cuda.so and
 # libmoek_cpu.so), only part 2 runs, on that library, its checks named
@@ -124,7 +125,9 @@ done
 sed 's/precision = fp32/precision = bf16/' "$ROOT/examples/tiny_dense.moe" > td_bf16.moe
 sed 's/precision = bf16/precision = fp16/' "$ROOT/examples/tiny_moe_bf16.moe" > tm_fp16.moe
 cp "$ROOT/examples/tiny_moe_bf16.moe" tm_bf16.moe
-for m in td_bf16 tm_bf16 tm_fp16; do
+# GELU MLPs: the linear + bias + GELU GEMMs with cuBLASLt epilogues
+sed 's/precision = fp32/precision = bf16/' "$ROOT/examples/tiny_gelu.moe" > tg_bf16.moe
+for m in td_bf16 tm_bf16 tm_fp16 tg_bf16; do
     "$MOEC" --stdlib "${MOEC_STDLIB:-$ROOT/stdlib}" "$m.moe" -o "$m.bin" > "$m.moec.log" 2>&1 ||
         { fail "$G.${m}_cuda_vs_cpu" "$(tail -3 "$m.moec.log")"; continue; }
     for d in cpu cuda; do
