@@ -129,11 +129,31 @@ uint64_t explain_workspace_bytes(const ir_graph *g)
     return (uint64_t)most;
 }
 
+/* Attention's backward on the GPU keeps D_i = dO_i . O_i there, one float
+ * per (batch, head, position): lse's size (moek.h, moek_attention_bwd). */
+static int64_t ex_attention_bwd_scratch(const ir_graph *g, const ir_node *n)
+{
+    const char *sym = iop_symbol(n);   /* the node's kernel, its precision's variant */
+    if (!n->is_backward || !sym || strncmp(sym, "moek_attention_bwd", 18) != 0)
+        return 0;
+    int count;
+    const ir_ref *t = iop_template(n, &count);
+    for (int a = 0; a < count; a++)
+        if (t[a].kind == IR_REF_OUT && t[a].index == 1) {   /* (o, lse) */
+            int v = iop_ref_value(n, &t[a]);
+            return v >= 0 && v < g->nvalues ? ir_value_numel(&g->values[v]) * (int64_t)sizeof(float) + 256 : 0;
+        }
+    return 0;
+}
+
 uint64_t explain_gpu_workspace_bytes(const ir_graph *g)
 {
     int64_t most = 0;
     for (int ni = 0; ni < g->nnodes; ni++) {
         const ir_node *n = &g->nodes[ni];
+        int64_t att = ex_attention_bwd_scratch(g, n);
+        if (att > most)
+            most = att;
         if (!n->def || !n->def->fuse || !n->is_backward)   /* forward ones keep no scratch */
             continue;
         int count;
@@ -263,7 +283,7 @@ void explain_print_layout(const ir_graph *g, const explain_layout *lay, FILE *ou
                     "in the total)\n", ws, ex_mib((double)ws), bf16 ? half : "",
                     bf16 ? " kernels widen into it, and " : "");
         if (gws > 0)
-            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  on cuda (fused ops' scratch; "
+            fprintf(out, "  workspace %14" PRIu64 "  %10.2f MiB  on cuda (fused ops' and attention's scratch; "
                     "not in the total)\n", gws, ex_mib((double)gws));
         if (g->par_ranks > 1) {
             double cb = ex_comm_buffer_bytes(g);

@@ -100,7 +100,10 @@ void moek_rope_bwd(const moek_ctx *ctx, const float *dy, float *dx,
 
 /* ---- causal self-attention, q/k/v/o [B*T, H*Dh], lse[B,H,T] ------------
  * scale 1/sqrt(Dh); lse keeps the row log-sum-exp so backward recomputes the
- * probabilities instead of storing a T x T matrix. */
+ * probabilities instead of storing a T x T matrix.  The backward may keep
+ * B*H*T floats (lse's size) in ctx->workspace; a library that finds less
+ * there still computes the gradients (the CUDA library's bf16 tensor-core
+ * kernels need it; the plan's gpu_workspace_bytes counts it). */
 void moek_attention_fwd(const moek_ctx *ctx, const float *q, const float *k, const float *v,
                         float *o, float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh);
 void moek_attention_bwd(const moek_ctx *ctx, const float *dout, const float *q, const float *k,

@@ -15,9 +15,9 @@
  * only its own rows, so there are no atomics and the result is
  * deterministic: dq (a warp per query row, over keys j <= t) and dk/dv (a
  * warp per key row, over queries i >= j, recomputing D_i per pair rather
- * than storing it).  Correct rather than fast.  The bf16 forward has a
- * tensor-core kernel (k_fa_fwd, below) for the common head sizes; the
- * backward still runs here. */
+ * than storing it).  Correct rather than fast.  bf16 has tensor-core
+ * kernels for the common head sizes, forward (k_fa_fwd) and backward
+ * (k_fa_bwd_*), below; other cases run here. */
 #include <mma.h>
 
 #include "kcuda.cuh"
@@ -444,6 +444,278 @@ static bool fa_fwd_bf16(const moek_ctx *ctx, const kc_bf16 *q, const kc_bf16 *k,
     }
 }
 
+/* ---- bf16 backward on the tensor cores ---------------------------------------
+ * FlashAttention-2's backward, in two kernels so that no two blocks add
+ * into the same row (no float atomics: deterministic, and a replayed graph
+ * is bit for bit the eager run), as the warp-per-row kernels above:
+ *  - k_fa_bwd_dkdv: a block per (b, h, 64-key tile), over the query tiles
+ *    at or after it; per 16 key rows (a warp): S^T = K Q^T, P^T =
+ *    exp(S^T scale - lse), dP^T = V dO^T, dS^T = P^T (dP^T - D) scale,
+ *    then dV += P^T dO and dK += dS^T Q;
+ *  - k_fa_bwd_dq: a block per (b, h, 64-query tile), over the key tiles at
+ *    or before it; per 16 query rows: S, P, dP = dO V^T and dS again, then
+ *    dQ += dS K.
+ * D_i = dO_i . O_i is computed once (k_fa_bwd_delta) into the workspace.
+ * The five products are WMMA (bf16 in, fp32 accumulate); P and dS are
+ * rounded to bf16 for them (the forward's one extra rounding, twice), the
+ * softmax and D stay fp32.  Accumulators are fp32 rows in shared memory,
+ * since WMMA's register layout is opaque.  Same head sizes, alignment and
+ * fallback as the forward, plus B*H*T floats of workspace for D. */
+template <int D> struct fb_lay {
+    static constexpr int ld = fa_lay<D>::ld, old = fa_lay<D>::old;
+    static constexpr size_t tile = (size_t)64 * ld * 2;              /* one bf16 [64][D+8] tile */
+    static constexpr size_t warp_f = (size_t)16 * FA_SLD * 4;        /* one warp's fp32 [16][68] */
+    static constexpr size_t warp_h = (size_t)16 * FA_PLD * 2;        /* one warp's bf16 [16][72] */
+    static constexpr size_t acc = (size_t)64 * old * 4;              /* fp32 [64][D+4] rows */
+    /* four tiles, lse and D of 64 rows, S and dP (fp32), P and dS (bf16)
+     * for 4 warps, then the accumulators: two (dK, dV) or one (dQ) */
+    static constexpr size_t rows = 4 * tile, vec = rows + 2 * 64 * 4, sf = vec, dpf = sf + 4 * warp_f,
+                            ph = dpf + 4 * warp_f, dsh = ph + 4 * warp_h, acc0 = dsh + 4 * warp_h,
+                            acc1 = acc0 + acc, bytes2 = acc1 + acc, bytes1 = acc1;
+};
+
+/* D_i = sum over d of dO_i[d] O_i[d], fp32 as the CPU sums it */
+__global__ void k_fa_bwd_delta(const kc_bf16 *dout, const kc_bf16 *o, float *delta, at_dims a)
+{
+    KC_GRID_STRIDE(row, a.B * a.H * a.T) {
+        int64_t t = row % a.T, bh = row / a.T, h = bh % a.H, b = bh / a.H;
+        int64_t off = at_off(a, b, t, h);
+        delta[row] = at_dot2(dout + off, o + off, a.Dh);
+    }
+}
+
+/* C (16 x 64, fp32, ld FA_SLD) = A (16 rows of a [.][D+8] tile) . B^T, B's
+ * 64 rows another tile: the scores, or dP */
+template <int D>
+__device__ inline void fb_rows_by_tile(float *c, const kc_bf16 *a, const kc_bf16 *b)
+{
+    using namespace nvcuda;
+    constexpr int ld = fb_lay<D>::ld;
+#pragma unroll
+    for (int n = 0; n < 64 / 16; n++) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
+        wmma::fill_fragment(cf, 0.0f);
+#pragma unroll
+        for (int kd = 0; kd < D; kd += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> af;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::col_major> bf;
+            wmma::load_matrix_sync(af, a + kd, ld);
+            wmma::load_matrix_sync(bf, b + n * 16 * ld + kd, ld);
+            wmma::mma_sync(cf, af, bf, cf);
+        }
+        wmma::store_matrix_sync(c + n * 16, cf, FA_SLD, wmma::mem_row_major);
+    }
+}
+
+/* acc (16 x D fp32 rows, ld D+4) += A (16 x 64 bf16, ld FA_PLD) . B (a
+ * [64][D+8] tile) */
+template <int D>
+__device__ inline void fb_acc_rows(float *acc, const kc_bf16 *a, const kc_bf16 *b)
+{
+    using namespace nvcuda;
+    constexpr int ld = fb_lay<D>::ld, old = fb_lay<D>::old;
+#pragma unroll
+    for (int dn = 0; dn < D; dn += 16) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
+        wmma::load_matrix_sync(cf, acc + dn, old, wmma::mem_row_major);
+#pragma unroll
+        for (int kk = 0; kk < 64; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> af;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::row_major> bf;
+            wmma::load_matrix_sync(af, a + kk, FA_PLD);
+            wmma::load_matrix_sync(bf, b + kk * ld + dn, ld);
+            wmma::mma_sync(cf, af, bf, cf);
+        }
+        wmma::store_matrix_sync(acc + dn, cf, old, wmma::mem_row_major);
+    }
+}
+
+/* 64 rows of lse and D from t0 (0 past T) */
+__device__ inline void fb_load_vec(float *lse_s, float *d_s, const float *lse, const float *delta,
+                                   int64_t row0, int64_t t0, int64_t T)
+{
+    for (int c = threadIdx.x; c < 64; c += blockDim.x) {
+        bool ok = t0 + c < T;
+        lse_s[c] = ok ? lse[row0 + t0 + c] : 0.0f;
+        d_s[c] = ok ? delta[row0 + t0 + c] : 0.0f;
+    }
+}
+
+/* stores 16 fp32 accumulator rows (this warp's) from row t0 on, < T */
+template <int D>
+__device__ inline void fb_store_rows(kc_bf16 *dst, const float *acc, const at_dims &a, int64_t b,
+                                     int64_t h, int64_t t0)
+{
+    int lane = threadIdx.x & 31;
+    for (int i = lane; i < 16 * D; i += 32) {
+        int r = i / D, d = i % D;
+        if (t0 + r < a.T)
+            kc_st(dst + at_off(a, b, t0 + r, h) + d, acc[r * fb_lay<D>::old + d]);
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(128) k_fa_bwd_dkdv(const kc_bf16 *dout, const kc_bf16 *q,
+                                                     const kc_bf16 *k, const kc_bf16 *v,
+                                                     const float *lse, const float *delta,
+                                                     kc_bf16 *dk, kc_bf16 *dv, at_dims a)
+{
+    typedef fb_lay<D> L;
+    extern __shared__ __align__(128) unsigned char fb_shm[];
+    kc_bf16 *ks = reinterpret_cast<kc_bf16 *>(fb_shm), *vs = ks + 64 * L::ld, *qs = vs + 64 * L::ld,
+            *dos = qs + 64 * L::ld;
+    float *lse_s = reinterpret_cast<float *>(fb_shm + L::rows), *d_s = lse_s + 64;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+    float *ss = reinterpret_cast<float *>(fb_shm + L::sf) + warp * 16 * FA_SLD;
+    float *dps = reinterpret_cast<float *>(fb_shm + L::dpf) + warp * 16 * FA_SLD;
+    kc_bf16 *ps = reinterpret_cast<kc_bf16 *>(fb_shm + L::ph) + warp * 16 * FA_PLD;
+    kc_bf16 *dss = reinterpret_cast<kc_bf16 *>(fb_shm + L::dsh) + warp * 16 * FA_PLD;
+    float *dka = reinterpret_cast<float *>(fb_shm + L::acc0) + warp * 16 * L::old;
+    float *dva = reinterpret_cast<float *>(fb_shm + L::acc1) + warp * 16 * L::old;
+
+    int64_t ntile = (a.T + 63) / 64;
+    int64_t kt = (int64_t)blockIdx.x % ntile, bh = (int64_t)blockIdx.x / ntile;   /* first keys do the most */
+    int64_t h = bh % a.H, b = bh / a.H, j0 = kt * 64, kj = j0 + warp * 16 + r;
+    fa_load<D>(ks, k, a, b, h, j0);
+    fa_load<D>(vs, v, a, b, h, j0);
+    for (int i = lane; i < 16 * L::old; i += 32)
+        dka[i] = dva[i] = 0.0f;
+
+    for (int64_t i0 = j0; i0 < a.T; i0 += 64) {
+        __syncthreads();   /* every warp is done with the previous Q, dO, lse, D */
+        fa_load<D>(qs, q, a, b, h, i0);
+        fa_load<D>(dos, dout, a, b, h, i0);
+        fb_load_vec(lse_s, d_s, lse, delta, bh * a.T, i0, a.T);
+        kc_cp_wait<0>();
+        __syncthreads();
+        fb_rows_by_tile<D>(ss, ks + warp * 16 * L::ld, qs);    /* S^T */
+        fb_rows_by_tile<D>(dps, vs + warp * 16 * L::ld, dos);  /* dP^T */
+        __syncwarp();
+        for (int c = half; c < 64; c += 2) {
+            int64_t qi = i0 + c;
+            float p = kj < a.T && qi < a.T && qi >= kj ? expf(ss[r * FA_SLD + c] * a.scale - lse_s[c]) : 0.0f;
+            ps[r * FA_PLD + c] = __float2bfloat16_rn(p);
+            dss[r * FA_PLD + c] = __float2bfloat16_rn(p * (dps[r * FA_SLD + c] - d_s[c]) * a.scale);
+        }
+        __syncwarp();
+        fb_acc_rows<D>(dva, ps, dos);   /* dV += P^T dO */
+        fb_acc_rows<D>(dka, dss, qs);   /* dK += dS^T Q */
+    }
+    __syncwarp();
+    fb_store_rows<D>(dk, dka, a, b, h, j0 + warp * 16);
+    fb_store_rows<D>(dv, dva, a, b, h, j0 + warp * 16);
+}
+
+template <int D>
+__global__ void __launch_bounds__(128) k_fa_bwd_dq(const kc_bf16 *dout, const kc_bf16 *q,
+                                                   const kc_bf16 *k, const kc_bf16 *v,
+                                                   const float *lse, const float *delta, kc_bf16 *dq,
+                                                   at_dims a)
+{
+    typedef fb_lay<D> L;
+    extern __shared__ __align__(128) unsigned char fb_shm[];
+    kc_bf16 *qs = reinterpret_cast<kc_bf16 *>(fb_shm), *dos = qs + 64 * L::ld, *ks = dos + 64 * L::ld,
+            *vs = ks + 64 * L::ld;
+    float *lse_s = reinterpret_cast<float *>(fb_shm + L::rows), *d_s = lse_s + 64;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+    float *ss = reinterpret_cast<float *>(fb_shm + L::sf) + warp * 16 * FA_SLD;
+    float *dps = reinterpret_cast<float *>(fb_shm + L::dpf) + warp * 16 * FA_SLD;
+    kc_bf16 *dss = reinterpret_cast<kc_bf16 *>(fb_shm + L::dsh) + warp * 16 * FA_PLD;
+    float *dqa = reinterpret_cast<float *>(fb_shm + L::acc0) + warp * 16 * L::old;
+
+    int64_t ntile = (a.T + 63) / 64;
+    int64_t qt = ntile - 1 - (int64_t)blockIdx.x % ntile, bh = (int64_t)blockIdx.x / ntile;
+    int64_t h = bh % a.H, b = bh / a.H, i0 = qt * 64, wr = warp * 16 + r, qi = i0 + wr;
+    fa_load<D>(qs, q, a, b, h, i0);
+    fa_load<D>(dos, dout, a, b, h, i0);
+    fb_load_vec(lse_s, d_s, lse, delta, bh * a.T, i0, a.T);
+    for (int i = lane; i < 16 * L::old; i += 32)
+        dqa[i] = 0.0f;
+
+    for (int64_t j0 = 0; j0 <= i0; j0 += 64) {
+        __syncthreads();   /* every warp is done with the previous K, V */
+        fa_load<D>(ks, k, a, b, h, j0);
+        fa_load<D>(vs, v, a, b, h, j0);
+        kc_cp_wait<0>();
+        __syncthreads();
+        fb_rows_by_tile<D>(ss, qs + warp * 16 * L::ld, ks);    /* S */
+        fb_rows_by_tile<D>(dps, dos + warp * 16 * L::ld, vs);  /* dP */
+        __syncwarp();
+        for (int c = half; c < 64; c += 2) {
+            int64_t kj = j0 + c;
+            float p = qi < a.T && kj <= qi ? expf(ss[r * FA_SLD + c] * a.scale - lse_s[wr]) : 0.0f;
+            dss[r * FA_PLD + c] = __float2bfloat16_rn(p * (dps[r * FA_SLD + c] - d_s[wr]) * a.scale);
+        }
+        __syncwarp();
+        fb_acc_rows<D>(dqa, dss, ks);   /* dQ += dS K */
+    }
+    __syncwarp();
+    fb_store_rows<D>(dq, dqa, a, b, h, i0 + warp * 16);
+}
+
+template <int D>
+static void fb_launch(const moek_ctx *ctx, const kc_bf16 *dout, const kc_bf16 *q, const kc_bf16 *k,
+                      const kc_bf16 *v, const kc_bf16 *o, const float *lse, kc_bf16 *dq, kc_bf16 *dk,
+                      kc_bf16 *dv, const at_dims &a)
+{
+    typedef fb_lay<D> L;
+    float *delta = (float *)ctx->workspace;
+    int64_t rows = a.B * a.H * a.T;
+    unsigned blocks = (unsigned)(a.B * a.H * ((a.T + 63) / 64));
+    k_fa_bwd_delta<<<kc_blocks(rows), KCUDA_THREADS, 0, kc_stream(ctx)>>>(dout, o, delta, a);
+    if (!kc_launched(ctx) ||
+        !kc_ok(ctx, cudaFuncSetAttribute((const void *)k_fa_bwd_dkdv<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes2)) ||
+        !kc_ok(ctx, cudaFuncSetAttribute((const void *)k_fa_bwd_dq<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes1)))
+        return;
+    k_fa_bwd_dkdv<D><<<blocks, 128, L::bytes2, kc_stream(ctx)>>>(dout, q, k, v, lse, delta, dk, dv, a);
+    if (!kc_launched(ctx))
+        return;
+    k_fa_bwd_dq<D><<<blocks, 128, L::bytes1, kc_stream(ctx)>>>(dout, q, k, v, lse, delta, dq, a);
+    kc_launched(ctx);
+}
+
+/* true when the tensor-core kernels took the call */
+static bool fb_bwd_bf16(const moek_ctx *ctx, const kc_bf16 *dout, const kc_bf16 *q, const kc_bf16 *k,
+                        const kc_bf16 *v, const kc_bf16 *o, const float *lse, kc_bf16 *dq, kc_bf16 *dk,
+                        kc_bf16 *dv, int64_t B, int64_t T, int64_t H, int64_t Dh)
+{
+    if (B <= 0 || T <= 0 || H <= 0 || (H * Dh) % 8 != 0 ||
+        B * H * ((T + 63) / 64) > INT32_MAX)
+        return false;
+    uintptr_t al = (uintptr_t)dout | (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)o |
+                   (uintptr_t)dq | (uintptr_t)dk | (uintptr_t)dv;
+    if ((al & 15) || !ctx->workspace || ctx->workspace_bytes < B * H * T * (int64_t)sizeof(float))
+        return false;
+    /* the dK/dV kernel's shared memory (187 KB at Dh 128) must fit this
+     * GPU's opt-in limit (227 KB on sm_90, 163 KB on sm_80) */
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+        cudaGetLastError();   /* not sticky: the warp-per-row kernels run instead */
+        return false;
+    }
+    size_t need = Dh == 16 ? fb_lay<16>::bytes2 : Dh == 32 ? fb_lay<32>::bytes2
+                : Dh == 64 ? fb_lay<64>::bytes2 : fb_lay<128>::bytes2;
+    if (need > (size_t)optin)
+        return false;
+    at_dims a;
+    a.B = B;
+    a.T = T;
+    a.H = H;
+    a.Dh = Dh;
+    a.W = H * Dh;
+    a.scale = 1.0f / sqrtf((float)Dh);
+    switch (Dh) {
+    case 16: fb_launch<16>(ctx, dout, q, k, v, o, lse, dq, dk, dv, a); return true;
+    case 32: fb_launch<32>(ctx, dout, q, k, v, o, lse, dq, dk, dv, a); return true;
+    case 64: fb_launch<64>(ctx, dout, q, k, v, o, lse, dq, dk, dv, a); return true;
+    case 128: fb_launch<128>(ctx, dout, q, k, v, o, lse, dq, dk, dv, a); return true;
+    default: return false;
+    }
+}
+
 extern "C" {
 
 void moek_attention_fwd(const moek_ctx *ctx, const float *q, const float *k, const float *v,
@@ -473,8 +745,10 @@ void moek_attention_bwd_bf16(const moek_ctx *ctx, const moek_bf16 *dout, const m
                              const float *lse, moek_bf16 *dq, moek_bf16 *dk, moek_bf16 *dv,
                              int64_t B, int64_t T, int64_t H, int64_t Dh)
 {
-    kc_attention_bwd(ctx, kc_bf(dout), kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, kc_bf(dq),
-                     kc_bf(dk), kc_bf(dv), B, T, H, Dh);
+    if (!fb_bwd_bf16(ctx, kc_bf(dout), kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, kc_bf(dq), kc_bf(dk),
+                     kc_bf(dv), B, T, H, Dh))
+        kc_attention_bwd(ctx, kc_bf(dout), kc_bf(q), kc_bf(k), kc_bf(v), kc_bf(o), lse, kc_bf(dq),
+                         kc_bf(dk), kc_bf(dv), B, T, H, Dh);
 }
 
 

@@ -220,6 +220,20 @@ cudaError_t cudaGetDevice(int *device)
     return cudaSuccess;
 }
 
+/* an H100's figures, for what the kernel library asks */
+cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, int device)
+{
+    if (device != 0)
+        return ret(cudaErrorInvalidDevice);
+    switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    default: return ret(cudaErrorInvalidValue);
+    }
+}
+
 cudaError_t cudaDeviceSynchronize(void)
 {
     pthread_mutex_lock(&reg_mu);

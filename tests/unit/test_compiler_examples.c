@@ -98,11 +98,12 @@ static void one(const char *root, const char *model, const char *tmpdir)
 /* The GPU workspace figure (explain_gpu_workspace_bytes) against what the
  * CUDA fused kernels check for (kernels/cuda/fused.cu): swiglu_proj_bwd
  * 2 x round256(NM) + NK, matmul_bias_gelu_bwd NM elements of the storage
- * type, softmax_topk_bwd NE floats; and, for a half plan, far below the CPU
- * figure (which widens every half tensor). */
+ * type, softmax_topk_bwd NE floats; attention_bwd's D, B*H*T floats; and,
+ * for a half plan, far below the CPU figure (which widens every half
+ * tensor). */
 static int64_t ex_round256(int64_t b) { return (b + 255) / 256 * 256; }
 
-static void gpu_workspace(const char *root, const char *rel, int half)
+static void gpu_workspace_pass(const char *root, const char *rel, int half, int fuse)
 {
     char path[1024], name[200];
     snprintf(path, sizeof path, "%s/%s", root, rel);
@@ -110,17 +111,17 @@ static void gpu_workspace(const char *root, const char *rel, int half)
     ir_graph *g = ex_elaborate(root, path, d);
     moec_error err;
     memset(&err, 0, sizeof err);
-    int rc = !g || pass_fuse(g, &err) || pass_autodiff(g, &err) || pass_optimizer(g, &err) ||
+    int rc = !g || (fuse && pass_fuse(g, &err)) || pass_autodiff(g, &err) || pass_optimizer(g, &err) ||
              pass_memplan(g, &err);
-    snprintf(name, sizeof name, "workspace: %s compiles with fusion", rel);
+    snprintf(name, sizeof name, "workspace: %s compiles %s fusion", rel, fuse ? "with" : "without");
     CHECK(name, rc == 0, "%s", g ? err.msg : "elaboration failed");
     if (rc) {
         ir_graph_free(g);
         diag_free(d);
         return;
     }
-    int64_t need = 0;
-    int nfused = 0;
+    int64_t need = 0, att = 0;
+    int nfused = 0, natt = 0;
     for (int i = 0; i < g->nnodes; i++) {
         const char *sym = iop_symbol(&g->nodes[i]);
         int count;
@@ -137,12 +138,29 @@ static void gpu_workspace(const char *root, const char *rel, int half)
             b = n0 * es;
         else if (strncmp(sym, "moek_softmax_topk_bwd", 21) == 0)
             b = n0 * 4;
-        else
+        else if (strncmp(sym, "moek_attention_bwd", 18) == 0) {
+            /* D_i, one float per row: lse's size (argument 5) */
+            int a5 = count > 5 ? iop_ref_value(&g->nodes[i], &t[5]) : -1;
+            int64_t rows = a5 >= 0 ? ir_value_numel(&g->values[a5]) : 0;
+            natt++;
+            att = rows * 4 > att ? rows * 4 : att;
+            continue;
+        } else
             continue;
         nfused++;
         need = b > need ? b : need;
     }
     uint64_t gws = explain_gpu_workspace_bytes(g), cws = explain_workspace_bytes(g);
+    snprintf(name, sizeof name, "workspace: %s on cuda covers its %d attention backward ops", rel, natt);
+    CHECK(name, natt > 0 && gws >= (uint64_t)att, "gpu figure %" PRIu64 ", attention needs %" PRId64, gws, att);
+    if (!fuse) {   /* attention is then the only op with scratch: the figure is its own */
+        snprintf(name, sizeof name, "workspace: %s without fusion on cuda is attention's D plus alignment", rel);
+        CHECK(name, nfused == 0 && att > 0 && gws == (uint64_t)att + 256, "gpu figure %" PRIu64 ", D %" PRId64,
+              gws, att);
+        ir_graph_free(g);
+        diag_free(d);
+        return;
+    }
     snprintf(name, sizeof name, "workspace: %s on cuda covers its %d fused backward ops", rel, nfused);
     CHECK(name, nfused > 0 && gws >= (uint64_t)need, "gpu figure %" PRIu64 ", the largest needs %" PRId64,
           gws, need);
@@ -154,6 +172,11 @@ static void gpu_workspace(const char *root, const char *rel, int half)
     }
     ir_graph_free(g);
     diag_free(d);
+}
+
+static void gpu_workspace(const char *root, const char *rel, int half)
+{
+    gpu_workspace_pass(root, rel, half, 1);
 }
 
 int main(void)
@@ -172,5 +195,6 @@ int main(void)
     gpu_workspace(root, "examples/deepseek_like.moe", 0);
     gpu_workspace(root, "bench/models/gpt2_124m.moe", 1);  /* GPT-2 small, bf16 */
     gpu_workspace(root, "bench/models/moe_gpt2s.moe", 1);
+    gpu_workspace_pass(root, "bench/models/gpt2_124m.moe", 1, 0);   /* attention alone */
     CHECK_DONE();
 }

@@ -937,10 +937,11 @@ static void tc_h_norm_rope(tc_env *t)
 static void tc_h_attention(tc_env *t)
 {
     tc_half *hk = t->half;
-    /* the last two take the tensor-core forward over several 64-query
-     * tiles, so K and V tiles are reloaded while other warps may lag */
-    static const int64_t shapes[][4] = {{1, 1, 1, 4},    {2, 37, 3, 16},  {1, 130, 2, 33},
-                                        {1, 64, 4, 64},  {1, 200, 2, 64}, {2, 150, 1, 32}};
+    /* the last three take the tensor-core kernels over several 64-row
+     * tiles, so tiles are reloaded while other warps may lag; the last is
+     * the largest head (the backward's most shared memory) */
+    static const int64_t shapes[][4] = {{1, 1, 1, 4},    {2, 37, 3, 16},  {1, 130, 2, 33}, {1, 64, 4, 64},
+                                        {1, 200, 2, 64}, {2, 150, 1, 32}, {1, 70, 2, 128}};
     char name[160];
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int64_t B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], Dh = shapes[s][3];
