@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define CX_RETIRED_MAX 64   /* doublings of a scratch buffer: far past any memory */
+
 struct comm {
     const comm_backend *be;
     void *impl;
@@ -27,6 +29,12 @@ struct comm {
     int64_t expert;              /* expert-parallel size the groups were made with */
     unsigned char *ep_send, *ep_recv;   /* staging, grown on first use */
     int64_t ep_send_cap, ep_recv_cap;
+    struct {                  /* device scratch of the direct path (cx_dscratch): */
+        void *p;              /* an exchange's send (0) and receive (1) buffers, */
+        int64_t cap;          /* and zeros (2: allocated zeroed, never written) */
+    } dscr[3];
+    void *retired[CX_RETIRED_MAX];   /* outgrown scratch, freed by comm_release_device */
+    int nretired;
     /* ZeRO's host staging, grown to the largest op and kept: a malloc/free
      * per op left glibc's heap holding several sizes at once (resident
      * memory above what moec --explain predicts) */
@@ -427,7 +435,10 @@ static int cx_copy(const moek_ctx *ctx, comm *c, void *dst, const void *src, int
     return c->dev.copy(ctx, dst, src, bytes, kind, e, (int64_t)el) ? -1 : 0;
 }
 
-/* bytes of plan tensor memory set to zero */
+static void *cx_dscratch(const moek_ctx *ctx, comm *c, int slot, int64_t bytes, char *e, size_t el);
+
+/* bytes of plan tensor memory set to zero: on the device, a copy from
+ * zeroed device memory (stream-ordered, so a CUDA graph can hold it) */
 static int cx_zero(const moek_ctx *ctx, comm *c, void *dst, int64_t bytes, char *e, size_t el)
 {
     if (bytes <= 0)
@@ -435,6 +446,10 @@ static int cx_zero(const moek_ctx *ctx, comm *c, void *dst, int64_t bytes, char 
     if (cx_mode(c) == CX_HOST) {
         memset(dst, 0, (size_t)bytes);
         return 0;
+    }
+    if (cx_mode(c) == CX_DIRECT) {
+        const void *zeros = cx_dscratch(ctx, c, 2, bytes, e, el);
+        return zeros ? cx_copy(ctx, c, dst, zeros, bytes, MOEK_COPY_D2D, e, el) : -1;
     }
     void *z = calloc(1, (size_t)bytes);
     if (!z)
@@ -444,7 +459,7 @@ static int cx_zero(const moek_ctx *ctx, comm *c, void *dst, int64_t bytes, char 
     return rc;
 }
 
-/* device scratch for the direct path (freed by the caller with dev.free) */
+/* device memory for the direct path's scratch (cx_dscratch) */
 static void *cx_dalloc(const moek_ctx *ctx, comm *c, int64_t bytes, char *e, size_t el)
 {
     if (!c->dev.alloc || !c->dev.free) {
@@ -453,6 +468,48 @@ static void *cx_dalloc(const moek_ctx *ctx, comm *c, int64_t bytes, char *e, siz
         return NULL;
     }
     return c->dev.alloc(ctx, bytes > 0 ? bytes : 1, e, (int64_t)el);
+}
+
+/* Device scratch slot `slot` (an exchange sends from 0 and receives into
+ * 1) of at least `bytes`.  The copies into and out of it are queued on the
+ * compute stream, and cudaFree may or may not wait for queued work, so a
+ * scratch buffer is never freed while a step may still read it: it grows
+ * by doubling, an outgrown one is retired, and comm_release_device frees
+ * them all once the device is idle.  Shapes are fixed from the first step
+ * on, so nothing is allocated inside a captured CUDA graph. */
+static void *cx_dscratch(const moek_ctx *ctx, comm *c, int slot, int64_t bytes, char *e, size_t el)
+{
+    if (bytes <= c->dscr[slot].cap)
+        return c->dscr[slot].p;
+    if (c->dscr[slot].p && c->nretired == CX_RETIRED_MAX) {
+        fail(e, el, "rank %d: the communication scratch on the device grew %d times", c->rank,
+             CX_RETIRED_MAX);
+        return NULL;
+    }
+    int64_t cap = c->dscr[slot].cap > 0 ? c->dscr[slot].cap : (int64_t)1 << 16;
+    while (cap < bytes)
+        cap *= 2;
+    void *p = cx_dalloc(ctx, c, cap, e, el);
+    if (!p)
+        return NULL;
+    if (c->dscr[slot].p)
+        c->retired[c->nretired++] = c->dscr[slot].p;
+    c->dscr[slot].p = p;
+    c->dscr[slot].cap = cap;
+    return p;
+}
+
+void comm_release_device(comm *c, const moek_ctx *ctx)
+{
+    if (!c || !c->dev.free)
+        return;
+    for (int i = 0; i < 3; i++)
+        if (c->dscr[i].p)
+            c->dev.free(ctx, c->dscr[i].p);
+    for (int i = 0; i < c->nretired; i++)
+        c->dev.free(ctx, c->retired[i]);
+    memset(c->dscr, 0, sizeof c->dscr);
+    c->nretired = 0;
 }
 
 /* a copy between two buffers of the same side: device (D2D) or host */
@@ -505,12 +562,10 @@ void moec_comm_zero_allgather(const moek_ctx *ctx, int64_t group, const void *sl
     /* the slices fill size*s elements; the tensor keeps its first n */
     int64_t all = size * s * esize;
     if (mode == CX_DIRECT) {
-        void *st = n == size * s ? full : cx_dalloc(ctx, c, all, e, sizeof e);
+        void *st = n == size * s ? full : cx_dscratch(ctx, c, 0, all, e, sizeof e);
         rc = !st ||
              c->zero->allgather(c->impl, slice, st, s * esize, (int)group, what, e, sizeof e) ||
              cx_copy(ctx, c, full, st, n * esize, MOEK_COPY_D2D, e, sizeof e) ? -1 : 0;
-        if (st && st != full)
-            c->dev.free(ctx, st);
         if (rc)
             collective_failed(ctx, c, e);
         return;
@@ -589,8 +644,8 @@ static void zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const void *
     } else if (!c->zero) {
         rc = zero_missing(c, e, sizeof e);
     } else if (mode == CX_DIRECT) {
-        float *dv = cx_dalloc(ctx, c, (in_place ? s : size * s + s) * (int64_t)sizeof(float), e,
-                              sizeof e);
+        float *dv = cx_dscratch(ctx, c, 0, (in_place ? s : size * s + s) * (int64_t)sizeof(float), e,
+                                sizeof e);
         const float *din = in_place ? full : dv;
         float *dmine = in_place ? dv : dv + size * s;
         rc = !dv || (!in_place && cx_copy(ctx, c, dv, stage, size * s * (int64_t)sizeof(float),
@@ -598,8 +653,6 @@ static void zero_reduce_scatter(const moek_ctx *ctx, int64_t group, const void *
              c->zero->reduce_scatter_f32(c->impl, din, dmine, s, (int)group, what, e, sizeof e) ||
              cx_copy(ctx, c, mine, dmine, s * (int64_t)sizeof(float), MOEK_COPY_D2H, e, sizeof e)
              ? -1 : 0;
-        if (dv)
-            c->dev.free(ctx, dv);
     } else {
         rc = c->zero->reduce_scatter_f32(c->impl, stage, mine, s, (int)group, what, e, sizeof e)
              ? -1 : 0;
@@ -639,26 +692,50 @@ void moec_comm_zero_reduce_scatter_half(const moek_ctx *ctx, int64_t group, cons
     zero_reduce_scatter(ctx, group, full, n, slice, s, accumulate, dtype);
 }
 
-void *comm_symbol(const char *name)
+/* The collective kernels by name; `host` says why one waits on the host
+ * mid-step (so it cannot sit inside a CUDA graph), NULL when it runs on
+ * the streams alone. */
+typedef struct comm_sym {
+    const char *name;
+    void (*fn)(void);
+    const char *host;
+} comm_sym;
+
+static const comm_sym *comm_sym_find(const char *name)
 {
-    static const struct { const char *name; void (*fn)(void); } syms[] = {
-        {"moec_comm_allreduce_f32_multi", (void (*)(void))moec_comm_allreduce_f32_multi},
-        {"moec_comm_allreduce_f32", (void (*)(void))moec_comm_allreduce_f32},
-        {"moec_comm_zero_slice", (void (*)(void))moec_comm_zero_slice},
-        {"moec_comm_zero_allgather", (void (*)(void))moec_comm_zero_allgather},
-        {"moec_comm_zero_reduce_scatter", (void (*)(void))moec_comm_zero_reduce_scatter},
-        {"moec_comm_zero_reduce_scatter_half",
-         (void (*)(void))moec_comm_zero_reduce_scatter_half},
-        {"moec_comm_ep_counts", (void (*)(void))moec_comm_ep_counts},
-        {"moec_comm_ep_exchange", (void (*)(void))moec_comm_ep_exchange},
+    static const char ep_why[] = "the expert all-to-all reads the token counts on the host to size "
+                                 "its exchange";
+    static const char rs_why[] = "ZeRO's reduce-scatter adds the gradient slices on the host";
+    static const comm_sym syms[] = {
+        {"moec_comm_allreduce_f32_multi", (void (*)(void))moec_comm_allreduce_f32_multi, NULL},
+        {"moec_comm_allreduce_f32", (void (*)(void))moec_comm_allreduce_f32, NULL},
+        {"moec_comm_zero_slice", (void (*)(void))moec_comm_zero_slice, NULL},
+        {"moec_comm_zero_allgather", (void (*)(void))moec_comm_zero_allgather, NULL},
+        {"moec_comm_zero_reduce_scatter", (void (*)(void))moec_comm_zero_reduce_scatter, rs_why},
+        {"moec_comm_zero_reduce_scatter_half", (void (*)(void))moec_comm_zero_reduce_scatter_half,
+         rs_why},
+        {"moec_comm_ep_counts", (void (*)(void))moec_comm_ep_counts, ep_why},
+        {"moec_comm_ep_exchange", (void (*)(void))moec_comm_ep_exchange, ep_why},
     };
     for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++)
-        if (strcmp(syms[i].name, name) == 0) {
-            void *p;
-            memcpy(&p, &syms[i].fn, sizeof p);
-            return p;
-        }
+        if (strcmp(syms[i].name, name) == 0)
+            return &syms[i];
     return NULL;
+}
+
+void *comm_symbol(const char *name)
+{
+    const comm_sym *s = comm_sym_find(name);
+    void *p = NULL;
+    if (s)
+        memcpy(&p, &s->fn, sizeof p);
+    return p;
+}
+
+const char *comm_symbol_host_wait(const char *name)
+{
+    const comm_sym *s = comm_sym_find(name);
+    return s ? s->host : NULL;
 }
 
 /* ---- expert parallelism: count exchange and row exchange ---------------- */
@@ -856,8 +933,8 @@ void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, cons
     const unsigned char *s8 = src;
     unsigned char *d8 = dst, *img = NULL, *sendb, *recvb;
     if (dev) {
-        sendb = cx_dalloc(ctx, c, nsend * rowb + 1, e, sizeof e);
-        recvb = sendb ? cx_dalloc(ctx, c, nrecv * rowb + 1, e, sizeof e) : NULL;
+        sendb = cx_dscratch(ctx, c, 0, nsend * rowb + 1, e, sizeof e);
+        recvb = sendb ? cx_dscratch(ctx, c, 1, nrecv * rowb + 1, e, sizeof e) : NULL;
         rc = !sendb || !recvb ? -1 : 0;
     } else {
         if (stage_grow(&c->ep_send, &c->ep_send_cap, nsend * rowb + 1) ||
@@ -935,12 +1012,6 @@ void moec_comm_ep_exchange(const moek_ctx *ctx, int64_t group, int64_t dir, cons
         rc = cx_copy(ctx, c, dst, d8, drows * rowb, MOEK_COPY_H2D, e, sizeof e);
     if (rc)
         collective_failed(ctx, c, e);
-    if (dev) {
-        if (sendb)
-            c->dev.free(ctx, sendb);
-        if (recvb)
-            c->dev.free(ctx, recvb);
-    }
     free(img);
     free(ix);
 }

@@ -168,12 +168,18 @@ typedef struct comm_device {
     void (*free)(const moek_ctx *, void *);
 } comm_device;
 void comm_set_device(comm *c, const comm_device *d);
+/* Frees the device scratch the communication layer kept for the direct
+ * path; call when the device is idle, before the kernel library closes. */
+void comm_release_device(comm *c, const moek_ctx *ctx);
 /* How the ZeRO and EP dispatchers reach plan tensors: "host" (memcpy),
  * "staged" (through host memory with the copy service) or "direct" (device
  * pointers to the backend). */
 const char *comm_buffer_mode(const comm *c);
 /* Resolves a "@comm" kernel symbol (NULL if unknown). */
 void *comm_symbol(const char *name);
+/* Why that collective waits on the host mid-step (then a CUDA graph cannot
+ * hold it), or NULL when it runs on the streams alone. */
+const char *comm_symbol_host_wait(const char *name);
 
 /* ---- the collective kernels the plan calls (ctx->comm: a comm *) -------- */
 /* Sums count (<= COMM_MULTI_MAX) fp32 tensors over group as one bucket;

@@ -440,6 +440,26 @@ static int capture(exec_state *ex, uint32_t first, uint32_t last, void **graph, 
     return erc ? -1 : 0;
 }
 
+/* The first op of first..last that waits on the host mid-step (a
+ * collective that reads sizes or adds on the host), described with why in
+ * e; 0 when the range can be captured. */
+static int host_wait(const exec_state *ex, uint32_t first, uint32_t last, char *e, size_t en)
+{
+    const plan_file *pf = ex->pf;
+    for (uint64_t c = ex->phase_begin[first]; c < ex->phase_begin[last + 1]; c++) {
+        const plan_op *op = &pf->ops[ex->calls[c].op];
+        const plan_kernel *kn = &pf->kernels[op->kernel];
+        const char *why = ex->libs[kn->lib] ? NULL : comm_symbol_host_wait(plan_str(pf, kn->symbol));
+        if (why) {
+            char where[512];
+            exec_describe_op(pf, ex->calls[c].op, where, sizeof where);
+            snprintf(e, en, "%s: %s", where, why);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int exec_run(exec_state *ex, uint32_t first, uint32_t last, char *err, size_t errlen)
 {
     if (first > last || last > PLAN_PHASE_OPTIMIZER)
@@ -448,9 +468,19 @@ int exec_run(exec_state *ex, uint32_t first, uint32_t last, char *err, size_t er
         return run_eager(ex, first, last, err, errlen);
     exec_graph *g = &ex->graphs[first][last];
     char e[1024], what[64];
+    if (g->eager)
+        return run_eager(ex, first, last, err, errlen);
     if (!g->graph) {
         if (g->runs++ == 0)
             return run_eager(ex, first, last, err, errlen);   /* warm-up */
+        if (host_wait(ex, first, last, e, sizeof e)) {
+            /* said once; the other phase ranges still get graphs */
+            if (ex->log)
+                fprintf(ex->log, "run: no CUDA graph for %s (eager instead): %s\n",
+                        phase_range(first, last, what, sizeof what), e);
+            g->eager = 1;
+            return run_eager(ex, first, last, err, errlen);
+        }
         if (capture(ex, first, last, &g->graph, e, sizeof e)) {
             /* not fatal: the same ops run eagerly; said once, not silently */
             if (ex->warn)

@@ -42,6 +42,7 @@ typedef struct exec_dev {
 typedef struct exec_graph {
     void *graph;                  /* instantiated graph; NULL until captured */
     int64_t runs;
+    int eager;                    /* an op in the range waits on the host: never captured */
 } exec_graph;
 
 /* One prepared kernel call: everything ffi_call needs, bound at load. */

@@ -248,6 +248,11 @@ int main(int argc, char **argv)
         comm_abort(cm, 1);   /* the other ranks would wait for this one until the deadline */
     if (memory_report)
         report_memory(&pf, rank, mem_ok ? &mem0 : NULL);
+    if (ex.dev_ready) {   /* a failed step may leave copies queued on the scratch */
+        char e[256];
+        ex.dev.sync(&ex.ctx, e, sizeof e);
+    }
+    comm_release_device(cm, &ex.ctx);
     exec_close(&ex);
     comm_close(cm);
     plan_close(&pf);

@@ -67,3 +67,25 @@ sys.exit(0 if worst <= tol else 1)
 PY
     ); then pass "$name"; echo "  $name: $out"; else fail "$name" "$out"; fi
 }
+
+# standin_libs DIR NCCL_LIB: builds the stand-in CUDA runtime and NCCL
+# (tests/standin/cudart.c, nccl.c) into DIR under the names NCCL_LIB (the
+# NCCL backend) needs, with the version node its libcudart symbols carry,
+# and sets CUDART and NCCLSO to those names.  Non-zero (the compiler's
+# messages in DIR/cc.log) on failure.
+standin_libs() {
+    local sd=$1 lib=$2 cuda=${CUDA_HOME:-/usr/local/cuda}
+    CUDART=$(readelf -d "$lib" | sed -n 's/.*NEEDED.*\[\(libcudart[^]]*\)\].*/\1/p')
+    NCCLSO=$(readelf -d "$lib" | sed -n 's/.*NEEDED.*\[\(libnccl[^]]*\)\].*/\1/p')
+    mkdir -p "$sd"
+    if [ -z "$CUDART" ] || [ -z "$NCCLSO" ]; then
+        echo "$lib does not name libcudart and libnccl: $(readelf -d "$lib" | grep NEEDED)" > "$sd/cc.log"
+        return 1
+    fi
+    echo "$CUDART { global: *; };" > "$sd/cudart.ver"
+    local f=(-std=c11 -D_GNU_SOURCE -O1 -Wall -Wextra -Werror -fPIC -shared -I"$cuda/include")
+    "${CC:-cc}" "${f[@]}" -o "$sd/$CUDART" -Wl,-soname,"$CUDART" -Wl,--version-script="$sd/cudart.ver" \
+        "$ROOT/tests/standin/cudart.c" -lpthread 2> "$sd/cc.log" &&
+    "${CC:-cc}" "${f[@]}" -o "$sd/$NCCLSO" -Wl,-soname,"$NCCLSO" "$ROOT/tests/standin/nccl.c" \
+        -L"$sd" -l:"$CUDART" -Wl,-rpath,"$sd" -lpthread 2>> "$sd/cc.log"
+}

@@ -199,6 +199,18 @@ __global__ void k_attn_bwd_dkdv(const T *dout, const T *q, const T *k, const T *
     }
 }
 
+static at_dims at_make(int64_t B, int64_t T, int64_t H, int64_t Dh)
+{
+    at_dims a;
+    a.B = B;
+    a.T = T;
+    a.H = H;
+    a.Dh = Dh;
+    a.W = H * Dh;
+    a.scale = 1.0f / sqrtf((float)(Dh > 0 ? Dh : 1));
+    return a;
+}
+
 static bool at_setup(const moek_ctx *ctx, at_dims *a, int64_t B, int64_t T, int64_t H, int64_t Dh,
                      int64_t floats_per_warp, const void *kernel, unsigned *blocks, size_t *shm)
 {
@@ -207,12 +219,7 @@ static bool at_setup(const moek_ctx *ctx, at_dims *a, int64_t B, int64_t T, int6
     int64_t rows = B * H * T;
     if (rows == 0)
         return false;
-    a->B = B;
-    a->T = T;
-    a->H = H;
-    a->Dh = Dh;
-    a->W = H * Dh;
-    a->scale = 1.0f / sqrtf((float)(Dh > 0 ? Dh : 1));
+    *a = at_make(B, T, H, Dh);
     *shm = (size_t)(AT_WARPS * floats_per_warp) * sizeof(float);
     if (!kc_shape(ctx, *shm <= 200 * 1024 && (rows + AT_WARPS - 1) / AT_WARPS <= INT32_MAX))
         return false;
@@ -299,12 +306,57 @@ __device__ inline void fa_load(kc_bf16 *dst, const kc_bf16 *src, const at_dims &
     kc_cp_commit();
 }
 
+/* C (16 x 64, fp32, ld FA_SLD) = A (16 rows of a [.][D+8] tile) . B^T, B's
+ * 64 rows another tile: the scores, or dP */
+template <int D>
+__device__ inline void fa_rows_by_tile(float *c, const kc_bf16 *a, const kc_bf16 *b)
+{
+    using namespace nvcuda;
+    constexpr int ld = fa_lay<D>::ld;
+#pragma unroll
+    for (int n = 0; n < 64 / 16; n++) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
+        wmma::fill_fragment(cf, 0.0f);
+#pragma unroll
+        for (int kd = 0; kd < D; kd += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> af;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::col_major> bf;
+            wmma::load_matrix_sync(af, a + kd, ld);
+            wmma::load_matrix_sync(bf, b + n * 16 * ld + kd, ld);
+            wmma::mma_sync(cf, af, bf, cf);
+        }
+        wmma::store_matrix_sync(c + n * 16, cf, FA_SLD, wmma::mem_row_major);
+    }
+}
+
+/* acc (16 x D fp32 rows, ld D+4) += A (16 x 64 bf16, ld FA_PLD) . B (a
+ * [64][D+8] tile) */
+template <int D>
+__device__ inline void fa_acc_rows(float *acc, const kc_bf16 *a, const kc_bf16 *b)
+{
+    using namespace nvcuda;
+    constexpr int ld = fa_lay<D>::ld, old = fa_lay<D>::old;
+#pragma unroll
+    for (int dn = 0; dn < D; dn += 16) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
+        wmma::load_matrix_sync(cf, acc + dn, old, wmma::mem_row_major);
+#pragma unroll
+        for (int kk = 0; kk < 64; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> af;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::row_major> bf;
+            wmma::load_matrix_sync(af, a + kk, FA_PLD);
+            wmma::load_matrix_sync(bf, b + kk * ld + dn, ld);
+            wmma::mma_sync(cf, af, bf, cf);
+        }
+        wmma::store_matrix_sync(acc + dn, cf, old, wmma::mem_row_major);
+    }
+}
+
 template <int D>
 __global__ void __launch_bounds__(128) k_fa_fwd(const kc_bf16 *q, const kc_bf16 *k,
                                                 const kc_bf16 *v, kc_bf16 *o, float *lse,
                                                 at_dims a)
 {
-    using namespace nvcuda;
     typedef fa_lay<D> L;
     extern __shared__ __align__(128) unsigned char fa_shm[];
     kc_bf16 *qs = reinterpret_cast<kc_bf16 *>(fa_shm + L::q);
@@ -333,21 +385,7 @@ __global__ void __launch_bounds__(128) k_fa_fwd(const kc_bf16 *q, const kc_bf16 
         fa_load<D>(vs, v, a, b, h, j0);
         kc_cp_wait<0>();
         __syncthreads();
-        /* S = Q K^T for this warp's 16 rows */
-#pragma unroll
-        for (int n = 0; n < FA_BK / 16; n++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
-            wmma::fill_fragment(sf, 0.0f);
-#pragma unroll
-            for (int kd = 0; kd < D; kd += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> qf;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::col_major> kf;
-                wmma::load_matrix_sync(qf, qs + warp * 16 * L::ld + kd, L::ld);
-                wmma::load_matrix_sync(kf, ks + n * 16 * L::ld + kd, L::ld);
-                wmma::mma_sync(sf, qf, kf, sf);
-            }
-            wmma::store_matrix_sync(ss + n * 16, sf, FA_SLD, wmma::mem_row_major);
-        }
+        fa_rows_by_tile<D>(ss, qs + warp * 16 * L::ld, ks);   /* S = Q K^T, this warp's 16 rows */
         __syncwarp();
         /* online softmax: this lane takes columns half, half+2, ... of row r */
         float mx = -INFINITY;
@@ -375,21 +413,7 @@ __global__ void __launch_bounds__(128) k_fa_fwd(const kc_bf16 *q, const kc_bf16 
         for (int d = half; d < D; d += 2)
             os[r * L::old + d] *= cf;
         __syncwarp();
-        /* O += P V */
-#pragma unroll
-        for (int dn = 0; dn < D; dn += 16) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
-            wmma::load_matrix_sync(of, os + dn, L::old, wmma::mem_row_major);
-#pragma unroll
-            for (int kk = 0; kk < FA_BK; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> pf;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::row_major> vf;
-                wmma::load_matrix_sync(pf, ps + kk, FA_PLD);
-                wmma::load_matrix_sync(vf, vs + kk * L::ld + dn, L::ld);
-                wmma::mma_sync(of, pf, vf, of);
-            }
-            wmma::store_matrix_sync(os + dn, of, L::old, wmma::mem_row_major);
-        }
+        fa_acc_rows<D>(os, ps, vs);   /* O += P V */
         __syncwarp();
     }
     if (gi < a.T) {
@@ -428,13 +452,7 @@ static bool fa_fwd_bf16(const moek_ctx *ctx, const kc_bf16 *q, const kc_bf16 *k,
     uintptr_t al = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)o;
     if (al & 15)
         return false;
-    at_dims a;
-    a.B = B;
-    a.T = T;
-    a.H = H;
-    a.Dh = Dh;
-    a.W = H * Dh;
-    a.scale = 1.0f / sqrtf((float)Dh);
+    at_dims a = at_make(B, T, H, Dh);
     switch (Dh) {
     case 16: fa_launch<16>(ctx, q, k, v, o, lse, a); return true;
     case 32: fa_launch<32>(ctx, q, k, v, o, lse, a); return true;
@@ -474,6 +492,32 @@ template <int D> struct fb_lay {
                             acc1 = acc0 + acc, bytes2 = acc1 + acc, bytes1 = acc1;
 };
 
+/* One block's shared memory, this warp's parts picked out: the four tiles
+ * (which is which is each kernel's), lse and D of 64 rows, this warp's
+ * S, dP, P and dS, and its rows of the accumulators. */
+template <int D> struct fb_view {
+    kc_bf16 *tile[4];
+    float *lse, *delta, *s, *dp, *acc[2];
+    kc_bf16 *p, *ds;
+};
+
+template <int D> __device__ inline fb_view<D> fb_carve(unsigned char *shm, int warp)
+{
+    typedef fb_lay<D> L;
+    fb_view<D> v;
+    for (int i = 0; i < 4; i++)
+        v.tile[i] = reinterpret_cast<kc_bf16 *>(shm) + i * 64 * L::ld;
+    v.lse = reinterpret_cast<float *>(shm + L::rows);
+    v.delta = v.lse + 64;
+    v.s = reinterpret_cast<float *>(shm + L::sf) + warp * 16 * FA_SLD;
+    v.dp = reinterpret_cast<float *>(shm + L::dpf) + warp * 16 * FA_SLD;
+    v.p = reinterpret_cast<kc_bf16 *>(shm + L::ph) + warp * 16 * FA_PLD;
+    v.ds = reinterpret_cast<kc_bf16 *>(shm + L::dsh) + warp * 16 * FA_PLD;
+    v.acc[0] = reinterpret_cast<float *>(shm + L::acc0) + warp * 16 * L::old;
+    v.acc[1] = reinterpret_cast<float *>(shm + L::acc1) + warp * 16 * L::old;
+    return v;
+}
+
 /* D_i = sum over d of dO_i[d] O_i[d], fp32 as the CPU sums it */
 __global__ void k_fa_bwd_delta(const kc_bf16 *dout, const kc_bf16 *o, float *delta, at_dims a)
 {
@@ -481,52 +525,6 @@ __global__ void k_fa_bwd_delta(const kc_bf16 *dout, const kc_bf16 *o, float *del
         int64_t t = row % a.T, bh = row / a.T, h = bh % a.H, b = bh / a.H;
         int64_t off = at_off(a, b, t, h);
         delta[row] = at_dot2(dout + off, o + off, a.Dh);
-    }
-}
-
-/* C (16 x 64, fp32, ld FA_SLD) = A (16 rows of a [.][D+8] tile) . B^T, B's
- * 64 rows another tile: the scores, or dP */
-template <int D>
-__device__ inline void fb_rows_by_tile(float *c, const kc_bf16 *a, const kc_bf16 *b)
-{
-    using namespace nvcuda;
-    constexpr int ld = fb_lay<D>::ld;
-#pragma unroll
-    for (int n = 0; n < 64 / 16; n++) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
-        wmma::fill_fragment(cf, 0.0f);
-#pragma unroll
-        for (int kd = 0; kd < D; kd += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> af;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::col_major> bf;
-            wmma::load_matrix_sync(af, a + kd, ld);
-            wmma::load_matrix_sync(bf, b + n * 16 * ld + kd, ld);
-            wmma::mma_sync(cf, af, bf, cf);
-        }
-        wmma::store_matrix_sync(c + n * 16, cf, FA_SLD, wmma::mem_row_major);
-    }
-}
-
-/* acc (16 x D fp32 rows, ld D+4) += A (16 x 64 bf16, ld FA_PLD) . B (a
- * [64][D+8] tile) */
-template <int D>
-__device__ inline void fb_acc_rows(float *acc, const kc_bf16 *a, const kc_bf16 *b)
-{
-    using namespace nvcuda;
-    constexpr int ld = fb_lay<D>::ld, old = fb_lay<D>::old;
-#pragma unroll
-    for (int dn = 0; dn < D; dn += 16) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
-        wmma::load_matrix_sync(cf, acc + dn, old, wmma::mem_row_major);
-#pragma unroll
-        for (int kk = 0; kk < 64; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, kc_bf16, wmma::row_major> af;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, kc_bf16, wmma::row_major> bf;
-            wmma::load_matrix_sync(af, a + kk, FA_PLD);
-            wmma::load_matrix_sync(bf, b + kk * ld + dn, ld);
-            wmma::mma_sync(cf, af, bf, cf);
-        }
-        wmma::store_matrix_sync(acc + dn, cf, old, wmma::mem_row_major);
     }
 }
 
@@ -562,16 +560,10 @@ __global__ void __launch_bounds__(128) k_fa_bwd_dkdv(const kc_bf16 *dout, const 
 {
     typedef fb_lay<D> L;
     extern __shared__ __align__(128) unsigned char fb_shm[];
-    kc_bf16 *ks = reinterpret_cast<kc_bf16 *>(fb_shm), *vs = ks + 64 * L::ld, *qs = vs + 64 * L::ld,
-            *dos = qs + 64 * L::ld;
-    float *lse_s = reinterpret_cast<float *>(fb_shm + L::rows), *d_s = lse_s + 64;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
-    float *ss = reinterpret_cast<float *>(fb_shm + L::sf) + warp * 16 * FA_SLD;
-    float *dps = reinterpret_cast<float *>(fb_shm + L::dpf) + warp * 16 * FA_SLD;
-    kc_bf16 *ps = reinterpret_cast<kc_bf16 *>(fb_shm + L::ph) + warp * 16 * FA_PLD;
-    kc_bf16 *dss = reinterpret_cast<kc_bf16 *>(fb_shm + L::dsh) + warp * 16 * FA_PLD;
-    float *dka = reinterpret_cast<float *>(fb_shm + L::acc0) + warp * 16 * L::old;
-    float *dva = reinterpret_cast<float *>(fb_shm + L::acc1) + warp * 16 * L::old;
+    fb_view<D> sv = fb_carve<D>(fb_shm, warp);
+    kc_bf16 *ks = sv.tile[0], *vs = sv.tile[1], *qs = sv.tile[2], *dos = sv.tile[3], *ps = sv.p, *dss = sv.ds;
+    float *lse_s = sv.lse, *d_s = sv.delta, *ss = sv.s, *dps = sv.dp, *dka = sv.acc[0], *dva = sv.acc[1];
 
     int64_t ntile = (a.T + 63) / 64;
     int64_t kt = (int64_t)blockIdx.x % ntile, bh = (int64_t)blockIdx.x / ntile;   /* first keys do the most */
@@ -588,8 +580,8 @@ __global__ void __launch_bounds__(128) k_fa_bwd_dkdv(const kc_bf16 *dout, const 
         fb_load_vec(lse_s, d_s, lse, delta, bh * a.T, i0, a.T);
         kc_cp_wait<0>();
         __syncthreads();
-        fb_rows_by_tile<D>(ss, ks + warp * 16 * L::ld, qs);    /* S^T */
-        fb_rows_by_tile<D>(dps, vs + warp * 16 * L::ld, dos);  /* dP^T */
+        fa_rows_by_tile<D>(ss, ks + warp * 16 * L::ld, qs);    /* S^T */
+        fa_rows_by_tile<D>(dps, vs + warp * 16 * L::ld, dos);  /* dP^T */
         __syncwarp();
         for (int c = half; c < 64; c += 2) {
             int64_t qi = i0 + c;
@@ -598,8 +590,8 @@ __global__ void __launch_bounds__(128) k_fa_bwd_dkdv(const kc_bf16 *dout, const 
             dss[r * FA_PLD + c] = __float2bfloat16_rn(p * (dps[r * FA_SLD + c] - d_s[c]) * a.scale);
         }
         __syncwarp();
-        fb_acc_rows<D>(dva, ps, dos);   /* dV += P^T dO */
-        fb_acc_rows<D>(dka, dss, qs);   /* dK += dS^T Q */
+        fa_acc_rows<D>(dva, ps, dos);   /* dV += P^T dO */
+        fa_acc_rows<D>(dka, dss, qs);   /* dK += dS^T Q */
     }
     __syncwarp();
     fb_store_rows<D>(dk, dka, a, b, h, j0 + warp * 16);
@@ -614,14 +606,10 @@ __global__ void __launch_bounds__(128) k_fa_bwd_dq(const kc_bf16 *dout, const kc
 {
     typedef fb_lay<D> L;
     extern __shared__ __align__(128) unsigned char fb_shm[];
-    kc_bf16 *qs = reinterpret_cast<kc_bf16 *>(fb_shm), *dos = qs + 64 * L::ld, *ks = dos + 64 * L::ld,
-            *vs = ks + 64 * L::ld;
-    float *lse_s = reinterpret_cast<float *>(fb_shm + L::rows), *d_s = lse_s + 64;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
-    float *ss = reinterpret_cast<float *>(fb_shm + L::sf) + warp * 16 * FA_SLD;
-    float *dps = reinterpret_cast<float *>(fb_shm + L::dpf) + warp * 16 * FA_SLD;
-    kc_bf16 *dss = reinterpret_cast<kc_bf16 *>(fb_shm + L::dsh) + warp * 16 * FA_PLD;
-    float *dqa = reinterpret_cast<float *>(fb_shm + L::acc0) + warp * 16 * L::old;
+    fb_view<D> sv = fb_carve<D>(fb_shm, warp);
+    kc_bf16 *qs = sv.tile[0], *dos = sv.tile[1], *ks = sv.tile[2], *vs = sv.tile[3], *dss = sv.ds;
+    float *lse_s = sv.lse, *d_s = sv.delta, *ss = sv.s, *dps = sv.dp, *dqa = sv.acc[0];
 
     int64_t ntile = (a.T + 63) / 64;
     int64_t qt = ntile - 1 - (int64_t)blockIdx.x % ntile, bh = (int64_t)blockIdx.x / ntile;
@@ -638,8 +626,8 @@ __global__ void __launch_bounds__(128) k_fa_bwd_dq(const kc_bf16 *dout, const kc
         fa_load<D>(vs, v, a, b, h, j0);
         kc_cp_wait<0>();
         __syncthreads();
-        fb_rows_by_tile<D>(ss, qs + warp * 16 * L::ld, ks);    /* S */
-        fb_rows_by_tile<D>(dps, dos + warp * 16 * L::ld, vs);  /* dP */
+        fa_rows_by_tile<D>(ss, qs + warp * 16 * L::ld, ks);    /* S */
+        fa_rows_by_tile<D>(dps, dos + warp * 16 * L::ld, vs);  /* dP */
         __syncwarp();
         for (int c = half; c < 64; c += 2) {
             int64_t kj = j0 + c;
@@ -647,7 +635,7 @@ __global__ void __launch_bounds__(128) k_fa_bwd_dq(const kc_bf16 *dout, const kc
             dss[r * FA_PLD + c] = __float2bfloat16_rn(p * (dps[r * FA_SLD + c] - d_s[wr]) * a.scale);
         }
         __syncwarp();
-        fb_acc_rows<D>(dqa, dss, ks);   /* dQ += dS K */
+        fa_acc_rows<D>(dqa, dss, ks);   /* dQ += dS K */
     }
     __syncwarp();
     fb_store_rows<D>(dq, dqa, a, b, h, i0 + warp * 16);
@@ -700,13 +688,7 @@ static bool fb_bwd_bf16(const moek_ctx *ctx, const kc_bf16 *dout, const kc_bf16 
                 : Dh == 64 ? fb_lay<64>::bytes2 : fb_lay<128>::bytes2;
     if (need > (size_t)optin)
         return false;
-    at_dims a;
-    a.B = B;
-    a.T = T;
-    a.H = H;
-    a.Dh = Dh;
-    a.W = H * Dh;
-    a.scale = 1.0f / sqrtf((float)Dh);
+    at_dims a = at_make(B, T, H, Dh);
     switch (Dh) {
     case 16: fb_launch<16>(ctx, dout, q, k, v, o, lse, dq, dk, dv, a); return true;
     case 32: fb_launch<32>(ctx, dout, q, k, v, o, lse, dq, dk, dv, a); return true;

@@ -15,7 +15,11 @@
 #    bit for bit, bf16 and fp16 within 1e-2, sampling across devices), over
 #    EMU_TRAIN_STEPS steps (default 4: the emulator runs a tiny model's
 #    step in about a second).
-# 3. The emulator's own error paths: a deadlocked block and a launch with
+# 3. Two ranks over the NCCL backend (stand-in NCCL) on the emulated
+#    kernels, data- and expert-parallel, with CUDA graphs: the backend's
+#    capture path (collectives on its own stream, joined by events, inside
+#    the captured step) replays to the eager run's losses bit for bit.
+# 4. The emulator's own error paths: a deadlocked block and a launch with
 #    a bad configuration.
 source "$(dirname "$0")/../lib.sh"
 B=${MOEC_BUILD:-build}
@@ -68,7 +72,66 @@ ln -sf "$EMU/libmoek_cuda.so" "$TMP/k/libmoek_cuda.so"
 GPU_TRAIN_KERNELS=$TMP/k GPU_TRAIN_LABEL=emu GPU_TRAIN_STEPS=${EMU_TRAIN_STEPS:-4} \
     bash "$ROOT/tests/cli/test_gpu_train.sh"
 
-# ---- 3. the emulator's own errors --------------------------------------------
+# ---- 3. ranks over the NCCL backend, with CUDA graphs ----------------------------
+# The emulated kernels linked against the stand-in CUDA runtime that the
+# NCCL backend loads (one runtime: one set of streams), and the stand-in
+# NCCL: two ranks of tiny_moe, data-parallel (ZeRO-1), then Mixtral-like
+# expert-parallel with capacity routing, each with graphs (collectives
+# captured on the NCCL backend's own stream, joined by events, and
+# replayed) and with --no-graph: the same losses and norms bit for bit.
+# Data-parallel captures the whole micro-step; expert-parallel keeps
+# forward..backward eager (the all-to-all sizes its exchange from counts
+# read on the host), says so naming the op, and captures the optimizer.
+NCCL_LIB=$ROOT/$B/libmoec_comm_nccl.so
+DATA=$DEFAULT_DATA
+if [ ! -f "$NCCL_LIB" ]; then
+    skip emu.nccl "no $B/libmoec_comm_nccl.so (built by make when nccl.h exists)"
+else
+    SD=$TMP/sd
+    san=""
+    nm "$EMU/standin_cuemu.o" | grep -q __asan && san="-fsanitize=address,undefined"
+    if standin_libs "$SD" "$NCCL_LIB" &&
+       ${CXX:-g++} $san -shared -o "$SD/libmoek_cuda.so" $(ls "$EMU"/*.o | grep -v standin_cudart.o) \
+           -L"$SD" -l:"$CUDART" -Wl,-rpath,"$SD" -lpthread 2>> "$SD/cc.log"; then
+        ln -sf "$ROOT/$B/libmoek_cpu.so" "$SD/libmoek_cpu.so"
+        ln -sf "$NCCL_LIB" "$SD/libmoec_comm_nccl.so"
+        for cfg in dp:tiny_moe:1 ep:mixtral_like:2; do
+            IFS=: read -r kind ex ep <<< "$cfg"
+            sed "s/^parallel {.*}\$//;s/capacity = 0.0/capacity = 1.25/;\$a parallel { ranks = 2  expert = $ep  zero = 1 }" \
+                "$ROOT/examples/$ex.moe" > nc_$kind.moe
+            "$MOEC" --stdlib "$ROOT/stdlib" nc_$kind.moe -o nc_$kind.bin > nc_$kind.moec 2>&1 ||
+                { fail emu.nccl_$kind "moec failed: $(tail -2 nc_$kind.moec)"; continue; }
+            ok=1
+            for mode in graph eager; do
+                port=$((20000 + RANDOM % 30000)) pids=()
+                extra=(); [ $mode = eager ] && extra=(--no-graph)
+                for k in 1 0; do
+                    env LD_LIBRARY_PATH="$SD" MOEC_KERNELS="$SD" STANDIN_NCCL_DIR="$TMP" STANDIN_NCCL_HANG_S=300 \
+                        RANK=$k WORLD_SIZE=2 LOCAL_RANK=$k MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+                        MOEC_JOB_TOKEN=emu$$ timeout 600 "$RUN" nc_$kind.bin --data "$DATA" --steps 3 \
+                        --device cuda --comm nccl --comm-timeout 300 "${extra[@]}" \
+                        --metrics nc_${kind}_${mode}_$k.jsonl --checkpoint "" > nc_${kind}_${mode}_$k.err 2>&1 &
+                    pids+=($!)
+                done
+                for p in "${pids[@]}"; do wait "$p" || ok=0; done
+            done
+            if [ $ok -eq 0 ]; then
+                fail emu.nccl_$kind "a rank failed: $(tail -q -n 3 nc_${kind}_*.err | head -6)"
+            elif [ $kind = dp ] && ! grep -q '^run: captured the forward\.\.backward phases as a CUDA graph' nc_${kind}_graph_0.err; then
+                fail emu.nccl_$kind "forward..backward not captured: $(grep -m2 graph nc_${kind}_graph_0.err)"
+            elif [ $kind = ep ] && ! { grep -q '^run: captured the optimizer phase as a CUDA graph' nc_${kind}_graph_0.err &&
+                 grep -q '^run: no CUDA graph for the forward\.\.backward phases (eager instead): op [0-9]* (all-to-all of expert token counts (ep group), .*moe.moe:[0-9]*:[0-9]*): the expert all-to-all reads the token counts on the host to size its exchange$' nc_${kind}_graph_0.err; }; then
+                fail emu.nccl_$kind "want the optimizer phase captured and forward..backward eager, named: $(grep -m3 graph nc_${kind}_graph_0.err)"
+            else
+                cmp_metrics emu.nccl_${kind}_graph_equals_eager nc_${kind}_eager_0.jsonl nc_${kind}_graph_0.jsonl 0 loss norm
+            fi
+        done
+    else
+        fail emu.nccl "cannot build the stand-ins: $(head -5 "$SD/cc.log")"
+    fi
+fi
+
+# ---- 4. the emulator's own errors --------------------------------------------
 # A kernel whose threads can never all meet (half a warp at __syncthreads,
 # the other half at __syncwarp) is a deadlock: named, and the launch fails
 # with a sticky error, like a GPU fault.

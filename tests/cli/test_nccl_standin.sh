@@ -34,27 +34,14 @@ export OMP_NUM_THREADS=1
 cd "$TMP"
 
 # ---- the stand-ins, named as libmoec_comm_nccl.so needs them ----------------
-needed() { readelf -d "$NCCL_LIB" | sed -n "s/.*NEEDED.*\[\($1[^]]*\)\].*/\1/p"; }
-CUDART=$(needed libcudart)
-NCCLSO=$(needed libnccl)
-if [ -z "$CUDART" ] || [ -z "$NCCLSO" ]; then
-    fail nccl_standin.needed "libmoec_comm_nccl.so does not name libcudart and libnccl: $(readelf -d "$NCCL_LIB" | grep NEEDED)"
-    exit 0
-fi
 SD=$TMP/standin
-mkdir -p "$SD"
-echo "$CUDART { global: *; };" > "$SD/cudart.ver"   # libcudart's symbols carry this version
-CCF=(-std=c11 -D_GNU_SOURCE -O1 -Wall -Wextra -Werror -fPIC -shared -I"$CUDA_HOME/include")
-SRC=$ROOT/tests/standin
-if "${CC:-cc}" "${CCF[@]}" -o "$SD/$CUDART" -Wl,-soname,"$CUDART" -Wl,--version-script="$SD/cudart.ver" \
-        "$SRC/cudart.c" -lpthread 2> cc.log &&
-   "${CC:-cc}" "${CCF[@]}" -o "$SD/$NCCLSO" -Wl,-soname,"$NCCLSO" "$SRC/nccl.c" \
-        -L"$SD" -l:"$CUDART" -Wl,-rpath,"$SD" -lpthread 2>> cc.log &&
-   "${CC:-cc}" "${CCF[@]}" -DSTANDIN_CUDART -o "$SD/libmoek_cuda.so" "$SRC/moek_cuda.c" -L"$SD" -Wl,--no-as-needed \
-        -l:"$CUDART" -L"$LIBDIR" -lmoek_cpu -Wl,-rpath,"$SD:$LIBDIR" -ldl 2>> cc.log; then
+if standin_libs "$SD" "$NCCL_LIB" &&
+   "${CC:-cc}" -std=c11 -D_GNU_SOURCE -O1 -Wall -Wextra -Werror -fPIC -shared -I"$CUDA_HOME/include" \
+        -DSTANDIN_CUDART -o "$SD/libmoek_cuda.so" "$ROOT/tests/standin/moek_cuda.c" -L"$SD" -Wl,--no-as-needed \
+        -l:"$CUDART" -L"$LIBDIR" -lmoek_cpu -Wl,-rpath,"$SD:$LIBDIR" -ldl 2>> "$SD/cc.log"; then
     pass nccl_standin.build
 else
-    fail nccl_standin.build "$(head -5 cc.log)"; exit 0
+    fail nccl_standin.build "$(head -5 "$SD/cc.log")"; exit 0
 fi
 ln -s "$NCCL_LIB" "$SD/libmoec_comm_nccl.so"
 # the backend must resolve its libraries to the stand-ins, not a real CUDA

@@ -17,11 +17,15 @@
  *   other address is unregistered host memory, as on CUDA 11 and later;
  * - the last error is per thread and cleared by cudaGetLastError; a fault
  *   in queued work (standin_device_fault) is sticky and process-wide;
- * - stream capture (one stream, relaxed): work queued on a capturing
- *   stream is recorded, not run, and a launched graph runs it again in
- *   order on the launch stream.  An event recorded or waited on inside a
- *   capture (which would pull a second stream into the graph) is refused
- *   with cudaErrorStreamCaptureUnsupported, so is a capture of the host.
+ * - stream capture (relaxed): work queued on a capturing stream is
+ *   recorded, not run, and a launched graph runs it again, in order, on
+ *   the launch stream.  An event recorded inside a capture belongs to it;
+ *   a stream that waits on such an event joins the capture (CUDA's fork),
+ *   and its work goes into the same graph.  The graph keeps the order the
+ *   work was issued in, one valid order of CUDA's graph.  The capture
+ *   ends, for every stream in it, when its first stream ends it.  A wait
+ *   inside a capture on an event from outside it is refused
+ *   (cudaErrorStreamCaptureIsolation), so is a capture of the host.
  * Memory from cudaMalloc is zeroed (the kernel library's alloc promises it).
  * Like the real runtime it has process-wide state (streams, allocations).
  *
@@ -42,10 +46,18 @@ struct CUstream_st {
     pthread_cond_t cv;
     standin_task *head, *tail;
     int busy, stop;
-    int capturing;              /* 1 capturing, -1 capture invalidated */
-    standin_task *cap_head, *cap_tail;
+    struct capture *cap;        /* the capture this stream is in, or NULL */
     struct CUstream_st *next;   /* the registry of created streams */
 };
+
+/* One capture: the work of its streams in issue order. */
+typedef struct capture {
+    pthread_mutex_t mu;
+    uint64_t id;                /* events name their capture by id */
+    struct CUstream_st *origin;
+    standin_task *head, *tail;
+    int invalid;                /* a forbidden call happened: EndCapture fails */
+} capture;
 
 /* A captured graph; an instantiated one shares its task list. */
 struct CUgraph_st {
@@ -68,6 +80,7 @@ struct CUevent_st {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     uint64_t recorded, done;   /* records issued / the latest one reached */
+    uint64_t capture;          /* recorded last inside this capture; 0 = outside */
 };
 
 typedef struct alloc_range {
@@ -81,6 +94,7 @@ static alloc_range *allocs;
 static func_attr *func_attrs;
 static __thread cudaError_t last_error = cudaSuccess;
 static cudaError_t sticky = cudaSuccess;   /* under reg_mu */
+static uint64_t captures;                   /* ids handed out, under reg_mu */
 
 static cudaError_t ret(cudaError_t e)
 {
@@ -173,20 +187,24 @@ int standin_enqueue(cudaStream_t s, void (*run)(void *), void *arg, void (*drop)
     t->arg = arg;
     t->drop = drop;
     pthread_mutex_lock(&s->mu);
-    if (s->capturing) {   /* recorded for the graph, or dropped if the capture failed */
-        if (s->capturing < 0) {
-            pthread_mutex_unlock(&s->mu);
+    capture *c = s->cap;
+    if (c) {   /* recorded for the graph, or dropped if the capture failed */
+        pthread_mutex_unlock(&s->mu);
+        pthread_mutex_lock(&c->mu);
+        int invalid = c->invalid;
+        if (!invalid) {
+            if (c->tail)
+                c->tail->next = t;
+            else
+                c->head = t;
+            c->tail = t;
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (invalid) {
             if (drop)
                 drop(arg);
             free(t);
-            return 0;
         }
-        if (s->cap_tail)
-            s->cap_tail->next = t;
-        else
-            s->cap_head = t;
-        s->cap_tail = t;
-        pthread_mutex_unlock(&s->mu);
         return 0;
     }
     if (s->tail)
@@ -270,6 +288,7 @@ const char *cudaGetErrorString(cudaError_t e)
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch (stand-in)";
     case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing (stand-in)";
     case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture (stand-in)";
+    case cudaErrorStreamCaptureIsolation: return "dependency created on uncaptured work in another stream (stand-in)";
     default: return "error (stand-in)";
     }
 }
@@ -429,9 +448,12 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s)
     if (!is_worker(s))
         return ret(sticky_error());
     pthread_mutex_lock(&s->mu);
-    if (s->capturing) {   /* not permitted while capturing; the capture is lost */
-        s->capturing = -1;
+    if (s->cap) {   /* not permitted while capturing; the capture is lost */
+        capture *c = s->cap;
         pthread_mutex_unlock(&s->mu);
+        pthread_mutex_lock(&c->mu);
+        c->invalid = 1;
+        pthread_mutex_unlock(&c->mu);
         return ret(cudaErrorStreamCaptureUnsupported);
     }
     while (s->head || s->busy)
@@ -464,14 +486,33 @@ cudaError_t cudaStreamDestroy(cudaStream_t s)
 }
 
 /* ---- capture and graphs ------------------------------------------------------ */
-static int capturing(cudaStream_t s)
+static capture *stream_capture(cudaStream_t s)
 {
     if (!is_worker(s))
-        return 0;
+        return NULL;
     pthread_mutex_lock(&s->mu);
-    int c = s->capturing;
+    capture *c = s->cap;
     pthread_mutex_unlock(&s->mu);
     return c;
+}
+
+/* 1 capturing, -1 in a capture that failed, 0 not capturing */
+static int capturing(cudaStream_t s)
+{
+    capture *c = stream_capture(s);
+    if (!c)
+        return 0;
+    pthread_mutex_lock(&c->mu);
+    int bad = c->invalid;
+    pthread_mutex_unlock(&c->mu);
+    return bad ? -1 : 1;
+}
+
+static void invalidate(capture *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->invalid = 1;
+    pthread_mutex_unlock(&c->mu);
 }
 
 cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus *status)
@@ -488,12 +529,40 @@ cudaError_t cudaStreamBeginCapture(cudaStream_t s, enum cudaStreamCaptureMode mo
     (void)mode;
     if (!is_worker(s))
         return ret(cudaErrorStreamCaptureUnsupported);
+    capture *c = calloc(1, sizeof *c);
+    if (!c)
+        return ret(cudaErrorMemoryAllocation);
+    pthread_mutex_init(&c->mu, NULL);
+    c->origin = s;
+    pthread_mutex_lock(&reg_mu);
+    c->id = ++captures;
+    pthread_mutex_unlock(&reg_mu);
     pthread_mutex_lock(&s->mu);
-    int busy = s->capturing != 0;
+    int busy = s->cap != NULL;
     if (!busy)
-        s->capturing = 1;
+        s->cap = c;
     pthread_mutex_unlock(&s->mu);
-    return busy ? ret(cudaErrorIllegalState) : cudaSuccess;
+    if (busy) {
+        pthread_mutex_destroy(&c->mu);
+        free(c);
+        return ret(cudaErrorIllegalState);
+    }
+    return cudaSuccess;
+}
+
+/* the live capture with this id (a stream is in it), or NULL */
+static capture *capture_by_id(uint64_t id)
+{
+    capture *found = NULL;
+    pthread_mutex_lock(&reg_mu);
+    for (struct CUstream_st *w = streams; w && !found; w = w->next) {
+        pthread_mutex_lock(&w->mu);
+        if (w->cap && w->cap->id == id)
+            found = w->cap;
+        pthread_mutex_unlock(&w->mu);
+    }
+    pthread_mutex_unlock(&reg_mu);
+    return found;
 }
 
 static void free_tasks(standin_task *t)
@@ -522,17 +591,25 @@ static void graph_unref(struct CUgraph_st *g)
 cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph)
 {
     *graph = NULL;
-    if (!is_worker(s))
+    capture *c = stream_capture(s);
+    if (!c || c->origin != s)
         return ret(cudaErrorIllegalState);
-    pthread_mutex_lock(&s->mu);
-    int c = s->capturing;
-    standin_task *head = s->cap_head;
-    s->capturing = 0;
-    s->cap_head = s->cap_tail = NULL;
-    pthread_mutex_unlock(&s->mu);
-    if (c <= 0) {
+    /* every stream in the capture leaves it */
+    pthread_mutex_lock(&reg_mu);
+    for (struct CUstream_st *w = streams; w; w = w->next) {
+        pthread_mutex_lock(&w->mu);
+        if (w->cap == c)
+            w->cap = NULL;
+        pthread_mutex_unlock(&w->mu);
+    }
+    pthread_mutex_unlock(&reg_mu);
+    standin_task *head = c->head;
+    int invalid = c->invalid;
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+    if (invalid) {
         free_tasks(head);
-        return ret(c < 0 ? cudaErrorStreamCaptureInvalidated : cudaErrorIllegalState);
+        return ret(cudaErrorStreamCaptureInvalidated);
     }
     struct CUgraph_st *g = calloc(1, sizeof *g);
     if (!g) {
@@ -684,12 +761,18 @@ static void run_wait(void *arg)
 
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 {
-    if (capturing(s))
-        return ret(cudaErrorStreamCaptureUnsupported);
+    capture *c = stream_capture(s);
+    if (c) {   /* a node of the graph: the streams that wait on it join the capture */
+        pthread_mutex_lock(&e->mu);
+        e->capture = c->id;
+        pthread_mutex_unlock(&e->mu);
+        return cudaSuccess;
+    }
     event_mark *k = malloc(sizeof *k);
     if (!k)
         return ret(cudaErrorMemoryAllocation);
     pthread_mutex_lock(&e->mu);
+    e->capture = 0;
     k->e = e;
     k->n = ++e->recorded;
     pthread_mutex_unlock(&e->mu);
@@ -701,8 +784,28 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int flags)
 {
     (void)flags;
-    if (capturing(s))
-        return ret(cudaErrorStreamCaptureUnsupported);
+    pthread_mutex_lock(&e->mu);
+    uint64_t from = e->capture;
+    pthread_mutex_unlock(&e->mu);
+    capture *mine = stream_capture(s);
+    if (from) {   /* an event of a capture: join it (issue order keeps the dependency) */
+        capture *c = capture_by_id(from);
+        if (!c || (mine && mine != c)) {
+            if (mine)
+                invalidate(mine);
+            return ret(cudaErrorStreamCaptureIsolation);
+        }
+        if (!mine && is_worker(s)) {
+            pthread_mutex_lock(&s->mu);
+            s->cap = c;
+            pthread_mutex_unlock(&s->mu);
+        }
+        return is_worker(s) ? cudaSuccess : ret(cudaErrorStreamCaptureUnsupported);
+    }
+    if (mine) {   /* a dependency on work outside the capture */
+        invalidate(mine);
+        return ret(cudaErrorStreamCaptureIsolation);
+    }
     event_mark *k = malloc(sizeof *k);
     if (!k)
         return ret(cudaErrorMemoryAllocation);
