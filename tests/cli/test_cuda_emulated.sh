@@ -14,7 +14,7 @@
 #    GPU part: fp32 dense/MoE vs the CPU, graph replay vs eager and resume
 #    bit for bit, bf16 and fp16 within 1e-2, sampling across devices), over
 #    EMU_TRAIN_STEPS steps (default 4: the emulator runs a tiny model's
-#    step in about a second).
+#    step in about a second; 2 in a sanitizer build).
 # 3. Two ranks over the NCCL backend (stand-in NCCL) on the emulated
 #    kernels, data- and expert-parallel, with CUDA graphs: the backend's
 #    capture path (collectives on its own stream, joined by events, inside
@@ -28,6 +28,12 @@ if [ ! -f "$EMU/libmoek_cuda.so" ]; then
     skip cuda_emulated "no $B/cuemu/libmoek_cuda.so (make builds it on x86-64 when the CUDA headers exist)"
     exit 0
 fi
+
+# A sanitizer build runs the emulator several times slower: the whole-model
+# parts take 2 steps there (the same checks, resume after 1)
+san=""
+nm "$EMU/standin_cuemu.o" | grep -q __asan && san="-fsanitize=address,undefined"
+SAN_STEPS=${san:+2}
 
 # ---- 1. the kernel twin programs ------------------------------------------
 for prog in test_kernels_cuda test_kernels_cuda_fused test_kernels_cuda_fused_mlp \
@@ -69,7 +75,7 @@ else fail "emu.test_kernels_cuda_fused_mlp.no_cublaslt" "$p passed, $f failed, e
 mkdir -p "$TMP/k"
 ln -sf "$ROOT/$B/libmoek_cpu.so" "$TMP/k/libmoek_cpu.so"
 ln -sf "$EMU/libmoek_cuda.so" "$TMP/k/libmoek_cuda.so"
-GPU_TRAIN_KERNELS=$TMP/k GPU_TRAIN_LABEL=emu GPU_TRAIN_STEPS=${EMU_TRAIN_STEPS:-4} \
+GPU_TRAIN_KERNELS=$TMP/k GPU_TRAIN_LABEL=emu GPU_TRAIN_STEPS=${EMU_TRAIN_STEPS:-${SAN_STEPS:-4}} \
     bash "$ROOT/tests/cli/test_gpu_train.sh"
 
 # ---- 3. ranks over the NCCL backend, with CUDA graphs ----------------------------
@@ -88,8 +94,6 @@ if [ ! -f "$NCCL_LIB" ]; then
     skip emu.nccl "no $B/libmoec_comm_nccl.so (built by make when nccl.h exists)"
 else
     SD=$TMP/sd
-    san=""
-    nm "$EMU/standin_cuemu.o" | grep -q __asan && san="-fsanitize=address,undefined"
     if standin_libs "$SD" "$NCCL_LIB" &&
        ${CXX:-g++} $san -shared -o "$SD/libmoek_cuda.so" $(ls "$EMU"/*.o | grep -v standin_cudart.o) \
            -L"$SD" -l:"$CUDART" -Wl,-rpath,"$SD" -lpthread 2>> "$SD/cc.log"; then
@@ -108,7 +112,7 @@ else
                 for k in 1 0; do
                     env LD_LIBRARY_PATH="$SD" MOEC_KERNELS="$SD" STANDIN_NCCL_DIR="$TMP" STANDIN_NCCL_HANG_S=300 \
                         RANK=$k WORLD_SIZE=2 LOCAL_RANK=$k MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-                        MOEC_JOB_TOKEN=emu$$ timeout 600 "$RUN" nc_$kind.bin --data "$DATA" --steps 3 \
+                        MOEC_JOB_TOKEN=emu$$ timeout 600 "$RUN" nc_$kind.bin --data "$DATA" --steps ${SAN_STEPS:-3} \
                         --device cuda --comm nccl --comm-timeout 300 "${extra[@]}" \
                         --metrics nc_${kind}_${mode}_$k.jsonl --checkpoint "" > nc_${kind}_${mode}_$k.err 2>&1 &
                     pids+=($!)
@@ -165,8 +169,6 @@ int main()
 }
 EOF
 sed -f "$ROOT/tests/standin/cuemu.sed" "$TMP/bad.cu" > "$TMP/bad.cpp"
-san=""   # the emulator's objects of a sanitizer build need its runtime
-nm "$EMU/standin_cuemu.o" | grep -q __asan && san="-fsanitize=address,undefined"
 if ${CXX:-g++} -std=c++17 $san -include "$ROOT/tests/standin/cuemu.h" -I"$ROOT/tests/standin/include" \
        -I"$ROOT/tests/standin" -I"${CUDA_HOME:-/usr/local/cuda}/include" -o "$TMP/bad" "$TMP/bad.cpp" \
        "$EMU/standin_cuemu.o" "$EMU/standin_cudart.o" "$EMU/standin_cublas.o" -lpthread 2> "$TMP/bad.log"; then
