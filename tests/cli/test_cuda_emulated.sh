@@ -29,6 +29,8 @@ if [ ! -f "$EMU/libmoek_cuda.so" ]; then
     exit 0
 fi
 
+cd "$TMP" || exit 1
+
 # A sanitizer build runs the emulator several times slower: the whole-model
 # parts take 2 steps there (the same checks, resume after 1)
 san=""
