@@ -443,14 +443,20 @@ static void fa_launch(const moek_ctx *ctx, const kc_bf16 *q, const kc_bf16 *k, c
 }
 
 /* true when the tensor-core kernel took the call */
+/* What the tensor-core kernels (forward and backward) need: a head size
+ * they are built for, rows of whole 16-byte chunks at 16-byte aligned
+ * bases (`bases`: the pointers or-ed together), a grid of 64-row tiles
+ * that fits. */
+static bool fa_tc_shape(int64_t B, int64_t T, int64_t H, int64_t Dh, uintptr_t bases)
+{
+    return B > 0 && T > 0 && H > 0 && (Dh == 16 || Dh == 32 || Dh == 64 || Dh == 128) &&
+           (H * Dh) % 8 == 0 && (bases & 15) == 0 && B * H * ((T + FA_BQ - 1) / FA_BQ) <= INT32_MAX;
+}
+
 static bool fa_fwd_bf16(const moek_ctx *ctx, const kc_bf16 *q, const kc_bf16 *k, const kc_bf16 *v,
                         kc_bf16 *o, float *lse, int64_t B, int64_t T, int64_t H, int64_t Dh)
 {
-    if (B <= 0 || T <= 0 || H <= 0 || (H * Dh) % 8 != 0 ||
-        B * H * ((T + FA_BQ - 1) / FA_BQ) > INT32_MAX)
-        return false;
-    uintptr_t al = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)o;
-    if (al & 15)
+    if (!fa_tc_shape(B, T, H, Dh, (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)o))
         return false;
     at_dims a = at_make(B, T, H, Dh);
     switch (Dh) {
@@ -669,12 +675,10 @@ static bool fb_bwd_bf16(const moek_ctx *ctx, const kc_bf16 *dout, const kc_bf16 
                         const kc_bf16 *v, const kc_bf16 *o, const float *lse, kc_bf16 *dq, kc_bf16 *dk,
                         kc_bf16 *dv, int64_t B, int64_t T, int64_t H, int64_t Dh)
 {
-    if (B <= 0 || T <= 0 || H <= 0 || (H * Dh) % 8 != 0 ||
-        B * H * ((T + 63) / 64) > INT32_MAX)
-        return false;
     uintptr_t al = (uintptr_t)dout | (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)o |
                    (uintptr_t)dq | (uintptr_t)dk | (uintptr_t)dv;
-    if ((al & 15) || !ctx->workspace || ctx->workspace_bytes < B * H * T * (int64_t)sizeof(float))
+    if (!fa_tc_shape(B, T, H, Dh, al) || !ctx->workspace ||
+        ctx->workspace_bytes < B * H * T * (int64_t)sizeof(float))
         return false;
     /* the dK/dV kernel's shared memory (187 KB at Dh 128) must fit this
      * GPU's opt-in limit (227 KB on sm_90, 163 KB on sm_80) */

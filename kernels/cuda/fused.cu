@@ -374,8 +374,9 @@ struct kfu_lt_desc {
 };
 
 /* The cached choice for g (the heuristic is asked once per shape, type,
- * epilogue and alignment); NULL when a call failed (recorded). */
-static const kcuda_lt_plan *kfu_lt_plan(const moek_ctx *ctx, const kfu_lt_gemm &g, const kfu_lt_desc &dsc)
+ * epilogue and alignment; only then are descriptors built for it); NULL
+ * when a call failed (recorded). */
+static const kcuda_lt_plan *kfu_lt_plan(const moek_ctx *ctx, const kfu_lt_gemm &g)
 {
     kcuda_handles *h = kc_handles(ctx);
     uint32_t al[3] = {kfu_align(g.a), kfu_align(g.b), kfu_align(g.d)};
@@ -388,11 +389,17 @@ static const kcuda_lt_plan *kfu_lt_plan(const moek_ctx *ctx, const kfu_lt_gemm &
     for (int i = 0; i < KCUDA_LT_PLANS; i++)
         if (!memcmp(h->lt_plans[i].key, key, sizeof key))
             return &h->lt_plans[i];
+    kfu_lt_desc dsc;
+    cublasStatus_t s = dsc.make(g);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        kc_fail(ctx, MOEK_E_DEVICE);
+        return nullptr;
+    }
     kcuda_lt_plan *p = &h->lt_plans[h->lt_next];
     h->lt_next = (h->lt_next + 1) % KCUDA_LT_PLANS;
     memset(p, 0, sizeof *p);
     cublasLtMatmulPreference_t pref = nullptr;
-    cublasStatus_t s = cublasLtMatmulPreferenceCreate(&pref);
+    s = cublasLtMatmulPreferenceCreate(&pref);
     uint64_t ws = h->blas_ws_bytes;
     static const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -432,18 +439,18 @@ static int kfu_lt_run(const moek_ctx *ctx, const kfu_lt_gemm &g, bool dry)
         return 0;
     if (g.kind == KFU_LT_GELU_AUX_BIAS && g.m % 8 != 0)
         return 0;
-    kfu_lt_desc dsc;
-    if (dsc.make(g) != CUBLAS_STATUS_SUCCESS) {
-        kc_fail(ctx, MOEK_E_DEVICE);
-        return -1;
-    }
-    const kcuda_lt_plan *p = kfu_lt_plan(ctx, g, dsc);
+    const kcuda_lt_plan *p = kfu_lt_plan(ctx, g);
     if (!p)
         return -1;
     if (!p->usable)
         return 0;
     if (dry)
         return 1;
+    kfu_lt_desc dsc;   /* the pointers it holds (bias, aux) are this call's */
+    if (dsc.make(g) != CUBLAS_STATUS_SUCCESS) {
+        kc_fail(ctx, MOEK_E_DEVICE);
+        return -1;
+    }
     const float one = 1.0f, zero = 0.0f;
     return kc_blas_ok(ctx, cublasLtMatmul(h->lt, dsc.op, &one, g.a, dsc.a, g.b, dsc.b, &zero, g.d, dsc.d, g.d,
                                           dsc.d, &p->algo, h->blas_ws, h->blas_ws_bytes, kc_stream(ctx)))
