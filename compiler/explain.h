@@ -31,7 +31,8 @@ uint64_t explain_workspace_bytes(const ir_graph *g);
  * counts (kernels/moek.h: swiglu_proj_bwd 2NM + NK, matmul_bias_gelu_bwd NM,
  * softmax_topk_bwd NE fp32 elements; no forward kernel keeps any),
  * bounded by the bytes of each fused backward op's activation tensors
- * (every argument that is not a weight) plus alignment. */
+ * (every argument that is not a weight) plus alignment, and attention's
+ * backward (D: one float per row, lse's size). */
 uint64_t explain_gpu_workspace_bytes(const ir_graph *g);
 
 /* A forward attention node: its kernel symbol contains "attention" (the

@@ -316,8 +316,8 @@ int moek_device_count(void);   /* usable devices (the CPU library: 1); never fai
 /* How the library runs half-precision kernels, which decides the workspace
  * the runtime gives it (runtime/plan.h plan_train): 0, it widens half tensors
  * to fp32 in ctx->workspace (the CPU library: workspace_bytes); 1, it
- * computes in their own precision and keeps only fused ops' scratch there
- * (the CUDA library: gpu_workspace_bytes). */
+ * computes in their own precision and keeps only fused ops' and attention's
+ * scratch there (the CUDA library: gpu_workspace_bytes). */
 int moek_device_half_native(void);
 int moek_device_init(moek_ctx *ctx, int64_t device_index, int64_t workspace_bytes,
                      char *err, int64_t errlen);   /* fills stream, blas, workspace */

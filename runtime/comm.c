@@ -435,30 +435,6 @@ static int cx_copy(const moek_ctx *ctx, comm *c, void *dst, const void *src, int
     return c->dev.copy(ctx, dst, src, bytes, kind, e, (int64_t)el) ? -1 : 0;
 }
 
-static void *cx_dscratch(const moek_ctx *ctx, comm *c, int slot, int64_t bytes, char *e, size_t el);
-
-/* bytes of plan tensor memory set to zero: on the device, a copy from
- * zeroed device memory (stream-ordered, so a CUDA graph can hold it) */
-static int cx_zero(const moek_ctx *ctx, comm *c, void *dst, int64_t bytes, char *e, size_t el)
-{
-    if (bytes <= 0)
-        return 0;
-    if (cx_mode(c) == CX_HOST) {
-        memset(dst, 0, (size_t)bytes);
-        return 0;
-    }
-    if (cx_mode(c) == CX_DIRECT) {
-        const void *zeros = cx_dscratch(ctx, c, 2, bytes, e, el);
-        return zeros ? cx_copy(ctx, c, dst, zeros, bytes, MOEK_COPY_D2D, e, el) : -1;
-    }
-    void *z = calloc(1, (size_t)bytes);
-    if (!z)
-        return fail(e, el, "rank %d: out of memory zeroing %" PRId64 " bytes", c->rank, bytes);
-    int rc = cx_copy(ctx, c, dst, z, bytes, MOEK_COPY_H2D, e, el);
-    free(z);
-    return rc;
-}
-
 /* device memory for the direct path's scratch (cx_dscratch) */
 static void *cx_dalloc(const moek_ctx *ctx, comm *c, int64_t bytes, char *e, size_t el)
 {
@@ -497,6 +473,28 @@ static void *cx_dscratch(const moek_ctx *ctx, comm *c, int slot, int64_t bytes, 
     c->dscr[slot].p = p;
     c->dscr[slot].cap = cap;
     return p;
+}
+
+/* bytes of plan tensor memory set to zero: on the device, a copy from
+ * zeroed device memory (stream-ordered, so a CUDA graph can hold it) */
+static int cx_zero(const moek_ctx *ctx, comm *c, void *dst, int64_t bytes, char *e, size_t el)
+{
+    if (bytes <= 0)
+        return 0;
+    if (cx_mode(c) == CX_HOST) {
+        memset(dst, 0, (size_t)bytes);
+        return 0;
+    }
+    if (cx_mode(c) == CX_DIRECT) {
+        const void *zeros = cx_dscratch(ctx, c, 2, bytes, e, el);
+        return zeros ? cx_copy(ctx, c, dst, zeros, bytes, MOEK_COPY_D2D, e, el) : -1;
+    }
+    void *z = calloc(1, (size_t)bytes);
+    if (!z)
+        return fail(e, el, "rank %d: out of memory zeroing %" PRId64 " bytes", c->rank, bytes);
+    int rc = cx_copy(ctx, c, dst, z, bytes, MOEK_COPY_H2D, e, el);
+    free(z);
+    return rc;
 }
 
 void comm_release_device(comm *c, const moek_ctx *ctx)

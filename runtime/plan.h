@@ -172,7 +172,7 @@ typedef struct plan_train {
     uint32_t loss_scale_window;       /* fp16: good steps before S doubles; 0 = a static S */
     uint32_t pad1;
     uint64_t gpu_workspace_bytes;     /* what the CUDA library needs of it: only the fused ops'
-                                         scratch, in the tensors' own precision */
+                                         and attention's scratch, in the tensors' own precision */
 } plan_train;
 
 /* The file: plan_header, plan_train, then the sections. */

@@ -19,8 +19,8 @@
 #    kernels, data- and expert-parallel, with CUDA graphs: the backend's
 #    capture path (collectives on its own stream, joined by events, inside
 #    the captured step) replays to the eager run's losses bit for bit.
-# 4. The emulator's own error paths: a deadlocked block and a launch with
-#    a bad configuration.
+# 4. The emulator's own error paths: a deadlocked block, launches with a bad
+#    configuration or too much shared memory, and an unknown CUEMU_ORDER.
 source "$(dirname "$0")/../lib.sh"
 B=${MOEC_BUILD:-build}
 EMU=$ROOT/$B/cuemu
@@ -162,10 +162,12 @@ int main()
         return 3;
     k_nothing<<<1, 2048, 0, s>>>(x);
     cudaError_t big = cudaGetLastError();
+    k_nothing<<<1, 32, 64 << 10, s>>>(x);   /* over 48 KiB without cudaFuncSetAttribute */
+    cudaError_t shm = cudaGetLastError();
     k_half_sync<<<1, 32, 0, s>>>(x);
     cudaError_t launch = cudaGetLastError();
     cudaError_t sync = cudaStreamSynchronize(s);
-    printf("big=%d launch=%d sync=%d sticky=%d\n", (int)big, (int)launch, (int)sync,
+    printf("big=%d shm=%d launch=%d sync=%d sticky=%d\n", (int)big, (int)shm, (int)launch, (int)sync,
            (int)cudaDeviceSynchronize());
     return 0;
 }
@@ -175,11 +177,14 @@ if ${CXX:-g++} -std=c++17 $san -include "$ROOT/tests/standin/cuemu.h" -I"$ROOT/t
        -I"$ROOT/tests/standin" -I"${CUDA_HOME:-/usr/local/cuda}/include" -o "$TMP/bad" "$TMP/bad.cpp" \
        "$EMU/standin_cuemu.o" "$EMU/standin_cudart.o" "$EMU/standin_cublas.o" -lpthread 2> "$TMP/bad.log"; then
     out=$("$TMP/bad" 2>&1)
-    want="big=9 launch=0 sync=719 sticky=719"   # cudaErrorInvalidConfiguration, cudaErrorLaunchFailure
+    # cudaErrorInvalidConfiguration, cudaErrorInvalidValue, cudaErrorLaunchFailure
+    want="big=9 shm=1 launch=0 sync=719 sticky=719"
     if grep -q "^cuemu: kernel k_half_sync, block (0,0,0): deadlock: 16 threads wait at __syncthreads and 16 at a warp collective that cannot complete$" <<<"$out" &&
        grep -qx "$want" <<<"$out"; then
         pass emu.deadlock_and_bad_launch
     else fail emu.deadlock_and_bad_launch "$out (want: $want)"; fi
+    expect_fail emu.bad_order '^cuemu: CUEMU_ORDER=sideways: expected forward, reverse or random:SEED$' \
+        env CUEMU_ORDER=sideways "$TMP/bad"
 else
     fail emu.deadlock_and_bad_launch "cannot build the probe: $(head -3 "$TMP/bad.log")"
 fi

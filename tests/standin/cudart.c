@@ -172,6 +172,22 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+static void task_append(standin_task **head, standin_task **tail, standin_task *t)
+{
+    if (*tail)
+        (*tail)->next = t;
+    else
+        *head = t;
+    *tail = t;
+}
+
+static void invalidate(capture *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->invalid = 1;
+    pthread_mutex_unlock(&c->mu);
+}
+
 int standin_enqueue(cudaStream_t s, void (*run)(void *), void *arg, void (*drop)(void *))
 {
     if (!s || !is_worker(s)) {   /* the host stream: the work happens now */
@@ -192,13 +208,8 @@ int standin_enqueue(cudaStream_t s, void (*run)(void *), void *arg, void (*drop)
         pthread_mutex_unlock(&s->mu);
         pthread_mutex_lock(&c->mu);
         int invalid = c->invalid;
-        if (!invalid) {
-            if (c->tail)
-                c->tail->next = t;
-            else
-                c->head = t;
-            c->tail = t;
-        }
+        if (!invalid)
+            task_append(&c->head, &c->tail, t);
         pthread_mutex_unlock(&c->mu);
         if (invalid) {
             if (drop)
@@ -207,11 +218,7 @@ int standin_enqueue(cudaStream_t s, void (*run)(void *), void *arg, void (*drop)
         }
         return 0;
     }
-    if (s->tail)
-        s->tail->next = t;
-    else
-        s->head = t;
-    s->tail = t;
+    task_append(&s->head, &s->tail, t);
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return 0;
@@ -451,9 +458,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s)
     if (s->cap) {   /* not permitted while capturing; the capture is lost */
         capture *c = s->cap;
         pthread_mutex_unlock(&s->mu);
-        pthread_mutex_lock(&c->mu);
-        c->invalid = 1;
-        pthread_mutex_unlock(&c->mu);
+        invalidate(c);
         return ret(cudaErrorStreamCaptureUnsupported);
     }
     while (s->head || s->busy)
@@ -506,13 +511,6 @@ static int capturing(cudaStream_t s)
     int bad = c->invalid;
     pthread_mutex_unlock(&c->mu);
     return bad ? -1 : 1;
-}
-
-static void invalidate(capture *c)
-{
-    pthread_mutex_lock(&c->mu);
-    c->invalid = 1;
-    pthread_mutex_unlock(&c->mu);
 }
 
 cudaError_t cudaStreamIsCapturing(cudaStream_t s, enum cudaStreamCaptureStatus *status)

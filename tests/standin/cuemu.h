@@ -18,8 +18,8 @@
  * the shuffles as real barriers among the block's or warp's live threads;
  * __shared__ variables (statics: the emulated device runs one block at a
  * time; dynamic shared memory is filled with 0xff bytes at each block's
- * start, so reading what no thread wrote gives NaN); integer and float
- * atomics; cp.async queued until its wait; WMMA with a layout of our own.
+ * start, so reading what no thread wrote gives NaN); the integer atomics;
+ * cp.async queued until its wait; WMMA with a layout of our own.
  * What it does not see: concurrency between blocks (they run one after
  * another), memory spaces (every pointer is host memory), fused
  * multiply-adds (nvcc contracts a*b+c; g++ here does not), and warps
@@ -86,70 +86,20 @@ template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int la
     return cuemu_shfl(mask, v, src >= base + width ? lane : src);
 }
 
-template <typename T> static inline T __shfl_sync(unsigned mask, T v, int src, int width = 32)
-{
-    int lane = cuemu_lane(), base = lane & ~(width - 1);
-    return cuemu_shfl(mask, v, base + (src & (width - 1)));
-}
-
-template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32)
-{
-    int lane = cuemu_lane(), base = lane & ~(width - 1), src = lane + (int)d;
-    return cuemu_shfl(mask, v, src >= base + width ? lane : src);
-}
-
 /* ---- atomics: one grid runs at a time, on one OS thread, so plain
- * read-modify-writes would do; real atomics cost nothing here ---------- */
+ * read-modify-writes would do; real atomics cost nothing here.  Only what
+ * the kernels use: another intrinsic is a compile error here, to be added
+ * with a kernel that needs it. */
 static inline int atomicCAS(int *p, int cmp, int val)
 {
     __atomic_compare_exchange_n(p, &cmp, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return cmp;
 }
-static inline unsigned atomicCAS(unsigned *p, unsigned cmp, unsigned val)
-{
-    __atomic_compare_exchange_n(p, &cmp, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-    return cmp;
-}
 static inline int atomicAdd(int *p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-static inline unsigned atomicAdd(unsigned *p, unsigned v)
-{
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
-static inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v)
-{
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
-template <typename F> static inline F cuemu_atomic_float_add(F *p, F v)
-{
-    F old, next;
-    __atomic_load(p, &old, __ATOMIC_SEQ_CST);
-    do
-        next = old + v;
-    while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
-    return old;
-}
-static inline float atomicAdd(float *p, float v) { return cuemu_atomic_float_add(p, v); }
-static inline double atomicAdd(double *p, double v) { return cuemu_atomic_float_add(p, v); }
-static inline int atomicMax(int *p, int v)
-{
-    int old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
-    while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST,
-                                                   __ATOMIC_SEQ_CST)) {
-    }
-    return old;
-}
 
 /* ---- arithmetic intrinsics (round-to-nearest, as the default) ---------- */
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
-static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-static inline int min(int a, int b) { return a < b ? a : b; }
-static inline int max(int a, int b) { return a > b ? a : b; }
-static inline long long min(long long a, long long b) { return a < b ? a : b; }
-static inline long long max(long long a, long long b) { return a > b ? a : b; }
-static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
-static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
-static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 /* ---- launches ------------------------------------------------------------- */
 namespace cuemu {
